@@ -1,0 +1,41 @@
+"""The one exception tree of nlgraph.
+
+Every error nlgraph raises on purpose derives from :class:`NLGraphError`, so callers can catch the
+library's own failures without swallowing bugs.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NLGraphError",
+    "SpecError",
+    "SchemaVersionError",
+    "CompileError",
+    "BackendUnavailableError",
+    "NumericalFaultError",
+]
+
+
+class NLGraphError(Exception):
+    """Root of every error raised by nlgraph."""
+
+
+class SpecError(NLGraphError, ValueError):
+    """An invalid graph specification: the message names the level or edge, what was received,
+    what was expected and how to fix it."""
+
+
+class SchemaVersionError(SpecError):
+    """A serialized spec written by a newer (or unknown) schema version."""
+
+
+class CompileError(NLGraphError):
+    """A valid spec that cannot be lowered with the given bindings (shapes, modules, backend)."""
+
+
+class BackendUnavailableError(NLGraphError):
+    """A kernel backend was requested that is not available here (e.g. Triton without a GPU)."""
+
+
+class NumericalFaultError(NLGraphError, FloatingPointError):
+    """A NaN or inf appeared in a loss or a level's state."""

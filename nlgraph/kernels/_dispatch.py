@@ -1,0 +1,85 @@
+"""One dispatcher for every kernel op.
+
+Each op registers its implementations by backend name. ``get(op, backend)`` returns the callable;
+``backend="auto"`` takes the fastest available and eligible one, in the order
+``triton > chunk > reference``. The environment variable ``NLGRAPH_BACKEND`` forces a backend for
+the whole process (``reference`` is the usual choice when debugging a mismatch). The choice is
+logged once per (op, backend).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from nlgraph._errors import BackendUnavailableError
+
+__all__ = ["BACKENDS", "register", "get", "available", "resolve_backend"]
+
+log = logging.getLogger("nlgraph.kernels")
+
+BACKENDS = ("reference", "chunk", "triton")
+_AUTO_ORDER = ("triton", "chunk", "reference")
+
+# op -> backend -> (fn, is_available)
+_REGISTRY: dict[str, dict[str, tuple[Callable[..., Any], Callable[[], bool]]]] = {}
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _always() -> bool:
+    return True
+
+
+def register(
+    op: str, backend: str, fn: Callable[..., Any], available: Callable[[], bool] = _always
+) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = (fn, available)
+
+
+def available(op: str) -> list[str]:
+    """Backends of ``op`` usable in this process, fastest first."""
+    impls = _REGISTRY.get(op, {})
+    return [b for b in _AUTO_ORDER if b in impls and impls[b][1]()]
+
+
+def resolve_backend(op: str, backend: str = "auto") -> str:
+    """The backend name ``get`` would use for ``op``."""
+    forced = os.environ.get("NLGRAPH_BACKEND")
+    if forced:
+        backend = forced
+    if op not in _REGISTRY:
+        raise BackendUnavailableError(f"no kernel registered for op {op!r}; known: {sorted(_REGISTRY)}")
+    if backend == "auto":
+        choices = available(op)
+        if not choices:
+            raise BackendUnavailableError(f"op {op!r} has no available backend")
+        return choices[0]
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(
+            f"unknown backend {backend!r} for op {op!r}; expected 'auto' or one of {BACKENDS}"
+        )
+    impls = _REGISTRY[op]
+    if backend not in impls:
+        raise BackendUnavailableError(
+            f"op {op!r} has no {backend!r} implementation; it has {sorted(impls)}"
+        )
+    if not impls[backend][1]():
+        raise BackendUnavailableError(
+            f"the {backend!r} backend of op {op!r} is not available here "
+            f"(available: {available(op)}); use backend='auto' or install what it needs"
+        )
+    return backend
+
+
+def get(op: str, backend: str = "auto") -> Callable[..., Any]:
+    """The implementation of ``op`` for ``backend`` (``auto``, ``reference``, ``chunk``, ``triton``)."""
+    name = resolve_backend(op, backend)
+    if (op, name) not in _LOGGED:
+        _LOGGED.add((op, name))
+        log.info("nlgraph: op %s uses backend %s", op, name)
+    return _REGISTRY[op][name][0]
