@@ -1,0 +1,155 @@
+"""The memory network of the deep memory op: an MLP with fast weights, its inner loss and gradients.
+
+Layers follow the paper's numbering (PAPER 4.4, Eq. 89): for depth L the key enters ``W{L}`` and
+``W1`` produces the read-out,
+
+    M(z) = [z +] W1 s(W2 s(... s(WL z)))          (L = 2:  M(z) = z + W1 s(W2 z),  Eq. 89)
+
+with ``W{i}: [Dout_i, Din_i]`` (column-vector convention, PAPER 0.4), ``s`` the activation and the
+residual ``z +`` only when Dk == Dv. Depth 1 is the linear memory ``M(z) = [z +] W1 z``. No biases:
+the paper's memories have none and they would only add a rank-1 term to every update.
+
+Inner objectives (PAPER 4.1, 4.4):  ``"l2"``: l = ||M(k) - v||^2 (no 1/2, as in Titans), and
+``"dot"``: l = -<M(k), v>.
+
+Two ways to get every token's gradient at one shared state are provided: ``factored_grads`` (the
+fast path, analytic backprop giving each layer's gradient as a rank-1 outer product
+``grad W{i} = g_i x_i^T`` that is never materialised) and ``vmap_grads`` (the generic path,
+``torch.func.vmap(torch.func.grad(...))``, materialising ``[B, H, n, Dout, Din]``). The two are
+checked against each other in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ACTIVATIONS",
+    "OBJECTIVES",
+    "layer_names",
+    "mlp_apply",
+    "inner_loss",
+    "factored_grads",
+    "vmap_grads",
+]
+
+Params = dict[str, Tensor]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # exact (erf) form; act_grad below differentiates this form
+    "relu": F.relu,
+    "identity": lambda z: z,
+}
+OBJECTIVES = ("l2", "dot")
+
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def layer_names(depth: int) -> list[str]:
+    """``["W1", ..., "W{depth}"]``: output layer first, as in Eq. 89."""
+    return [f"W{i}" for i in range(1, depth + 1)]
+
+
+def act_grad(name: str, z: Tensor) -> Tensor:
+    """d s(z) / dz, written out so the fast path needs no autograd inside the inner loop."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(z * _INV_SQRT_2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    if name == "relu":
+        return (z > 0).to(z.dtype)  # matches autograd's convention s'(0) = 0
+    return torch.ones_like(z)
+
+
+def _linear(w: Tensor, x: Tensor, per_token: bool) -> Tensor:
+    if per_token:  # w: [..., n, Dout, Din] one matrix per token, x: [..., n, Din]
+        return (x.unsqueeze(-2) @ w.mT).squeeze(-2)
+    return x @ w.mT  # w: [..., Dout, Din] shared by every row of x: [..., n, Din]
+
+
+def mlp_apply(
+    params: Params, x: Tensor, activation: str, residual: bool, per_token: bool = False
+) -> Tensor:
+    """M(x) for params ``W{i}: [..., Dout, Din]`` and inputs ``x: [..., n, Dk]`` -> ``[..., n, Dv]``.
+
+    With ``per_token=True`` the params carry the token axis, ``W{i}: [..., n, Dout, Din]``.
+    """
+    act = ACTIVATIONS[activation]
+    h = x
+    for i in range(len(params), 0, -1):
+        h = _linear(params[f"W{i}"], h, per_token)
+        if i > 1:
+            h = act(h)
+    return h + x if residual else h
+
+
+def inner_loss(out: Tensor, v: Tensor, objective: str) -> Tensor:
+    """Per-row inner loss over the last axis: ``||out - v||^2`` or ``-<out, v>``."""
+    if objective == "l2":
+        return (out - v).square().sum(-1)
+    return -(out * v).sum(-1)
+
+
+def factored_grads(
+    params: Params, k: Tensor, v: Tensor, *, objective: str, activation: str, residual: bool
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every token's gradient of the inner loss at one shared state, in factored form.
+
+    Args:
+        params: ``W{i}: [B, H, Dout, Din]`` (the chunk-start state).
+        k: ``[B, H, n, Dk]``; v: ``[B, H, n, Dv]``.
+
+    Returns:
+        ``{"W{i}": (g, x)}`` with ``g: [B, H, n, Dout]``, ``x: [B, H, n, Din]`` such that token
+        ``t``'s gradient is ``grad_{W{i}} l(M; k_t, v_t) = g[..., t, :] outer x[..., t, :]``.
+        Cost O(n * sum Dout*Din), against O(n * sum Dout*Din) memory for the materialised form.
+    """
+    act = ACTIVATIONS[activation]
+    depth = len(params)
+    inputs: dict[int, Tensor] = {}
+    pre: dict[int, Tensor] = {}
+    h = k
+    for i in range(depth, 0, -1):
+        inputs[i] = h
+        z = h @ params[f"W{i}"].mT
+        if i > 1:
+            pre[i] = z
+            h = act(z)
+        else:
+            h = z
+    out = h + k if residual else h
+    # dl/dout; the residual path carries no parameters so it only enters through ``out``.
+    g = 2 * (out - v) if objective == "l2" else -v.expand_as(out)
+    grads: dict[str, tuple[Tensor, Tensor]] = {}
+    for i in range(1, depth + 1):
+        grads[f"W{i}"] = (g, inputs[i])
+        if i < depth:  # back through W{i} and the activation that produced its input
+            g = (g @ params[f"W{i}"]) * act_grad(activation, pre[i + 1])
+    return grads
+
+
+def vmap_grads(
+    params: Params, k: Tensor, v: Tensor, *, objective: str, activation: str, residual: bool
+) -> Params:
+    """Every token's gradient, materialised: ``W{i}: [B, H, n, Dout, Din]``.
+
+    The generic path: ``torch.func.vmap`` over (B, H, token) of ``torch.func.grad`` of the
+    single-sample loss. It composes with outer autograd, so meta-gradients flow through it.
+    """
+
+    def loss_one(p: Params, k1: Tensor, v1: Tensor) -> Tensor:
+        out = mlp_apply(p, k1.unsqueeze(0), activation, residual)[0]
+        return inner_loss(out, v1, objective)
+
+    per_token = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))
+    per_head = torch.func.vmap(per_token, in_dims=(0, 0, 0))
+    per_batch = torch.func.vmap(per_head, in_dims=(0, 0, 0))
+    return per_batch(params, k, v)

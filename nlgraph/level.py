@@ -1,0 +1,152 @@
+"""The spec of one level, of the graph's inputs, and of how an edge is differentiated."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from nlgraph._base import Spec
+from nlgraph.clock import Frequency, Init, Reset, Zeros
+from nlgraph.flows import Flow
+from nlgraph.objectives import Objective
+from nlgraph.optimizers import Rule
+from nlgraph.states import Dim, StateKind
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Level",
+    "InputSpec",
+    "DiffMode",
+    "StopGrad",
+    "Truncated",
+    "Unrolled",
+    "stop_grad",
+    "truncated",
+    "unrolled",
+    "EdgeDiff",
+    "GraphSpec",
+]
+
+SCHEMA_VERSION = 1
+
+
+class StopGrad(Spec):
+    """No gradient flows along the edge."""
+
+    mode: Literal["stop_grad"] = "stop_grad"
+
+    def __str__(self) -> str:
+        return "stop_grad"
+
+
+class Truncated(Spec):
+    """Gradients flow through at most the last ``k`` inner updates (truncated BPTT)."""
+
+    mode: Literal["truncated"] = "truncated"
+    k: Annotated[int, Field(ge=1)]
+
+    def __str__(self) -> str:
+        return f"truncated({self.k})"
+
+
+class Unrolled(Spec):
+    """Gradients flow through every inner update (full meta-gradients)."""
+
+    mode: Literal["unrolled"] = "unrolled"
+
+    def __str__(self) -> str:
+        return "unrolled"
+
+
+DiffMode = Annotated[StopGrad | Truncated | Unrolled, Field(discriminator="mode")]
+
+
+def stop_grad() -> StopGrad:
+    return StopGrad()
+
+
+def truncated(k: int) -> Truncated:
+    return Truncated(k=k)
+
+
+def unrolled() -> Unrolled:
+    return Unrolled()
+
+
+class Level(Spec):
+    """One level: an associative memory with its context, objective, optimizer and clock.
+
+    Attributes:
+        name: unique, identifier-like (dots allowed for nesting: ``block0.cms.fast``).
+        state: what the memory is made of (:mod:`nlgraph.states`).
+        frequency: when it updates, on the global clock (:mod:`nlgraph.clock`).
+        context: the flow it compresses (keys/values, gradients, ...).
+        objective: its inner objective (:mod:`nlgraph.objectives`).
+        optimizer: its inner optimizer, a chain of rules (:mod:`nlgraph.optimizers`).
+        chunk: chunk size in tokens for chunk-parallel training (``1`` = exact token recurrence);
+            ``None`` takes the graph's default.
+        init: initial state (``zeros``, ``meta`` = learned by a slower level, ...).
+        reset: when fast state returns to its initial value; ``None`` = per sequence for
+            token/chunk levels, never for slower ones.
+        heads: independent memories side by side (multi-head).
+        group: a label that draws related levels together (``"adam"``, ``"block0.titans"``).
+    """
+
+    name: str
+    state: StateKind
+    frequency: Frequency
+    context: Flow | None = None
+    objective: Objective | None = None
+    optimizer: tuple[Rule, ...] = ()
+    chunk: Annotated[int, Field(ge=1)] | None = None
+    init: Init = Field(default_factory=Zeros)
+    reset: Reset | None = None
+    heads: Annotated[int, Field(ge=1)] = 1
+    group: str | None = None
+    doc: str = ""
+
+    def effective_reset(self) -> Reset:
+        if self.reset is not None:
+            return self.reset
+        fast = self.frequency.unit in ("token", "chunk")
+        return Reset(kind="sequence" if fast else "never")
+
+
+class InputSpec(Spec):
+    """An input stream: ``tokens`` (integer ids) or a ``vector`` stream of width ``dim``."""
+
+    name: str
+    dim: Dim | None = None
+    kind: Literal["tokens", "vector"] = "vector"
+
+
+class EdgeDiff(Spec):
+    """How the edge ``src -> dst`` is differentiated (default: unrolled)."""
+
+    src: str
+    dst: str
+    mode: DiffMode
+
+
+class GraphSpec(Spec):
+    """A whole learner as data: serializable, versioned, torch-free."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    doc: str = ""
+    chunk: Annotated[int, Field(ge=1)] = 1
+    inputs: tuple[InputSpec, ...] = ()
+    levels: tuple[Level, ...] = ()
+    outputs: dict[str, Flow] = Field(default_factory=dict)
+    diff: tuple[EdgeDiff, ...] = ()
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    def level(self, name: str) -> Level:
+        for lv in self.levels:
+            if lv.name == name:
+                return lv
+        raise KeyError(name)
+
+    def chunk_of(self, level: Level) -> int:
+        return level.chunk if level.chunk is not None else self.chunk

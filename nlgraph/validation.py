@@ -1,0 +1,359 @@
+"""Semantic validation of a graph spec: every problem becomes a :class:`SpecError` that names the
+level or edge, says what was received and what was expected, and how to fix it.
+
+Structural problems (unknown fields, wrong types, non-positive periods) are caught by pydantic and
+reformatted by :func:`format_validation_error`; this module checks what needs the whole graph:
+references, shapes, ranges, objectives, the clock and the level ordering.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from typing import Any
+
+import networkx as nx
+from pydantic import BaseModel, ValidationError
+
+from nlgraph._base import IMPORT_PATH_RE, NAME_RE, Spec
+from nlgraph._errors import SpecError
+from nlgraph.flows import KV, FlowBase, Input, Read, references, walk
+from nlgraph.level import GraphSpec, Level
+from nlgraph.objectives import NEEDS_VALUE
+from nlgraph.optimizers import Follow, Learned, Signal, scalar_fields
+from nlgraph.topology import edges, frequency_key, same_tick_graph
+
+__all__ = ["validate", "errors", "format_validation_error"]
+
+# Scalars that are rates in [0, 1]; learning rates only need to be >= 0.
+_UNIT_INTERVAL = {"momentum", "retain", "beta", "rate"}
+_NON_NEGATIVE_ACTS = {"sigmoid", "softplus", "exp"}
+_KEYED = ("linear", "mlp", "module", "nonparametric")
+
+
+def _all_fields() -> set[str]:
+    out: set[str] = set()
+    stack: list[type[BaseModel]] = [Spec]
+    while stack:
+        cls = stack.pop()
+        out.update(cls.model_fields)
+        stack.extend(cls.__subclasses__())
+    return out
+
+
+def _loc(loc: tuple[Any, ...], data: Any) -> str:
+    """``levels.2.optimizer`` -> ``level 'm' > optimizer`` when the raw data is at hand."""
+    parts: list[str] = []
+    node = data
+    i = 0
+    while i < len(loc):
+        key = loc[i]
+        if key == "levels" and i + 1 < len(loc) and isinstance(node, dict):
+            try:
+                name = node["levels"][loc[i + 1]].get("name", loc[i + 1])
+            except (KeyError, IndexError, TypeError, AttributeError):
+                name = loc[i + 1]
+            parts.append(f"level {name!r}")
+            node = None
+            i += 2
+            continue
+        parts.append(str(key))
+        node = node.get(key) if isinstance(node, dict) else None
+        i += 1
+    return " > ".join(parts) if parts else "(top level)"
+
+
+def format_validation_error(err: ValidationError, data: Any = None) -> str:
+    """One line per problem: where, what was received, what is expected."""
+    lines = []
+    known = _all_fields()
+    for e in err.errors(include_url=False):
+        where = _loc(tuple(e["loc"]), data)
+        received = repr(e.get("input"))
+        if len(received) > 80:
+            received = received[:77] + "..."
+        if e["type"] == "extra_forbidden":
+            field = str(e["loc"][-1])
+            close = difflib.get_close_matches(field, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{where}: unknown field {field!r}{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required field is missing")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"{where}: {e['msg']}")
+        else:
+            lines.append(f"{where}: {e['msg']} (received {received})")
+    return "; ".join(lines)
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
+def _flows(level: Level) -> Iterator[tuple[str, FlowBase]]:
+    if level.context is not None:
+        yield "context", level.context
+    target = getattr(level.objective, "target", None)
+    if isinstance(target, FlowBase):
+        yield "objective target", target
+    for i, rule in enumerate(level.optimizer):
+        for name, value in scalar_fields(rule).items():
+            if isinstance(value, Signal):
+                yield f"optimizer[{i}].{name}", value.flow
+        for attr in ("by", "update"):
+            v = getattr(rule, attr, None)
+            if isinstance(v, FlowBase):
+                yield f"optimizer[{i}].{attr}", v
+
+
+def _dim_of(spec: GraphSpec, flow: FlowBase) -> int | str | None:
+    """The feature width of a flow where it is declared, else None."""
+    if isinstance(flow, Input):
+        for i in spec.inputs:
+            if i.name == flow.name:
+                return i.dim
+        return None
+    if isinstance(flow, Read):
+        try:
+            st = spec.level(flow.level).state
+        except KeyError:
+            return None
+        if st.kind in ("linear", "mlp"):
+            return st.d_out
+        if st.kind == "conv":
+            return st.dim
+        return None
+    if flow.op == "unary":
+        return _dim_of(spec, flow.x)
+    return None
+
+
+def _check_scalar(where: str, name: str, value: Any) -> Iterator[str]:
+    ranged = name in _UNIT_INTERVAL
+    if isinstance(value, int | float):
+        if ranged and not 0.0 <= value <= 1.0:
+            yield f"{where}: {name}={value!r} is outside [0, 1]; {name} is a rate/retention factor"
+        elif not ranged and value < 0:
+            yield f"{where}: learning rate {name}={value!r} is negative; expected lr >= 0"
+    elif isinstance(value, Learned):
+        lo = value.lo if value.lo is not None else (0.0 if ranged else None)
+        hi = value.hi if value.hi is not None else (1.0 if ranged else None)
+        if lo is not None and hi is not None and lo >= hi:
+            yield f"{where}: learned {name} has lo={lo} >= hi={hi}; expected lo < hi"
+        elif (lo is not None and value.init < lo) or (hi is not None and value.init > hi):
+            yield f"{where}: learned {name} starts at {value.init} outside [{lo}, {hi}]"
+        elif ranged and (lo < 0 or hi > 1):
+            yield f"{where}: learned {name} may leave [0, 1] (lo={lo}, hi={hi}); bound it in [0, 1]"
+    elif isinstance(value, Signal):
+        if ranged and not (value.act == "sigmoid" and 0 <= value.scale <= 1):
+            yield (
+                f"{where}: data-dependent {name} uses act={value.act!r}, scale={value.scale:g}, "
+                f"which can leave [0, 1]; use signal(..., act='sigmoid') with 0 <= scale <= 1"
+            )
+        elif not ranged and (value.act not in _NON_NEGATIVE_ACTS or value.scale < 0):
+            yield (
+                f"{where}: data-dependent {name} uses act={value.act!r}, scale={value.scale:g}, "
+                "which can be negative; use act='softplus', 'sigmoid' or 'exp' with scale >= 0"
+            )
+
+
+def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) -> Iterator[str]:
+    at = f"level {lv.name!r}"
+    if not NAME_RE.match(lv.name):
+        yield f"{at}: invalid name; use identifiers, optionally dotted (e.g. 'block0.mem')"
+    # references
+    for field, flow in _flows(lv):
+        for kind, ref, _ in references(flow):
+            pool = inputs if kind == "input" else names
+            if ref not in pool:
+                what = "input" if kind == "input" else "level"
+                close = difflib.get_close_matches(ref, sorted(pool), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(pool)}"
+                yield f"{at}, {field}: unknown {what} {ref!r}{hint}"
+        for node in walk(flow):
+            if node.op == "grad" and node.objective != "loss":
+                if node.objective in names and spec.level(node.objective).objective is None:
+                    yield f"{at}, {field}: gradient of level {node.objective!r}, which has no objective"
+    st = lv.state
+    if st.kind == "like":
+        if st.level not in names:
+            yield f"{at}: state like({st.level!r}) names an unknown level; known: {sorted(names)}"
+        elif st.level == lv.name:
+            yield f"{at}: state like itself; name another level"
+    if st.kind in ("module",) and not IMPORT_PATH_RE.match(st.path):
+        yield f"{at}: module path {st.path!r} is not 'package.module:Class'"
+    if lv.init.kind == "path" and not IMPORT_PATH_RE.match(lv.init.path):
+        yield f"{at}: init path {lv.init.path!r} is not 'package.module:function'"
+    if lv.objective is not None and lv.objective.kind == "custom":
+        if not IMPORT_PATH_RE.match(lv.objective.path):
+            yield f"{at}: custom objective path {lv.objective.path!r} is not 'package.module:fn'"
+    # heads divide declared widths
+    for dname in ("d_in", "d_out"):
+        d = getattr(st, dname, None)
+        if isinstance(d, int) and lv.heads > 1 and d % lv.heads:
+            yield f"{at}: {dname}={d} is not divisible by heads={lv.heads}"
+    # clock
+    if lv.frequency.unit == "chunk" and lv.chunk is None and spec.chunk == 1:
+        yield (
+            f"{at}: frequency is per chunk but no chunk size is set; set chunk= on the level or "
+            "the graph"
+        )
+    if lv.init.kind == "meta" and lv.init.level is not None:
+        src = lv.init.level
+        if src not in names:
+            yield f"{at}: init meta({src!r}) names an unknown level; known: {sorted(names)}"
+        elif frequency_key(spec, spec.level(src)) <= frequency_key(spec, lv):
+            yield (
+                f"{at}: init meta({src!r}) must come from a slower level, but {src!r} updates "
+                f"{spec.level(src).frequency} and {lv.name!r} {lv.frequency}"
+            )
+    rs = lv.reset
+    if rs is not None and rs.kind == "with":
+        if rs.level not in names:
+            yield f"{at}: reset_with({rs.level!r}) names an unknown level; known: {sorted(names)}"
+        elif frequency_key(spec, spec.level(rs.level)) <= frequency_key(spec, lv):
+            yield f"{at}: reset_with({rs.level!r}) needs a slower enclosing level"
+    # objective / optimizer consistency
+    frozen = lv.frequency.unit == "never"
+    obj = lv.objective
+    rules = [r.rule for r in lv.optimizer]
+    if obj is not None and not lv.optimizer and not frozen:
+        yield f"{at}: objective {obj.kind!r} but no optimizer; add optimizer=nl.gd(lr=...)"
+    if lv.optimizer and obj is None and "follow" not in rules:
+        yield (
+            f"{at}: optimizer {rules} but no objective to optimize; add objective= "
+            "(or use nl.follow(...) to follow another level's state)"
+        )
+    if obj is not None and obj.kind in NEEDS_VALUE:
+        ctx = lv.context
+        keyed = st.kind in _KEYED
+        if ctx is None:
+            yield f"{at}: objective {obj.kind!r} needs a context with values; received no context"
+        elif keyed and not (isinstance(ctx, KV) and ctx.key is not None and ctx.value is not None):
+            yield (
+                f"{at}: a {st.kind} memory with objective {obj.kind!r} needs key/value pairs; "
+                f"received context {ctx}; use context=nl.kv(key=..., value=...)"
+            )
+        elif isinstance(ctx, KV) and ctx.value is None:
+            yield f"{at}: objective {obj.kind!r} needs a value; the context has none"
+    if "ema" in rules and (obj is None or obj.kind != "l2_to"):
+        yield f"{at}: ema needs objective=nl.l2_to(target=...) (the stream it averages)"
+    if "exact" in rules and (obj is None or obj.kind != "nadaraya_watson"):
+        yield f"{at}: optimizer exact() solves only nadaraya_watson objectives"
+    if obj is not None and obj.kind == "nadaraya_watson" and st.kind != "nonparametric":
+        yield f"{at}: the Nadaraya-Watson objective needs state=nl.nonparametric()"
+    if "dgd" in rules and st.kind not in ("linear", "mlp", "params", "module"):
+        yield f"{at}: DGD needs keys (a linear or MLP memory or a linear layer), got {st.kind}"
+    for i, rule in enumerate(lv.optimizer):
+        for name, value in scalar_fields(rule).items():
+            yield from _check_scalar(f"{at}, optimizer[{i}] {rule.rule}", name, value)
+    # shapes, where declared
+    ctx = lv.context
+    if isinstance(ctx, KV) and st.kind in ("linear", "mlp"):
+        for part, want in (("key", st.d_in), ("value", st.d_out), ("query", st.d_in)):
+            flow = getattr(ctx, part)
+            got = _dim_of(spec, flow) if flow is not None else None
+            if isinstance(got, int) and isinstance(want, int) and got != want:
+                dim = "d_in" if part != "value" else "d_out"
+                yield (
+                    f"{at}: {part} width {got} does not match the memory's {dim}={want}; "
+                    "change the projection or the memory's width"
+                )
+    if st.kind in ("linear", "mlp", "conv") and lv.context is not None and not isinstance(ctx, KV):
+        got = _dim_of(spec, lv.context)
+        want = st.d_in if st.kind != "conv" else st.dim
+        if isinstance(got, int) and isinstance(want, int) and got != want:
+            yield f"{at}: context width {got} does not match the state's input width {want}"
+
+
+def _check_reads(spec: GraphSpec, names: set[str]) -> Iterator[str]:
+    """Reads of a memory must feed it an input of the width it takes."""
+    for lv in spec.levels:
+        for field, flow in _flows(lv):
+            for node in walk(flow):
+                if isinstance(node, Read) and node.level in names:
+                    st = spec.level(node.level).state
+                    want = st.d_in if st.kind in ("linear", "mlp") else getattr(st, "dim", None)
+                    got = _dim_of(spec, node.arg)
+                    if isinstance(want, int) and isinstance(got, int) and want != got:
+                        yield (
+                            f"level {lv.name!r}, {field}: reads {node.level!r} with a width-{got} "
+                            f"input, but {node.level!r} takes width {want}"
+                        )
+                    if st.kind in ("params", "tensor", "like"):
+                        yield (
+                            f"level {lv.name!r}, {field}: {node.level!r} is a {st.kind} state, "
+                            f"not a memory to read with an argument; use nl.state({node.level!r})"
+                        )
+
+
+def errors(spec: GraphSpec) -> list[str]:
+    """Every problem found in ``spec`` (empty when valid)."""
+    out: list[str] = []
+    if not NAME_RE.match(spec.name):
+        out.append(f"graph name {spec.name!r} is not an identifier (dots allowed)")
+    if not spec.levels:
+        out.append(f"graph {spec.name!r} has no levels; add one with g.level(...)")
+    seen: set[str] = set()
+    for item in (*spec.inputs, *spec.levels):
+        if item.name in seen:
+            out.append(f"duplicate name {item.name!r}: level and input names must be unique")
+        seen.add(item.name)
+    inputs = {i.name for i in spec.inputs}
+    for i in spec.inputs:
+        if not NAME_RE.match(i.name):
+            out.append(f"input {i.name!r}: invalid name; use an identifier")
+    names = {lv.name for lv in spec.levels}
+    for lv in spec.levels:
+        out.extend(_check_level(spec, lv, names, inputs))
+    if out:  # the checks below assume references resolve
+        return out
+    out.extend(_check_reads(spec, names))
+    # like() chains must end in a real state
+    for lv in spec.levels:
+        hops, cur = 0, lv
+        while cur.state.kind == "like" and hops <= len(names):
+            cur, hops = spec.level(cur.state.level), hops + 1
+        if hops > len(names):
+            out.append(f"level {lv.name!r}: like(...) references form a cycle; one must own a shape")
+    for oname, flow in spec.outputs.items():
+        for kind, ref, _ in references(flow):
+            if ref not in (inputs if kind == "input" else names):
+                out.append(f"output {oname!r}: unknown {'input' if kind == 'input' else 'level'} {ref!r}")
+    edge_pairs = {(e.src, e.dst) for e in edges(spec)}
+    for d in spec.diff:
+        if (d.src, d.dst) not in edge_pairs:
+            out.append(
+                f"edge {d.src!r} -> {d.dst!r}: declared {d.mode} but the graph has no such edge"
+            )
+    # nested optimizer state must be at least as fast as the level it drives
+    for lv in spec.levels:
+        for rule in lv.optimizer:
+            if not isinstance(rule, Follow):
+                continue
+            for kind, ref, at in references(rule.update):
+                if kind == "state" and at == "new" and ref != lv.name:
+                    if frequency_key(spec, spec.level(ref)) > frequency_key(spec, lv):
+                        out.append(
+                            f"level {lv.name!r} follows the new state of {ref!r}, which updates "
+                            f"{spec.level(ref).frequency} — slower than {lv.name!r} "
+                            f"({lv.frequency}); a nested optimizer level must be at least as "
+                            f"fast, or read its latest value with nl.state({ref!r}, at='prev')"
+                        )
+    dag = same_tick_graph(spec)
+    if not nx.is_directed_acyclic_graph(dag):
+        cycle = [u for u, _ in nx.find_cycle(dag)]
+        out.append(
+            "same-tick dependency cycle: " + " -> ".join([*cycle, cycle[0]])
+            + "; each reads the other's new state at the same tick. Read one of them at='prev' "
+            "(the state before this tick's update)"
+        )
+    return out
+
+
+def validate(spec: GraphSpec) -> GraphSpec:
+    """Raise :class:`SpecError` listing every problem in ``spec``; return it when valid."""
+    problems = errors(spec)
+    if problems:
+        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise SpecError(f"invalid graph {spec.name!r}: {head}")
+    return spec
