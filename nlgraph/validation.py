@@ -216,7 +216,9 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
     frozen = lv.frequency.unit == "never"
     obj = lv.objective
     rules = [r.rule for r in lv.optimizer]
-    if obj is not None and not lv.optimizer and not frozen:
+    # An outer-loss level without a rule of its own is trained by the outer optimizer bound at
+    # compile time (projections, embeddings): that is the usual case, not an error.
+    if obj is not None and obj.kind != "outer" and not lv.optimizer and not frozen:
         yield f"{at}: objective {obj.kind!r} but no optimizer; add optimizer=nl.gd(lr=...)"
     if lv.optimizer and obj is None and "follow" not in rules:
         yield (
