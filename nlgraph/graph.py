@@ -172,6 +172,14 @@ class Graph:
     @classmethod
     def from_spec(cls, spec: GraphSpec) -> Graph:
         g = cls(spec.name, doc=spec.doc, chunk=spec.chunk, **spec.meta)
+        seen: set[str] = set()
+        for item in (*spec.inputs, *spec.levels):
+            if item.name in seen:
+                raise SpecError(
+                    f"graph {spec.name!r}: duplicate name {item.name!r}: level and input names "
+                    "must be unique"
+                )
+            seen.add(item.name)
         g._inputs = {i.name: i for i in spec.inputs}
         g._levels = {lv.name: lv for lv in spec.levels}
         g._outputs = dict(spec.outputs)

@@ -1,0 +1,5 @@
+import sys
+
+from nlgraph.cli import main
+
+sys.exit(main())
