@@ -19,12 +19,13 @@ def _rename(node: Any, levels: set[str], inputs: dict[str, Any], prefix: str) ->
         return node
     if node.get("op") == "input":
         name = node["name"]
-        return inputs[name] if name in inputs else {"op": "input", "name": f"{prefix}.{name}"}
+        return inputs.get(name, {"op": "input", "name": f"{prefix}.{name}"})
     out = {}
     for key, value in node.items():
-        if key in ("level", "wrt", "src", "dst") and isinstance(value, str) and value in levels:
-            out[key] = f"{prefix}.{value}"
-        elif key == "objective" and node.get("op") == "grad" and value in levels:
+        names_level = key in ("level", "wrt", "src", "dst") or (
+            key == "objective" and node.get("op") == "grad"
+        )
+        if names_level and isinstance(value, str) and value in levels:
             out[key] = f"{prefix}.{value}"
         else:
             out[key] = _rename(value, levels, inputs, prefix)
@@ -46,6 +47,9 @@ def rename_spec(
         {**i, "name": f"{prefix}.{i['name']}"} for i in data["inputs"] if i["name"] not in bind
     ]
     data["diff"] = _rename(data["diff"], levels, bound, prefix)
-    outputs = {k: _FLOW.validate_python(_rename(v, levels, bound, prefix)) for k, v in data["outputs"].items()}
+    outputs = {
+        k: _FLOW.validate_python(_rename(v, levels, bound, prefix))
+        for k, v in data["outputs"].items()
+    }
     data["outputs"] = {}
     return GraphSpec.model_validate(data), outputs

@@ -16,7 +16,9 @@ __all__ = ["main", "load_spec"]
 
 EXAMPLES = {
     "list": "nlgraph list\n  nlgraph list --kind optimizer",
-    "show": "nlgraph show adam\n  nlgraph show titans --format yaml\n  nlgraph show mypkg.models:build",
+    "show": (
+        "nlgraph show adam\n  nlgraph show titans --format yaml\n  nlgraph show mypkg.models:build"
+    ),
     "validate": "nlgraph validate spec.json\n  cat spec.yaml | nlgraph validate -",
 }
 

@@ -143,7 +143,9 @@ class Reset(Spec):
     def _fields_match_kind(self) -> Reset:
         if self.kind == "every":
             if self.n is None or self.unit is None:
-                raise ValueError("reset kind 'every' needs n and unit, e.g. reset_every(4, 'chunk')")
+                raise ValueError(
+                    "reset kind 'every' needs n and unit, e.g. reset_every(4, 'chunk')"
+                )
             if self.unit == "never":
                 raise ValueError("reset_every with unit 'never' never resets; use reset_never()")
         elif self.n is not None or self.unit is not None:

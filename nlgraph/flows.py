@@ -282,7 +282,10 @@ def debias(x: object, beta: float) -> Debias:
 
 
 def newton_schulz(
-    x: object, steps: int = 5, variant: Literal["cubic", "quintic"] = "quintic", prenorm: bool = True
+    x: object,
+    steps: int = 5,
+    variant: Literal["cubic", "quintic"] = "quintic",
+    prenorm: bool = True,
 ) -> NewtonSchulz:
     return NewtonSchulz(x=as_flow(x), steps=steps, variant=variant, prenorm=prenorm)
 

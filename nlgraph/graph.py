@@ -89,7 +89,9 @@ class Graph:
         try:
             self._inputs[name] = InputSpec(name=name, dim=dim, kind=kind)  # type: ignore[arg-type]
         except ValidationError as err:
-            raise SpecError(f"graph {self.name!r}, input {name!r}: {_pydantic_message(err)}") from None
+            raise SpecError(
+                f"graph {self.name!r}, input {name!r}: {_pydantic_message(err)}"
+            ) from None
         return Input(name=name)
 
     def level(self, name: str, **fields: Any) -> LevelHandle:
@@ -140,7 +142,9 @@ class Graph:
         """
         from nlgraph._rename import rename_spec
 
-        spec, outputs = rename_spec(sub.spec, prefix, {k: as_flow(v) for k, v in (bind or {}).items()})
+        spec, outputs = rename_spec(
+            sub.spec, prefix, {k: as_flow(v) for k, v in (bind or {}).items()}
+        )
         for inp in spec.inputs:
             if inp.name in self._inputs or inp.name in self._levels:
                 raise SpecError(f"include {sub.name!r} as {prefix!r}: name {inp.name!r} is taken")

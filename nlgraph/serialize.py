@@ -50,7 +50,9 @@ def from_dict(data: Any, source: str = "spec") -> Graph:
         )
     version = data.get("schema_version")
     if version is None:
-        raise SpecError(f"{source}: missing 'schema_version' (this nlgraph writes {SCHEMA_VERSION})")
+        raise SpecError(
+            f"{source}: missing 'schema_version' (this nlgraph writes {SCHEMA_VERSION})"
+        )
     if not isinstance(version, int) or isinstance(version, bool):
         raise SpecError(f"{source}: schema_version must be an integer, got {version!r}")
     if version > SCHEMA_VERSION:

@@ -96,14 +96,16 @@ class MLP(Spec):
     def _residual_needs_square(self) -> MLP:
         if self.residual and self.d_in != self.d_out:
             raise ValueError(
-                f"a residual MLP needs d_in == d_out, got d_in={self.d_in!r}, d_out={self.d_out!r}; "
+                f"a residual MLP needs d_in == d_out, got d_in={self.d_in!r}, "
+                f"d_out={self.d_out!r}; "
                 "set residual=False or make the widths equal"
             )
         return self
 
     def __str__(self) -> str:
         res = ", residual" if self.residual else ""
-        return f"mlp({self.d_in}→{self.d_out}, depth {self.depth}, width {self.width}, {self.activation}{res})"
+        shape = f"{self.d_in}→{self.d_out}, depth {self.depth}, width {self.width}"
+        return f"mlp({shape}, {self.activation}{res})"
 
 
 class Conv(Spec):

@@ -170,9 +170,12 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(pool)}"
                 yield f"{at}, {field}: unknown {what} {ref!r}{hint}"
         for node in walk(flow):
-            if node.op == "grad" and node.objective != "loss":
-                if node.objective in names and spec.level(node.objective).objective is None:
-                    yield f"{at}, {field}: gradient of level {node.objective!r}, which has no objective"
+            if (
+                node.op == "grad"
+                and node.objective in names
+                and spec.level(node.objective).objective is None
+            ):
+                yield f"{at}, {field}: gradient of level {node.objective!r}, which has no objective"
     st = lv.state
     if st.kind == "like":
         if st.level not in names:
@@ -183,9 +186,9 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
         yield f"{at}: module path {st.path!r} is not 'package.module:Class'"
     if lv.init.kind == "path" and not IMPORT_PATH_RE.match(lv.init.path):
         yield f"{at}: init path {lv.init.path!r} is not 'package.module:function'"
-    if lv.objective is not None and lv.objective.kind == "custom":
-        if not IMPORT_PATH_RE.match(lv.objective.path):
-            yield f"{at}: custom objective path {lv.objective.path!r} is not 'package.module:fn'"
+    obj = lv.objective
+    if obj is not None and obj.kind == "custom" and not IMPORT_PATH_RE.match(obj.path):
+        yield f"{at}: custom objective path {lv.objective.path!r} is not 'package.module:fn'"
     # heads divide declared widths
     for dname in ("d_in", "d_out"):
         d = getattr(st, dname, None)
@@ -316,11 +319,15 @@ def errors(spec: GraphSpec) -> list[str]:
         while cur.state.kind == "like" and hops <= len(names):
             cur, hops = spec.level(cur.state.level), hops + 1
         if hops > len(names):
-            out.append(f"level {lv.name!r}: like(...) references form a cycle; one must own a shape")
+            out.append(
+                f"level {lv.name!r}: like(...) references form a cycle; one must own a shape"
+            )
     for oname, flow in spec.outputs.items():
         for kind, ref, _ in references(flow):
             if ref not in (inputs if kind == "input" else names):
-                out.append(f"output {oname!r}: unknown {'input' if kind == 'input' else 'level'} {ref!r}")
+                out.append(
+                    f"output {oname!r}: unknown {'input' if kind == 'input' else 'level'} {ref!r}"
+                )
     edge_pairs = {(e.src, e.dst) for e in edges(spec)}
     for d in spec.diff:
         if (d.src, d.dst) not in edge_pairs:
@@ -333,19 +340,20 @@ def errors(spec: GraphSpec) -> list[str]:
             if not isinstance(rule, Follow):
                 continue
             for kind, ref, at in references(rule.update):
-                if kind == "state" and at == "new" and ref != lv.name:
-                    if frequency_key(spec, spec.level(ref)) > frequency_key(spec, lv):
-                        out.append(
-                            f"level {lv.name!r} follows the new state of {ref!r}, which updates "
-                            f"{spec.level(ref).frequency} — slower than {lv.name!r} "
-                            f"({lv.frequency}); a nested optimizer level must be at least as "
-                            f"fast, or read its latest value with nl.state({ref!r}, at='prev')"
-                        )
+                slower = frequency_key(spec, spec.level(ref)) > frequency_key(spec, lv)
+                if kind == "state" and at == "new" and ref != lv.name and slower:
+                    out.append(
+                        f"level {lv.name!r} follows the new state of {ref!r}, which updates "
+                        f"{spec.level(ref).frequency} — slower than {lv.name!r} "
+                        f"({lv.frequency}); a nested optimizer level must be at least as "
+                        f"fast, or read its latest value with nl.state({ref!r}, at='prev')"
+                    )
     dag = same_tick_graph(spec)
     if not nx.is_directed_acyclic_graph(dag):
         cycle = [u for u, _ in nx.find_cycle(dag)]
         out.append(
-            "same-tick dependency cycle: " + " -> ".join([*cycle, cycle[0]])
+            "same-tick dependency cycle: "
+            + " -> ".join([*cycle, cycle[0]])
             + "; each reads the other's new state at the same tick. Read one of them at='prev' "
             "(the state before this tick's update)"
         )
@@ -356,6 +364,10 @@ def validate(spec: GraphSpec) -> GraphSpec:
     """Raise :class:`SpecError` listing every problem in ``spec``; return it when valid."""
     problems = errors(spec)
     if problems:
-        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        head = (
+            problems[0]
+            if len(problems) == 1
+            else f"{len(problems)} problems: " + "; ".join(problems)
+        )
         raise SpecError(f"invalid graph {spec.name!r}: {head}")
     return spec

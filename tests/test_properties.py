@@ -19,7 +19,7 @@ _values = st.one_of(
     st.floats(-2, 2, allow_nan=False),
     st.sampled_from(NAMES + ["token", "step", "linear", "gd", "l2", "zeros", "meta", "??"]),
     st.lists(st.integers(0, 3), max_size=2),
-    st.just({}),
+    st.builds(dict),
 )
 
 
@@ -39,7 +39,11 @@ def _flow(draw) -> dict:
                 "x": {"op": "state", "level": name}}  # fmt: skip
     if kind == "const":
         return {"op": "const", "value": draw(st.floats(-1, 1))}
-    return {"op": "kv", "key": {"op": "input", "name": "x"}, "value": {"op": "state", "level": name}}
+    return {
+        "op": "kv",
+        "key": {"op": "input", "name": "x"},
+        "value": {"op": "state", "level": name},
+    }
 
 
 @st.composite
@@ -52,7 +56,13 @@ def graphs(draw) -> dict:
                 [
                     {"kind": "params"},
                     {"kind": "linear", "d_in": 4, "d_out": draw(st.sampled_from([4, 2]))},
-                    {"kind": "mlp", "d_in": 4, "d_out": 4, "width": 3, "residual": draw(st.booleans())},
+                    {
+                        "kind": "mlp",
+                        "d_in": 4,
+                        "d_out": 4,
+                        "width": 3,
+                        "residual": draw(st.booleans()),
+                    },
                     {"kind": "like", "level": draw(st.sampled_from(NAMES))},
                     {"kind": "tensor", "shape": [draw(st.integers(0, 3))]},
                 ]
@@ -75,8 +85,8 @@ def graphs(draw) -> dict:
             level["objective"] = {"kind": obj}
         rule = draw(st.sampled_from([None, "gd", "dgd", "ema", "follow"]))
         if rule in ("gd", "dgd"):
-            level["optimizer"] = [{"rule": rule, "lr": draw(st.floats(-0.5, 2)),
-                                   "retain": draw(st.one_of(st.none(), st.floats(-0.5, 1.5)))}]  # fmt: skip
+            retain = draw(st.one_of(st.none(), st.floats(-0.5, 1.5)))
+            level["optimizer"] = [{"rule": rule, "lr": draw(st.floats(-0.5, 2)), "retain": retain}]
         elif rule == "ema":
             level["optimizer"] = [{"rule": "ema", "beta": draw(st.floats(-0.5, 1.5))}]
         elif rule == "follow":

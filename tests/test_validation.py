@@ -40,7 +40,11 @@ _STEP = {"unit": "step"}
 BAD: list[tuple[str, object, str]] = [
     ("unknown-level-ref", lambda d: lv(d, "M")["context"]["key"]["x"].update(level="W_kk"), "W_kk"),
     ("unknown-input-ref", lambda d: lv(d, "M")["context"]["value"]["arg"].update(name="xx"), "xx"),
-    ("duplicate-level", lambda d: d["levels"].append(copy.deepcopy(lv(d, "M"))), "duplicate name 'M'"),
+    (
+        "duplicate-level",
+        lambda d: d["levels"].append(copy.deepcopy(lv(d, "M"))),
+        "duplicate name 'M'",
+    ),
     ("duplicate-input-level", _add_level({"name": "x", "state": _LIN, "frequency": _STEP}), "'x'"),
     ("unknown-level-field", lambda d: lv(d, "M").update(frequncy=_TOK), "did you mean 'frequency'"),
     ("unknown-optimizer-field", lambda d: lv(d, "m")["optimizer"][0].update(lrr=1), "lrr"),
@@ -49,7 +53,11 @@ BAD: list[tuple[str, object, str]] = [
     ("unknown-unit", lambda d: lv(d, "M")["frequency"].update(unit="tokens"), "tokens"),
     ("zero-period", lambda d: lv(d, "M")["frequency"].update(every=0), "'M'"),
     ("negative-period", lambda d: lv(d, "m")["frequency"].update(every=-3), "'m'"),
-    ("offset-not-below-period", lambda d: lv(d, "M")["frequency"].update(every=2, offset=2), "offset"),
+    (
+        "offset-not-below-period",
+        lambda d: lv(d, "M")["frequency"].update(every=2, offset=2),
+        "offset",
+    ),
     ("zero-chunk-graph", lambda d: d.update(chunk=0), "chunk"),
     ("zero-chunk-level", lambda d: lv(d, "M").update(chunk=0), "'M'"),
     ("negative-lr", lambda d: lv(d, "m")["optimizer"][0].update(lr=-0.1), "negative"),
@@ -123,14 +131,22 @@ BAD: list[tuple[str, object, str]] = [
         lambda d: lv(d, "W_k").update(state={"kind": "module", "path": "torch.nn.Linear"}),
         "module path",
     ),
-    ("meta-from-faster", lambda d: lv(d, "m").update(init={"kind": "meta", "level": "M"}), "slower"),
+    (
+        "meta-from-faster",
+        lambda d: lv(d, "m").update(init={"kind": "meta", "level": "M"}),
+        "slower",
+    ),
     ("meta-unknown", lambda d: lv(d, "M").update(init={"kind": "meta", "level": "nope"}), "nope"),
     (
         "reset-with-faster",
         lambda d: lv(d, "m").update(reset={"kind": "with", "level": "M"}),
         "slower enclosing",
     ),
-    ("reset-every-zero", lambda d: lv(d, "M").update(reset={"kind": "every", "n": 0, "unit": "token"}), "'M'"),
+    (
+        "reset-every-zero",
+        lambda d: lv(d, "M").update(reset={"kind": "every", "n": 0, "unit": "token"}),
+        "'M'",
+    ),
     ("reset-every-missing-n", lambda d: lv(d, "M").update(reset={"kind": "every"}), "needs n"),
     ("like-unknown", lambda d: lv(d, "m").update(state={"kind": "like", "level": "ww"}), "ww"),
     ("like-self", lambda d: lv(d, "m").update(state={"kind": "like", "level": "m"}), "itself"),
@@ -138,8 +154,18 @@ BAD: list[tuple[str, object, str]] = [
     ("heads-zero", lambda d: lv(d, "M").update(heads=0), "'M'"),
     ("bad-level-name", lambda d: lv(d, "M").update(name="1M"), "invalid name"),
     ("no-levels", lambda d: d.update(levels=[]), "no levels"),
-    ("diff-on-missing-edge", lambda d: d.update(diff=[{"src": "m", "dst": "M", "mode": {"mode": "stop_grad"}}]), "no such edge"),
-    ("truncated-zero", lambda d: d.update(diff=[{"src": "W_k", "dst": "M", "mode": {"mode": "truncated", "k": 0}}]), "diff"),
+    (
+        "diff-on-missing-edge",
+        lambda d: d.update(diff=[{"src": "m", "dst": "M", "mode": {"mode": "stop_grad"}}]),
+        "no such edge",
+    ),
+    (
+        "truncated-zero",
+        lambda d: d.update(
+            diff=[{"src": "W_k", "dst": "M", "mode": {"mode": "truncated", "k": 0}}]
+        ),
+        "diff",
+    ),
     ("lp-below-one", lambda d: lv(d, "M").update(objective={"kind": "lp", "p": 0.5}), "'M'"),
     (
         "chunk-unit-without-size",
@@ -163,7 +189,11 @@ BAD: list[tuple[str, object, str]] = [
     ("newer-schema", lambda d: d.update(schema_version=99), "newer"),
     ("missing-schema", lambda d: d.pop("schema_version"), "schema_version"),
     ("missing-name", lambda d: d.pop("name"), "name"),
-    ("read-a-tensor", lambda d: lv(d, "M")["context"]["key"]["x"].update(level="m"), "not a memory"),
+    (
+        "read-a-tensor",
+        lambda d: lv(d, "M")["context"]["key"]["x"].update(level="m"),
+        "not a memory",
+    ),
 ]
 
 
@@ -222,7 +252,9 @@ def test_import_paths_resolve_only_on_request():
     from nlgraph.library import resolve
 
     g = nl.Graph("p")
-    g.level("n", state=nl.module("no_such_pkg.mod:Thing"), frequency=nl.per_step(), objective=nl.outer())
+    g.level(
+        "n", state=nl.module("no_such_pkg.mod:Thing"), frequency=nl.per_step(), objective=nl.outer()
+    )
     g.validate()  # the spec layer never imports user code
     with pytest.raises(nl.SpecError, match="no_such_pkg.mod:Thing"):
         resolve("no_such_pkg.mod:Thing")

@@ -76,8 +76,12 @@ def titans(d: int = 64, heads: int = 1, depth: int = 2, chunk: int = 16) -> nl.G
     x = g.input("x", dim=d)
     k, v, q = (
         g.level(
-            f"conv_{n}", state=nl.conv(d, 4), frequency=nl.per_step(), objective=nl.outer(),
-            init=nl.normal(), group="projections",
+            f"conv_{n}",
+            state=nl.conv(d, 4),
+            frequency=nl.per_step(),
+            objective=nl.outer(),
+            init=nl.normal(),
+            group="projections",
         )(p.apply("silu"))
         for n, p in zip("kvq", projections(g, x, d, d, ("W_k", "W_v", "W_q")), strict=True)
     )
