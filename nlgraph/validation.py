@@ -340,8 +340,9 @@ def errors(spec: GraphSpec) -> list[str]:
             if not isinstance(rule, Follow):
                 continue
             for kind, ref, at in references(rule.update):
-                slower = frequency_key(spec, spec.level(ref)) > frequency_key(spec, lv)
-                if kind == "state" and at == "new" and ref != lv.name and slower:
+                if kind != "state" or at != "new" or ref == lv.name:
+                    continue
+                if frequency_key(spec, spec.level(ref)) > frequency_key(spec, lv):
                     out.append(
                         f"level {lv.name!r} follows the new state of {ref!r}, which updates "
                         f"{spec.level(ref).frequency} — slower than {lv.name!r} "
