@@ -1,13 +1,11 @@
 """nlgraph: Nested Learning as executable graphs of levels.
 
 The spec layer (this package's top level) is pure data and imports no torch: declare a learner
-as a :class:`Graph` of levels, validate it, save it as JSON/YAML, draw it. ``nlgraph.compile``
-(imported lazily) lowers it into a PyTorch learner.
+as a :class:`Graph` of levels, validate it, save it as JSON/YAML, draw it. The compiler
+(:mod:`nlgraph.compiler`) and kernels (:mod:`nlgraph.kernels`) import torch.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from nlgraph._errors import (
     BackendUnavailableError,
@@ -84,12 +82,3 @@ __all__ = [
     "to_dict", "from_dict", "to_json", "from_json", "to_yaml", "from_yaml", "load", "save",
     "__version__",
 ]  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    # The compiler pulls in torch; import it only when asked for.
-    if name == "compile":
-        from nlgraph.compiler import compile as _compile
-
-        return _compile
-    raise AttributeError(f"module 'nlgraph' has no attribute {name!r}")

@@ -23,13 +23,17 @@ def _weights(g: nl.Graph, update: object) -> nl.LevelHandle:
 
 @register("sgd", "optimizer")
 def sgd(lr: float = 1e-2) -> nl.Graph:
-    """SGD: a 1-level memory, one proximal step on <W x, ∇_y L> per step (Eqs. 8–9)."""
+    """SGD: a 1-level memory, one proximal step on <W x, ∇_y L> per step (Eqs. 8–9).
+
+    With nlgraph's convention ``dot = -<M(k), v>`` the value is the negative gradient:
+    ``W <- W + lr * (-g)``.
+    """
     g = nl.Graph("sgd", doc=sgd.__doc__ or "")
     g.level(
         "w",
         state=nl.params(),
         frequency=nl.per_step(),
-        context=nl.grad_of("w"),
+        context=-nl.grad_of("w"),
         objective=nl.dot(),
         optimizer=nl.gd(lr=lr),
         doc="W <- W - lr * grad",

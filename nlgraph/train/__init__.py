@@ -1,0 +1,1 @@
+"""Training and evaluation: data, the trainer, checkpoints, metrics (arrives with the compiler)."""
