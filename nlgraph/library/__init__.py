@@ -17,7 +17,7 @@ from nlgraph._base import IMPORT_PATH_RE
 from nlgraph._errors import SpecError
 from nlgraph.graph import Graph
 
-__all__ = ["Entry", "register", "names", "entries", "get", "resolve"]
+__all__ = ["Entry", "register", "names", "entries", "get", "resolve", "builder"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,12 @@ def get(name: str, **kwargs: Any) -> Graph:
     if not isinstance(graph, Graph):
         raise SpecError(f"{name!r} returned {type(graph).__name__}, expected an nlgraph.Graph")
     return graph
+
+
+def builder(name: str) -> Callable[..., Graph]:
+    """The builder function registered as ``name`` (its keyword arguments are the graph's
+    hyperparameters, e.g. for :func:`nlgraph.optim.compile_optimizer`)."""
+    _load()
+    if name not in _REGISTRY:
+        get(name)  # raises the helpful unknown-name error
+    return _REGISTRY[name].builder
