@@ -37,7 +37,7 @@ def problem(dtype, seed=0):
 
 def loss_fn(params, targets):
     terms = [((p - t) ** 2 * (1 + i)).sum() + 0.01 * (p**4).sum() for i, (p, t) in
-             enumerate(zip(params, targets))]  # fmt: skip
+             enumerate(zip(params, targets, strict=False))]  # fmt: skip
     return sum(terms)
 
 
@@ -54,7 +54,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def assert_close(a, b, dtype):
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         err = ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
         assert err <= TOL[dtype], err
 
@@ -110,7 +110,7 @@ def test_param_groups_and_state_dict_resume():
     opt_b = cls(groups(p2))
     opt_b.load_state_dict(sd)
     steps(opt_b, p2, 10)
-    for x, y in zip(p1, p2):
+    for x, y in zip(p1, p2, strict=False):
         assert torch.equal(x, y)
 
 

@@ -53,7 +53,9 @@ def resolve_backend(op: str, backend: str = "auto") -> str:
     if forced:
         backend = forced
     if op not in _REGISTRY:
-        raise BackendUnavailableError(f"no kernel registered for op {op!r}; known: {sorted(_REGISTRY)}")
+        raise BackendUnavailableError(
+            f"no kernel registered for op {op!r}; known: {sorted(_REGISTRY)}"
+        )
     if backend == "auto":
         choices = available(op)
         if not choices:

@@ -15,7 +15,7 @@ Inner objectives (PAPER 4.1, 4.4):  ``"l2"``: l = ||M(k) - v||^2 (no 1/2, as in 
 Two ways to get every token's gradient at one shared state are provided: ``factored_grads`` (the
 fast path, analytic backprop giving each layer's gradient as a rank-1 outer product
 ``grad W{i} = g_i x_i^T`` that is never materialised) and ``vmap_grads`` (the generic path,
-``torch.func.vmap(torch.func.grad(...))``, materialising ``[B, H, n, Dout, Din]``). The two are
+``torch.func.vmap(torch.func.grad(...))``, materialising ``[..., n, Dout, Din]``). The two are
 checked against each other in the tests.
 """
 
@@ -78,7 +78,7 @@ def _linear(w: Tensor, x: Tensor, per_token: bool) -> Tensor:
 def mlp_apply(
     params: Params, x: Tensor, activation: str, residual: bool, per_token: bool = False
 ) -> Tensor:
-    """M(x) for params ``W{i}: [..., Dout, Din]`` and inputs ``x: [..., n, Dk]`` -> ``[..., n, Dv]``.
+    """M(x) for params ``W{i}: [..., Dout, Din]`` and ``x: [..., n, Dk]``; returns ``[..., n, Dv]``.
 
     With ``per_token=True`` the params carry the token axis, ``W{i}: [..., n, Dout, Din]``.
     """
@@ -104,13 +104,13 @@ def factored_grads(
     """Every token's gradient of the inner loss at one shared state, in factored form.
 
     Args:
-        params: ``W{i}: [B, H, Dout, Din]`` (the chunk-start state).
-        k: ``[B, H, n, Dk]``; v: ``[B, H, n, Dv]``.
+        params: ``W{i}: [..., Dout, Din]`` (the chunk-start state; ``...`` is e.g. B * H).
+        k: ``[..., n, Dk]``; v: ``[..., n, Dv]``.
 
     Returns:
-        ``{"W{i}": (g, x)}`` with ``g: [B, H, n, Dout]``, ``x: [B, H, n, Din]`` such that token
+        ``{"W{i}": (g, x)}`` with ``g: [..., n, Dout]``, ``x: [..., n, Din]`` such that token
         ``t``'s gradient is ``grad_{W{i}} l(M; k_t, v_t) = g[..., t, :] outer x[..., t, :]``.
-        Cost O(n * sum Dout*Din), against O(n * sum Dout*Din) memory for the materialised form.
+        Memory O(n * sum (Dout + Din)), against O(n * sum Dout * Din) when materialised.
     """
     act = ACTIVATIONS[activation]
     depth = len(params)
@@ -139,17 +139,18 @@ def factored_grads(
 def vmap_grads(
     params: Params, k: Tensor, v: Tensor, *, objective: str, activation: str, residual: bool
 ) -> Params:
-    """Every token's gradient, materialised: ``W{i}: [B, H, n, Dout, Din]``.
+    """Every token's gradient, materialised: ``W{i}: [..., n, Dout, Din]``.
 
-    The generic path: ``torch.func.vmap`` over (B, H, token) of ``torch.func.grad`` of the
-    single-sample loss. It composes with outer autograd, so meta-gradients flow through it.
+    The generic path: ``torch.func.vmap`` over the leading axes and the tokens of
+    ``torch.func.grad`` of the single-sample loss (params ``[..., Dout, Din]``, k ``[..., n, Dk]``).
+    It composes with outer autograd, so meta-gradients flow through it.
     """
 
     def loss_one(p: Params, k1: Tensor, v1: Tensor) -> Tensor:
         out = mlp_apply(p, k1.unsqueeze(0), activation, residual)[0]
         return inner_loss(out, v1, objective)
 
-    per_token = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))
-    per_head = torch.func.vmap(per_token, in_dims=(0, 0, 0))
-    per_batch = torch.func.vmap(per_head, in_dims=(0, 0, 0))
-    return per_batch(params, k, v)
+    fn = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))  # over tokens
+    for _ in range(next(iter(params.values())).ndim - 2):  # over each leading axis
+        fn = torch.func.vmap(fn, in_dims=(0, 0, 0))
+    return fn(params, k, v)

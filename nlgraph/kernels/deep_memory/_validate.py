@@ -126,7 +126,9 @@ def check_inputs(
             "[B, T, H, Dk]"
         )
     if tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"{_OP}: v has shape {_shape(v)}, expected [B, T, H, Dv] = [{B}, {T}, {H}, Dv]")
+        raise ValueError(
+            f"{_OP}: v has shape {_shape(v)}, expected [B, T, H, Dv] = [{B}, {T}, {H}, Dv]"
+        )
     if T == 0:
         raise ValueError(f"{_OP}: got T = 0 tokens (q {_shape(q)}); pass at least one token")
     Dv = v.shape[-1]
@@ -166,7 +168,8 @@ def initial_state(params0: Params, state: Any, dims: Dims) -> tuple[Params, Para
     PAPER 4.2), zero momentum, phase 0.
     """
     if state is not None:
-        return dict(state["params"]), dict(state["momentum"]), dict(state["chunk_start"]), state["phase"]
+        parts = (dict(state[p]) for p in ("params", "momentum", "chunk_start"))
+        return (*parts, state["phase"])
     params = {n: w.expand(dims.B, dims.H, *w.shape[-2:]) for n, w in params0.items()}
     momentum = {n: torch.zeros_like(w) for n, w in params.items()}
     return params, momentum, dict(params), 0
@@ -179,7 +182,7 @@ def final_state(
     return {
         "params": params,
         "momentum": momentum,
-        # The state gradients are taken at for the rest of an unfinished chunk (= params at phase 0).
+        # Where the rest of an unfinished chunk takes its gradients (= params at phase 0).
         "chunk_start": chunk_start,
         "phase": phase,
         "chunk_size": chunk_size,

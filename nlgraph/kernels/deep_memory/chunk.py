@@ -1,29 +1,26 @@
 """Chunk-parallel deep memory: per chunk, all token gradients at once and a closed-form scan.
 
 Within a chunk of n tokens every gradient is taken at the chunk-start state (Titans Eqs. 16-18,
-PAPER 4.1 and 4.5), so u_1..u_n are computed in one batched pass. The momentum and forgetting
-recurrences (PAPER 4.1)
+PAPER 4.1 and 4.5), so u_1..u_n come from one batched pass, and the momentum/forgetting
+recurrences are applied in closed form (:mod:`._scan`):
 
-    S_j = eta_j S_{j-1} - theta_j u_j,        M_j = a_j M_{j-1} + S_j,      a_j = 1 - alpha_j
+    M_j = f_j M_0 + c_j S_0 - sum_l mem[j, l] u_l,       S_n = e_n S_0 - sum_l mom[l] u_l.
 
-are linear, with the closed form (segment products D[j,l] = prod_{m=l+1..j} eta_m,
-F[j,l] = prod_{m=l+1..j} a_m, e_j = prod_{m<=j} eta_m, f_j = prod_{m<=j} a_m):
+Only the Python loop over chunks is serial.
 
-    S_j = e_j S_0 - sum_l D[j,l] theta_l u_l
-    M_j = f_j M_0 + (F e)_j S_0 - sum_l (F D)[j,l] theta_l u_l
-
-so a chunk costs a few [n, n] matrices and matmuls; only the Python loop over chunks is serial.
-
-Fast path (``grads="analytic"``): each token gradient of layer i is the outer product g_l x_l^T
-(:func:`factored_grads`). The new state is then ``(w * g)^T x``, and the read-out
-``M_j(q_j)`` with the in-chunk state (read="after") is evaluated layer by layer without forming the
+Fast path (``grads="analytic"``): token l's gradient of layer i is an outer product g_l x_l^T
+(:func:`factored_grads`), so the new state is one ``baddbmm`` ``(w * g)^T x``, and the read-out
+``M_j(q_j)`` with the in-chunk state (read="after") is evaluated layer by layer without forming
 per-token weights, as in TTT's dual form:
 
-    W_j h_j = f_j W_0 h_j + (F e)_j S_0 h_j - sum_l (F D)[j,l] theta_l (x_l . h_j) g_l
+    W_j h_j = f_j W_0 h_j + c_j S_0 h_j - sum_l mem[j, l] (x_l . h_j) g_l
 
-Generic path (``grads="vmap"``): ``vmap(grad)`` materialises u_l as [B, H, n, Dout, Din] and the
-read-out materialises the per-token weights M_j; slower, but it makes no use of the MLP's structure
-and checks the fast path.
+Generic path (``grads="vmap"``): ``vmap(grad)`` materialises u_l as ``[N, n, Dout, Din]`` and the
+read-out materialises the per-token weights M_j (the brief's construction); slower, but it uses
+nothing of the MLP's structure, so it checks the fast path.
+
+Layout: batch and heads are flattened to N = B * H so every matmul is a plain 3-D ``bmm``
+(4-D ``matmul`` adds reshape/expand nodes to every op, forward and backward).
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ from nlgraph.kernels.deep_memory._mlp import (
     mlp_apply,
     vmap_grads,
 )
+from nlgraph.kernels.deep_memory._scan import Coeffs, all_coeffs, chunk_lengths
 from nlgraph.kernels.deep_memory._validate import check_inputs, final_state, initial_state
 
 __all__ = ["deep_memory_chunk", "GRADS"]
@@ -47,98 +45,55 @@ __all__ = ["deep_memory_chunk", "GRADS"]
 GRADS = ("analytic", "vmap")
 
 
-def _segprod(x: Tensor) -> Tensor:
-    """``[..., n] -> [..., n, n]``: out[j, l] = prod_{m=l+1..j} x_m for j >= l, else 0.
-
-    A cumulative product down each column of a matrix holding x_j below the diagonal and 1 on
-    and above it. Exact for gates that are 0 (no division E_j / E_l), and needs no log-space:
-    every entry is a product of gates in [0, 1], so nothing overflows.
-    """
-    n = x.shape[-1]
-    below = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-    cols = torch.where(below, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))
-    return torch.cumprod(cols, dim=-2).tril()
+def _col(x: Tensor) -> Tensor:
+    return x[..., None, None] if x.ndim == 1 else x[..., None]
 
 
-class _Coeffs:
-    """The scalars of one chunk's closed form, each ``[B, H, n]`` or ``[B, H, n, n]``.
-
-    mem[j, l] = (F D)[j, l] theta_l   (weight of u_l in M_j)     f = f_j   c = (F e)_j
-    mom[l]    = D[n, l] theta_l       (weight of u_l in S_n)     e_last = e_n
-    ``c`` and ``e_last`` are None without momentum: then S_0 never reaches the chunk.
-    """
-
-    def __init__(self, theta: Tensor, eta: Tensor | None, keep: Tensor | None) -> None:
-        n = theta.shape[-1]
-        if keep is None:
-            seg_f = torch.ones(n, n, dtype=theta.dtype, device=theta.device).tril()
-            self.f = torch.ones_like(theta)
-        else:
-            seg_f = _segprod(keep)
-            self.f = torch.cumprod(keep, dim=-1)
-        if eta is None:
-            self.c = self.e_last = None
-            self.mem = seg_f * theta.unsqueeze(-2)
-            self.mom = torch.zeros_like(theta)
-            self.mom[..., -1] = 1  # S_n = -theta_n u_n
-            self.mom = self.mom * theta
-        else:
-            seg_d = _segprod(eta)
-            e = torch.cumprod(eta, dim=-1)
-            self.c = (seg_f @ e.unsqueeze(-1)).squeeze(-1)
-            self.e_last = e[..., -1]
-            self.mem = (seg_f @ seg_d) * theta.unsqueeze(-2)
-            self.mom = seg_d[..., -1, :] * theta
-
-
-def _bc(x: Tensor, extra: int) -> Tensor:
-    """Append ``extra`` singleton axes so a per-(b, h[, token]) scalar scales a matrix."""
-    return x.reshape(*x.shape, *([1] * extra))
-
-
-def _state_update(
-    p0: Tensor, s0: Tensor, co: _Coeffs, wsum_mem: Tensor, wsum_mom: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(M_n, S_n) from the start state and the weighted gradient sums of one layer."""
-    p = _bc(co.f[..., -1], 2) * p0 - wsum_mem
+def _carry(p0: Tensor, s0: Tensor, co: Coeffs) -> tuple[Tensor, Tensor | None]:
+    """The start-state part of (M_n, S_n): ``f_n M_0 + c_n S_0`` and ``e_n S_0`` (or None)."""
+    p = p0 if co.f is None else _col(co.f[:, -1]) * p0
     if co.c is None:
-        return p, -wsum_mom
+        return p, None
     assert co.e_last is not None
-    return p + _bc(co.c[..., -1], 2) * s0, _bc(co.e_last, 2) * s0 - wsum_mom
+    return torch.addcmul(p, _col(co.c[:, -1]), s0), _col(co.e_last) * s0
 
 
 def _read_dual(
-    p0: Params, s0: Params, q: Tensor, co: _Coeffs, fac: dict[str, tuple[Tensor, Tensor]],
+    p0: Params, s0: Params, q: Tensor, co: Coeffs, fac: dict[str, tuple[Tensor, Tensor]],
     activation: str, residual: bool,
 ) -> Tensor:  # fmt: skip
-    """y_j = M_j(q_j) with the in-chunk state, without forming per-token weights (dual form).
+    """y_j = M_j(q_j) with the in-chunk state, never forming per-token weights (dual form).
 
-    Layer by layer, W_j h_j = f_j W_0 h_j + c_j S_0 h_j - sum_l mem[j, l] (x_l . h_j) g_l: an
-    [n, n] score matrix per layer instead of [n, Dout, Din] weights.
+    Per layer an [n, n] score matrix (x_l . h_j) instead of [n, Dout, Din] weights.
     """
     act = ACTIVATIONS[activation]
     h = q
     for i in range(len(fac), 0, -1):
         name = f"W{i}"
         g, x = fac[name]
-        z = _bc(co.f, 1) * (h @ p0[name].mT) - ((h @ x.mT) * co.mem) @ g
+        base = h @ p0[name].mT
+        if co.f is not None:
+            base = base * _col(co.f)
         if co.c is not None:
-            z = z + _bc(co.c, 1) * (h @ s0[name].mT)
+            base = torch.addcmul(base, _col(co.c), h @ s0[name].mT)
+        z = torch.baddbmm(base, (h @ x.mT) * co.mem, g, alpha=-1)
         h = act(z) if i > 1 else z
     return h + q if residual else h
 
 
 def _chunk_analytic(
-    at: Params, p0: Params, s0: Params, q: Tensor, k: Tensor, v: Tensor, co: _Coeffs,
+    at: Params, p0: Params, s0: Params, q: Tensor, k: Tensor, v: Tensor, co: Coeffs,
     read: str, opts: dict[str, Any],
 ) -> tuple[Tensor, Params, Params]:  # fmt: skip
-    """One chunk on the fast path: (y [B, H, n, Dv], M_n, S_n)."""
+    """One chunk on the fast path: (y [N, n, Dv], M_n, S_n)."""
     fac = factored_grads(at, k, v, **opts)
     p1, s1 = {}, {}
     for name, (g, x) in fac.items():
-        wsum_mem = (g * co.mem[..., -1, :].unsqueeze(-1)).mT @ x  # sum_l w_l g_l x_l^T
-        wsum_mom = (g * co.mom.unsqueeze(-1)).mT @ x
-        p1[name], s1[name] = _state_update(p0[name], s0[name], co, wsum_mem, wsum_mom)
+        p_carry, s_carry = _carry(p0[name], s0[name], co)
+        # sum_l w_l u_l = (w * g)^T x: the whole chunk's update in one (b)addbmm.
+        p1[name] = torch.baddbmm(p_carry, (g * _col(co.mem[:, -1])).mT, x, alpha=-1)
+        g_mom = (g * _col(co.mom)).mT
+        s1[name] = -(g_mom @ x) if s_carry is None else torch.baddbmm(s_carry, g_mom, x, alpha=-1)
     if read == "chunk_start":
         y = mlp_apply(at, q, opts["activation"], opts["residual"])
     else:
@@ -147,24 +102,27 @@ def _chunk_analytic(
 
 
 def _chunk_vmap(
-    at: Params, p0: Params, s0: Params, q: Tensor, k: Tensor, v: Tensor, co: _Coeffs,
+    at: Params, p0: Params, s0: Params, q: Tensor, k: Tensor, v: Tensor, co: Coeffs,
     read: str, opts: dict[str, Any],
 ) -> tuple[Tensor, Params, Params]:  # fmt: skip
     """One chunk on the generic path: materialised gradients and per-token weights."""
-    u = vmap_grads(at, k, v, **opts)
+    u = vmap_grads(at, k, v, **opts)  # W{i}: [N, n, Dout, Din]
     p1, s1 = {}, {}
     for name, un in u.items():
-        wsum_mem = torch.einsum("bhl,bhloi->bhoi", co.mem[..., -1, :], un)
-        wsum_mom = torch.einsum("bhl,bhloi->bhoi", co.mom, un)
-        p1[name], s1[name] = _state_update(p0[name], s0[name], co, wsum_mem, wsum_mom)
+        p_carry, s_carry = _carry(p0[name], s0[name], co)
+        p1[name] = p_carry - torch.einsum("nl,nloi->noi", co.mem[:, -1], un)
+        s_new = torch.einsum("nl,nloi->noi", co.mom, un)
+        s1[name] = -s_new if s_carry is None else s_carry - s_new
     if read == "chunk_start":
         return mlp_apply(at, q, opts["activation"], opts["residual"]), p1, s1
     per_token = {}
     for name, un in u.items():
-        w = _bc(co.f, 2) * p0[name].unsqueeze(2) - torch.einsum("bhjl,bhloi->bhjoi", co.mem, un)
+        w = p0[name].unsqueeze(1) - torch.einsum("njl,nloi->njoi", co.mem, un)
+        if co.f is not None:
+            w = w + (_col(co.f)[..., None] - 1) * p0[name].unsqueeze(1)
         if co.c is not None:
-            w = w + _bc(co.c, 2) * s0[name].unsqueeze(2)
-        per_token[name] = w  # M_j for every token j: [B, H, n, Dout, Din]
+            w = w + _col(co.c)[..., None] * s0[name].unsqueeze(1)
+        per_token[name] = w  # M_j for every token j: [N, n, Dout, Din]
     y = mlp_apply(per_token, q, opts["activation"], opts["residual"], per_token=True)
     return y, p1, s1
 
@@ -187,11 +145,11 @@ def deep_memory_chunk(
     output_final_state: bool = True,
     grads: str = "analytic",
 ) -> tuple[Tensor, dict[str, Any] | None]:
-    """Chunk-parallel deep memory; same maths and signature as the reference.
+    """Chunk-parallel deep memory; the reference's maths and signature.
 
     See :func:`nlgraph.kernels.deep_memory.deep_memory` for the arguments. ``grads`` picks the
     per-token gradient path: ``"analytic"`` (factored, fast) or ``"vmap"`` (generic, checks it).
-    A carried ``state`` may stop inside a chunk: its first partial chunk keeps taking gradients at
+    A carried ``state`` may stop inside a chunk: the first partial chunk keeps taking gradients at
     the carried chunk-start state, so segmenting anywhere equals one pass.
     """
     if grads not in GRADS:
@@ -200,33 +158,39 @@ def deep_memory_chunk(
         q, k, v, lr, momentum, forget, params0=params0, state=state, chunk_size=chunk_size,
         read=read, objective=objective, activation=activation, residual=residual,
     )  # fmt: skip
-    params, mom, start, phase = initial_state(params0, state, dims)
+    B, T, H = dims.B, dims.T, dims.H
+    params, mom, start, phase = (
+        {n: w.reshape(B * H, *w.shape[2:]) for n, w in part.items()} if isinstance(part, dict)
+        else part
+        for part in initial_state(params0, state, dims)
+    )  # fmt: skip
     opts = {"objective": objective, "activation": activation, "residual": residual}
     step = _chunk_analytic if grads == "analytic" else _chunk_vmap
-    # [B, T, H, *] -> [B, H, T, *]: heads become batch axes of every matmul.
-    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    theta = lr.transpose(1, 2)
-    eta = None if momentum is None else momentum.transpose(1, 2)
-    keep = None if forget is None else (1 - forget).transpose(1, 2)
+
+    def flat(x: Tensor) -> Tensor:  # [B, T, H, *] -> [B * H, T, *]
+        return x.transpose(1, 2).reshape(B * H, T, *x.shape[3:])
+
+    theta = flat(lr)
+    eta = None if momentum is None else flat(momentum)
+    keep = None if forget is None else flat(1 - forget)
+    lengths = chunk_lengths(T, chunk_size, phase)
+    coeffs = all_coeffs(theta, eta, keep, lengths)
+    # One split per input (backward: one cat), not a slice per chunk (see all_coeffs).
+    qs, ks, vs = (torch.split(flat(x), lengths, dim=1) for x in (q, k, v))
     ys = []
-    pos = 0
-    while pos < dims.T:
-        n = min(chunk_size - phase, dims.T - pos)
-        sl = slice(pos, pos + n)
+    for n, co, qc, kc, vc in zip(lengths, coeffs, qs, ks, vs, strict=True):
         at = params if phase == 0 else start  # gradients at the state of the chunk's start
-        co = _Coeffs(
-            theta[..., sl],
-            None if eta is None else eta[..., sl],
-            None if keep is None else keep[..., sl],
-        )
-        y, params, mom = step(at, params, mom, qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], co, read, opts)
+        y, params, mom = step(at, params, mom, qc, kc, vc, co, read, opts)
         ys.append(y)
         start = at
         phase = (phase + n) % chunk_size
-        pos += n
-    y = torch.cat(ys, dim=2).transpose(1, 2)
+    y = torch.cat(ys, dim=1).reshape(B, H, T, dims.Dv).transpose(1, 2).contiguous()
     if not output_final_state:
         return y, None
     if phase == 0:
         start = params
-    return y, final_state(params, mom, start, phase, chunk_size)
+
+    def unflat(p: Params) -> Params:
+        return {n: w.reshape(B, H, *w.shape[1:]) for n, w in p.items()}
+
+    return y, final_state(unflat(params), unflat(mom), unflat(start), phase, chunk_size)

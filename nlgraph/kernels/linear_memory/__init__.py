@@ -10,7 +10,7 @@ equation numbers.
 
 from nlgraph.kernels import _dispatch
 
-from .api import dgd, delta_rule, gated_delta_rule, linear_attention, linear_memory
+from .api import delta_rule, dgd, gated_delta_rule, linear_attention, linear_memory
 from .chunk import linear_memory_chunk
 from .naive import linear_memory_naive
 

@@ -19,9 +19,7 @@ def _shape(x: torch.Tensor) -> str:
 
 
 def _fail(name: str, x: torch.Tensor, expected: str, fix: str) -> None:
-    raise ValueError(
-        f"linear_memory: {name} has shape {_shape(x)}; expected {expected}. {fix}"
-    )
+    raise ValueError(f"linear_memory: {name} has shape {_shape(x)}; expected {expected}. {fix}")
 
 
 def check_inputs(
@@ -42,7 +40,9 @@ def check_inputs(
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"linear_memory: {name} must be a torch.Tensor, got {type(x).__name__}")
+            raise ValueError(
+                f"linear_memory: {name} must be a torch.Tensor, got {type(x).__name__}"
+            )
         if x.dim() != 4:
             _fail(
                 name,

@@ -25,8 +25,9 @@ solve: U = diag(c) V, Wk = 0.
 Numerics: the chunk-relative decays P[t, i] are computed as products (a cumprod down a masked
 (C+1) x (C+1) matrix of factors), never as Gamma_t / Gamma_i. A ratio of cumulative products
 underflows to 0/0 once Gamma drops below the dtype's smallest number (after ~100 tokens at
-alpha = 1/e in float32), and log-space differences cancel catastrophically for strong decays. Products of at
-most C factors are accurate to ~C eps, and alpha_t = 0 (a hard reset) is exact.
+alpha = 1/e in float32), and differences of cumulative log-decays lose digits to cancellation
+when the decays are strong. Products of at most C factors are accurate to ~C eps, and
+alpha_t = 0 (a hard reset) is exact, gradients included.
 
 Backward is autograd through these ops (solve_triangular and cumprod have exact derivatives).
 """
@@ -50,7 +51,8 @@ def _to_chunks(x: torch.Tensor, n: int, size: int, pad_value: float = 0.0) -> to
         # F.pad lists pairs from the last axis backwards; the time axis is axis 1.
         x = F.pad(x, (0, 0) * len(rest) + (0, 0, 0, pad), value=pad_value)
     x = x.reshape(B, n, size, H, *rest)
-    return x.movedim(3, 1)
+    # contiguous once here: every batched matmul below would otherwise copy its operand again.
+    return x.movedim(3, 1).contiguous()
 
 
 def _segment_products(a: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ def linear_memory_chunk(
     N = -(-T // C)
     # Padded tokens have k = 0, so they write nothing and leave M unchanged provided alpha = 1
     # there; b and c are irrelevant on them.
-    Q = _to_chunks(q.to(dt) * scale, N, C)  # [B, H, N, C, Dk]
+    Q = _to_chunks(q.to(dt) if scale == 1.0 else q.to(dt) * scale, N, C)  # [B, H, N, C, Dk]
     K = _to_chunks(k.to(dt), N, C)
     V = _to_chunks(v.to(dt), N, C)  # [B, H, N, C, Dv]
     a = None if alpha is None else _to_chunks(alpha.to(dt), N, C, pad_value=1.0)  # [B,H,N,C]
@@ -113,9 +115,10 @@ def linear_memory_chunk(
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = incl.tril(-1)
     if a is None:
-        ones = Q.new_ones(())
-        P_prev = P_cur = None  # all decays are 1: the masks alone do the work
-        g_prev = g_cur = g_end = ones
+        # All decays are 1: the masks alone do the work, and None skips full-size products
+        # with ones (each one a pass over [B, H, N, C, C] forward and backward).
+        P_prev = P_cur = None
+        g_prev = g_cur = g_end = None
         p_end = None
     else:
         P = _segment_products(a)  # [B, H, N, C+1, C+1]
@@ -128,16 +131,17 @@ def linear_memory_chunk(
 
     U = V if cc is None else V * cc[..., None]
     if bb is None:
-        Wk = None
+        X = U  # no erase term: W = U, nothing to solve
     else:
         gram = K @ K.transpose(-1, -2)
         if P_prev is not None:
             gram = gram * P_prev
         L = (bb[..., None] * gram).masked_fill(~strict, 0.0)
-        rhs = torch.cat([U, (bb[..., None] * g_prev) * K], dim=-1)
+        bg = bb[..., None] if g_prev is None else bb[..., None] * g_prev
+        rhs = torch.cat([U, bg * K], dim=-1)
         # unitriangular=True reads the diagonal as ones: (I + L) X = rhs without forming I + L.
+        # One solve for both right-hand sides; X = [U | Wk], [B, H, N, C, Dv + Dk].
         X = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
-        U, Wk = X[..., :Dv], X[..., Dv:]
 
     if read == "after":
         mask, P_read, g_read = incl, P_cur, g_cur
@@ -147,18 +151,22 @@ def linear_memory_chunk(
     if P_read is not None:
         A = A * P_read
     A = A.masked_fill(~mask, 0.0)
-    Q_eff = g_read * Q  # [B, H, N, C, Dk]
-    if Wk is not None:
-        Q_eff = Q_eff - A @ Wk
-    O_intra = A @ U  # [B, H, N, C, Dv]
-
     Kc = K if p_end is None else p_end * K
-    B_n = U.transpose(-1, -2) @ Kc  # [B, H, N, Dv, Dk]
-    if Wk is None:
+    # U and Wk share their products with A and Kc: one matmul each instead of two.
+    AX = A @ X  # [B, H, N, C, Dv (+ Dk)]
+    XK = X.transpose(-1, -2) @ Kc  # [B, H, N, Dv (+ Dk), Dk]
+    Q_eff = Q if g_read is None else g_read * Q  # [B, H, N, C, Dk]
+    if bb is None:
+        O_intra, B_n = AX, XK
         A_n = None  # the transition is the scalar Gamma_C
     else:
+        # split, not slicing: the backward of a split is one cat, that of two slices is two
+        # zero-filled full-size buffers.
+        O_intra, AWk = AX.split([Dv, Dk], dim=-1)
+        B_n, WkK = XK.split([Dv, Dk], dim=-2)
+        Q_eff = Q_eff - AWk
         eye = torch.eye(Dk, dtype=dt, device=q.device)
-        A_n = g_end * eye - Wk.transpose(-1, -2) @ Kc  # [B, H, N, Dk, Dk]
+        A_n = (eye if g_end is None else g_end * eye) - WkK  # [B, H, N, Dk, Dk]
 
     S = q.new_zeros(B, H, Dv, Dk, dtype=dt) if initial_state is None else initial_state.to(dt)
     # unbind once: indexing [:, :, n] inside the loop would make autograd scatter N full-size

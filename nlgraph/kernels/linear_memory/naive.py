@@ -51,10 +51,7 @@ def linear_memory_naive(
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
-    if initial_state is None:
-        M = q.new_zeros(B, H, Dv, Dk)
-    else:
-        M = initial_state.to(dt)
+    M = q.new_zeros(B, H, Dv, Dk) if initial_state is None else initial_state.to(dt)
 
     outs = []
     for t in range(T):
