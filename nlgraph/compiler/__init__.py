@@ -7,8 +7,6 @@ builds a :class:`~nlgraph.compiler.plan.Plan` (printable, invariant-checked) and
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from nlgraph._errors import CompileError

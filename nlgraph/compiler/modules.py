@@ -112,8 +112,10 @@ def build_slow(lv: Level, dims: dict[str, int]) -> nn.Module:
         return mod
     if st.kind == "tensor":
         shape = [dim(d, dims, where) for d in st.shape]
-        p = nn.Parameter(torch.zeros(shape) if lv.init.kind == "zeros" else
-                         torch.randn(shape) * getattr(lv.init, "std", 1 / math.sqrt(shape[-1])))  # fmt: skip
+        std = getattr(lv.init, "std", 1 / math.sqrt(shape[-1]))
+        p = nn.Parameter(
+            torch.zeros(shape) if lv.init.kind == "zeros" else torch.randn(shape) * std
+        )
         holder = nn.Module()
         holder.value = p
         return holder

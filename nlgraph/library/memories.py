@@ -48,8 +48,10 @@ def linear_attention(d: int = 64, heads: int = 1) -> nl.Graph:
 
 @register("deltanet", "memory")
 def deltanet(d: int = 64, heads: int = 1, chunk: int = 64) -> nl.Graph:
-    """DeltaNet: GD on 1/2||M k - v||^2 with a data-dependent step beta_t (Eq. 65):
-    M <- M (I - beta k k^T) + beta v k^T."""
+    """DeltaNet: GD on 1/2||M k - v||^2 with a data-dependent step beta_t (Eq. 65).
+
+    ``M <- M (I - beta_t k k^T) + beta_t v k^T``, ``beta_t = sigmoid(W_beta x)``.
+    """
     g = nl.Graph("deltanet", doc=deltanet.__doc__ or "", chunk=chunk)
     x = g.input("x", dim=d)
     k, v, q = projections(g, x, d, d, ("W_k", "W_v", "W_q"))
@@ -71,7 +73,7 @@ def deltanet(d: int = 64, heads: int = 1, chunk: int = 64) -> nl.Graph:
 
 @register("titans", "memory")
 def titans(d: int = 64, heads: int = 1, depth: int = 2, chunk: int = 16) -> nl.Graph:
-    """Titans' neural memory: a deep MLP memory with surprise momentum and forgetting (PAPER.md 4.1).
+    """Titans' memory: a deep MLP with surprise momentum and forgetting (PAPER.md 4.1).
 
     GD on ``1/2||M(k) - v||^2`` with data-dependent rates per token:
     ``S <- eta_t S - theta_t ∇l(M; k, v)``;  ``M <- (1 - alpha_t) M + S``;  ``y = M(q)``.

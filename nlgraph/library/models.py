@@ -17,8 +17,8 @@ from nlgraph.library.memories import projections, self_modifying_titans, softmax
 
 NORM = "torch.nn:RMSNorm"
 
-# Sizes are ours [I]: the paper reports none for Hope (PAPER.md 6.2). "small" is a ~GPT-2-small
-# shape; "tiny" is for tests and CPU runs.
+# Sizes are ours [I]: the paper reports none for Hope (PAPER.md 6.2). "tiny" (the default) is for
+# tests and CPU runs; "small" is a ~GPT-2-small shape.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         vocab=256, d=64, n_layers=2, heads=2, hidden=256, width=64,
@@ -116,7 +116,7 @@ def cms(
             doc=f"MLP updated every {c} tokens with its accumulated gradient",
         )
     if variant == "independent":
-        y: object = 0.0
+        terms = []
         for i, n in enumerate(names):
             g.level(
                 f"a{i}",
@@ -127,7 +127,8 @@ def cms(
                 group="cms.agg",
                 doc="aggregation weight",
             )
-            y = y + nl.state(f"a{i}", at="prev") * g.handle(n)(x)
+            terms.append(nl.state(f"a{i}", at="prev") * g.handle(n)(x))
+        y = sum(terms[1:], terms[0])
     else:
         y = x
         for n in names:
@@ -223,7 +224,19 @@ def _lm(
     )
     h: object = embed(tokens)
     for i in range(s["n_layers"]):
-        h = g.include(block(), f"block{i}", bind={"x": h})["y"]
+        y = g.include(block(), f"block{i}", bind={"x": h})["y"]
+        # Flows are trees: a block refers to its input many times, so chaining flows directly
+        # grows the spec exponentially with depth. A memory with no retention (S_t = h_t) names
+        # the residual stream instead; it is exact and costs nothing.
+        h = g.level(
+            f"h{i}",
+            state=nl.tensor(s["d"]),
+            frequency=nl.per_token(),
+            objective=nl.l2_to(y),
+            optimizer=nl.ema(0.0),
+            group="stream",
+            doc=f"the residual stream after block {i}: S <- h",
+        ).state()
     head = g.level(
         "lm_head",
         state=nl.linear(s["d"], s["vocab"]),
@@ -238,7 +251,7 @@ def _lm(
 
 @register("hope", "model")
 def hope(
-    preset: str = "small",
+    preset: str = "tiny",
     vocab: int | None = None,
     d: int | None = None,
     n_layers: int | None = None,
@@ -256,8 +269,8 @@ def hope(
     """Hope: a language model of Hope blocks, self-modifying Titans + CMS (Eqs. 94–97).
 
     ``h_0 = E[tokens]``; ``h_l = hope_block(h_{l-1})`` for ``n_layers`` blocks;
-    ``logits = W_head norm(h_L)``. ``preset`` ("tiny": d=64, 2 layers, 2 heads; "small") gives
-    the sizes; any size passed explicitly overrides it.
+    ``logits = W_head norm(h_L)``. ``preset`` gives the sizes ("tiny", the default: d=64,
+    2 layers, 2 heads; "small": d=768, 12 layers, 12 heads); a size passed explicitly wins.
     """
     s = _sizes("hope", preset, dict(vocab=vocab, d=d, n_layers=n_layers, heads=heads,
                                     hidden=hidden, width=width, chunk=chunk,
@@ -293,7 +306,7 @@ def hope(
 
 @register("hope_attention", "model")
 def hope_attention(
-    preset: str = "small",
+    preset: str = "tiny",
     vocab: int | None = None,
     d: int | None = None,
     n_layers: int | None = None,
@@ -331,7 +344,7 @@ def hope_attention(
 
 @register("transformer", "model")
 def transformer(
-    preset: str = "small",
+    preset: str = "tiny",
     vocab: int | None = None,
     d: int | None = None,
     n_layers: int | None = None,
@@ -357,7 +370,7 @@ def transformer(
 
 @register("titans_lm", "model")
 def titans_lm(
-    preset: str = "small",
+    preset: str = "tiny",
     vocab: int | None = None,
     d: int | None = None,
     n_layers: int | None = None,
@@ -365,7 +378,7 @@ def titans_lm(
     hidden: int | None = None,
     chunk: int | None = None,
 ) -> nl.Graph:
-    """Titans (memory as a layer): Titans' neural memory and an MLP per block (PAPER.md 4.1, Eq. 28).
+    """Titans LM: Titans' deep memory and an MLP in each block (PAPER.md 4.1, Eq. 28).
 
     The deep memory, meta-learned initial state, is the block's mixer; ``chunk`` is its
     chunk-parallel training chunk. ``preset`` as in ``hope``.

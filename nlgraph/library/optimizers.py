@@ -359,7 +359,7 @@ def m3(
     variant: str = "quintic",
     momenta: str = "sum",
 ) -> nl.Graph:
-    """M3, multi-scale momentum Muon: a fast and a slow momentum, orthogonalised (Algorithm 1, Eq. 75).
+    """M3, multi-scale momentum Muon: fast and slow orthogonalised momenta (Algorithm 1, Eq. 75).
 
     Per step: ``M1 <- M1 + b1 g``, ``V <- V + b2 g^2``. Every ``f`` steps:
     ``M2 <- M2 + b3 sum_{previous f steps} g`` (the clock sums a slow level's gradients over its
@@ -395,7 +395,7 @@ def m3(
 
 @register("dgd_update", "optimizer")
 def dgd_update(lr: float = 1e-2) -> nl.Graph:
-    """DGD as the update rule of linear layers: an L2 proximal step on self-generated values (Eqs. 56–57).
+    """DGD for linear layers: the exact L2 proximal step on self-made values (Eqs. 56–57).
 
     For a linear layer with input ``x`` and output error ``∇_y L``:
     ``W <- W (I - lr' x x^T) - lr' ∇_W L`` with ``lr' = lr / (1 + lr ||x||^2)``, the exact

@@ -97,6 +97,11 @@ def _check_state(state: Any, dims: Dims, params0: Params, chunk_size: int) -> No
                     f"{_OP}: state['{part}']['{name}'] has shape {_shape(got)}, expected "
                     f"{list(want)}; carry the final_state of a call with the same B, H and params0"
                 )
+            if got.dtype != params0[name].dtype:
+                raise ValueError(
+                    f"{_OP}: state['{part}']['{name}'] is {got.dtype}, params0 is "
+                    f"{params0[name].dtype}; carry the state in the inputs' dtype"
+                )
     phase = state["phase"]
     if not isinstance(phase, int) or not 0 <= phase < max(state["chunk_size"], 1):
         raise ValueError(f"{_OP}: state['phase'] = {phase!r} is not in [0, chunk_size)")
