@@ -7,7 +7,9 @@ A :class:`Plan` classifies every level of a validated, bound graph:
 - ``fast``: an in-context memory updated per token or chunk, lowered to a kernel op
   (``linear_memory``: matrix memories with dot/L2 objectives under GD/DGD with retention;
   ``deep_memory``: MLP (or momentum-carrying linear) memories under GD with momentum and
-  forgetting; ``attention``: the exact non-parametric memory).
+  forgetting; ``attention``: the exact non-parametric memory), or ``boundary``: a block on the
+  outer loss updated every C tokens (CMS, Eq. 71) — frozen within a chunk, so the chunk runs in
+  parallel, then the chunk's accumulated gradient is applied at its end.
 
 The plan is printable (``str(plan)``, ``NLGRAPH_DEBUG=2``) and checked by :meth:`Plan.check`
 after it is built (``NLGRAPH_DEBUG=1`` and always in tests).
@@ -24,13 +26,13 @@ import networkx as nx
 from nlgraph._errors import CompileError
 from nlgraph.flows import Read, references
 from nlgraph.level import GraphSpec, Level
-from nlgraph.optimizers import DGD, GD, describe
+from nlgraph.optimizers import DGD, GD, Signal, describe
 from nlgraph.topology import frequency_key, tiers
 from nlgraph.validation import _flows as _level_flows
 
 __all__ = ["LevelPlan", "Plan", "make_plan", "LOWERINGS"]
 
-LOWERINGS = ("parameter", "linear_memory", "deep_memory", "attention")
+LOWERINGS = ("parameter", "linear_memory", "deep_memory", "attention", "boundary")
 
 
 @dataclass(frozen=True)
@@ -124,9 +126,19 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
             raise CompileError(f"{where}: a non-parametric memory needs nadaraya_watson + exact()")
         return "fast", "attention", "softmax attention (Nadaraya-Watson, Eq. 62)"
     if obj is not None and obj.kind == "outer":
-        raise CompileError(
-            f"{where}: a per-token/chunk level trained on the outer loss (CMS, Eq. 71) has no "
-            "lowering yet"
+        if st.kind not in ("mlp", "linear"):
+            raise CompileError(f"{where}: a chunk-updated block needs an mlp or linear state")
+        if len(rules) != 1 or not isinstance(rules[0], GD) or rules[0].momentum is not None:
+            raise CompileError(
+                f"{where}: a chunk-updated block lowers with one gd(lr, retain) rule, got "
+                f"{describe(rules)}"
+            )
+        if any(isinstance(v, Signal) for v in (rules[0].lr, rules[0].retain)):
+            raise CompileError(f"{where}: a chunk-updated block takes constant or learned rates")
+        period = lv.frequency.period_tokens(spec.chunk_of(lv))
+        return "fast", "boundary", (
+            f"frozen within each {period}-token chunk; at its end theta <- a theta - lr * "
+            "(sum of the chunk's outer-loss gradients at the chunk-start theta) (Eq. 71)"
         )
     if len(rules) != 1 or not isinstance(rules[0], GD | DGD):
         raise CompileError(
@@ -173,8 +185,11 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
     levels: dict[str, LevelPlan] = {}
     for lv in spec.levels:
         role, lowering, detail = _classify(spec, lv)
+        chunk = spec.chunk_of(lv)
+        if lowering == "boundary":
+            chunk = lv.frequency.period_tokens(chunk) or chunk
         levels[lv.name] = LevelPlan(
-            lv.name, role, lowering, spec.chunk_of(lv), str(lv.frequency), _reads(lv), detail
+            lv.name, role, lowering, chunk, str(lv.frequency), _reads(lv), detail
         )
     # A memory may consume another memory's read-outs (stacked memories run one after the
     # other over the whole sequence). Memories that read themselves or each other inside their

@@ -9,6 +9,7 @@ per-sequence reset) and returns the new one, so k segments with carried state eq
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
+from nlgraph.compiler import boundary
 from nlgraph.compiler.modules import ACT, CausalConv, build_slow, dim
 from nlgraph.compiler.plan import Plan, memory_reads
 from nlgraph.flows import KV, FlowBase, Read, Unary
@@ -48,6 +50,7 @@ class CompiledLearner(nn.Module):
         self.spec = plan.spec
         self.backend = backend
         self.slow = nn.ModuleDict()
+        self.blocks = nn.ModuleDict()  # initial parameters of chunk-updated blocks (CMS)
         self.meta = nn.ParameterDict()
         self.scalars = nn.ParameterDict()
         self._fixed: dict[str, torch.Tensor] = {}
@@ -84,6 +87,14 @@ class CompiledLearner(nn.Module):
             raise CompileError(f"level {lv.name!r}: init from path is not supported for memories")
         if lowering == "attention":
             return
+        if lowering == "boundary":
+            if lv.effective_reset().kind == "every":
+                raise CompileError(f"level {lv.name!r}: reset_every is not supported for blocks")
+            block = build_slow(lv, self.plan.dims)
+            block.requires_grad_(lv.init.kind == "meta")  # meta: learned by the outer loop
+            self.blocks[_key(lv.name)] = block
+            self._scalar_params(lv)
+            return
         H, dk, dv = self._heads(lv)
         if lowering == "linear_memory":
             shapes = {"M": ((H, dv, dk), dk)}
@@ -106,6 +117,9 @@ class CompiledLearner(nn.Module):
                 self.meta[key] = nn.Parameter(value)
             else:
                 self.register_buffer(key, value, persistent=True)
+        self._scalar_params(lv)
+
+    def _scalar_params(self, lv: Level) -> None:
         for rule in lv.optimizer:
             for sname in ("lr", "momentum", "retain"):
                 value = getattr(rule, sname, None)
@@ -120,8 +134,19 @@ class CompiledLearner(nn.Module):
 
     # ------------------------------------------------------------------------------ running
     def forward(
-        self, inputs: dict[str, torch.Tensor] | torch.Tensor, state: dict[str, Any] | None = None
+        self,
+        inputs: dict[str, torch.Tensor] | torch.Tensor,
+        state: dict[str, Any] | None = None,
+        loss_fn: Any = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Run the learner over ``[B, T, ...]`` inputs from ``state`` (``None``: initial).
+
+        ``loss_fn(outputs, start, end) -> scalar`` gives the outer loss of tokens
+        ``start..end-1`` (summed over the batch); it is the learning signal of blocks updated
+        every C tokens (CMS, Eq. 71), which then learn within the sequence, and it is returned
+        as ``outputs["loss"]`` (summed over the pieces). Without it those blocks hold their
+        parameters, as at test time without feedback.
+        """
         if isinstance(inputs, torch.Tensor):
             if len(self.spec.inputs) != 1:
                 raise CompileError(
@@ -132,9 +157,62 @@ class CompiledLearner(nn.Module):
         missing = [i.name for i in self.spec.inputs if i.name not in inputs]
         if missing:
             raise CompileError(f"graph {self.spec.name!r}: missing inputs {missing}")
-        run = _Run(self, inputs, dict(state or {}))
+        state = dict(state or {})
+        x0 = next(iter(inputs.values()))
+        B, T = x0.shape[0], x0.shape[1]
+        blocks = [self.spec.level(n) for n in self.plan.order
+                  if self.plan.levels[n].lowering == "boundary"]  # fmt: skip
+        for lv in blocks:
+            if lv.name not in state:
+                state[lv.name] = boundary.initial(self.blocks[_key(lv.name)], B)
+        if not blocks or loss_fn is None:
+            outputs, state = self._piece(inputs, state)
+            if loss_fn is not None:
+                outputs["loss"] = loss_fn(outputs, 0, T)
+            return outputs, state
+        periods = {lv.name: self.plan.levels[lv.name].chunk for lv in blocks}
+        phases = {lv.name: state[lv.name]["phase"] for lv in blocks}
+        every_token = (os.environ.get("NLGRAPH_BACKEND") or self.backend) == "reference"
+        pieces, total, start = [], 0.0, 0
+        with torch.enable_grad():  # blocks learn at test time too
+            for end in boundary.cut_points(T, periods, phases, every_token):
+                outs, state = self._piece({k: v[:, start:end] for k, v in inputs.items()}, state)
+                loss = loss_fn(outs, start, end)
+                rates = {lv.name: self._block_rates(lv) for lv in blocks}
+                updated = boundary.accumulate_and_update(
+                    loss, blocks, state, periods, rates, end - start, torch.is_grad_enabled()
+                )
+                for lv in blocks:  # nested CMS: a block restarts when its parent's chunk ends
+                    rs = lv.effective_reset()
+                    if rs.kind == "with" and rs.level in updated:
+                        fresh = boundary.initial(self.blocks[_key(lv.name)], B)
+                        state[lv.name] = {**fresh, "phase": state[lv.name]["phase"]}
+                pieces.append(outs)
+                total = total + loss
+                start = end
+        outputs = {k: torch.cat([p[k] for p in pieces], dim=1) for k in pieces[0]}
+        outputs["loss"] = total
+        return outputs, state
+
+    def _piece(
+        self, inputs: dict[str, torch.Tensor], state: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        run = _Run(self, inputs, state)
         outputs = {name: run.eval(flow) for name, flow in self.spec.outputs.items()}
-        return outputs, run.new_state
+        new = dict(state)
+        new.update(run.new_state)
+        return outputs, new
+
+    def _block_rates(self, lv: Level) -> tuple[Any, Any]:
+        rule = lv.optimizer[0]
+        return self._const_or_learned(lv, "lr", rule.lr), self._const_or_learned(
+            lv, "retain", 1.0 if rule.retain is None else rule.retain
+        )
+
+    def _const_or_learned(self, lv: Level, name: str, value: Any) -> Any:
+        if not isinstance(value, Learned):
+            return float(value)
+        return _bounded(self.scalars[f"{_key(lv.name)}__{name}"], value)
 
     def get_extra_state(self) -> dict[str, Any]:
         from nlgraph.serialize import to_dict
@@ -156,6 +234,15 @@ class CompiledLearner(nn.Module):
 
         if state.get("spec") != to_dict(self.spec):
             raise CompileError("state_dict was saved from a different graph spec")
+
+
+def _bounded(raw: torch.Tensor, value: Learned) -> torch.Tensor:
+    """A learned scalar kept in its declared range (sigmoid for [lo, hi], softplus for >= lo)."""
+    if value.lo is not None and value.hi is not None:
+        return value.lo + (value.hi - value.lo) * torch.sigmoid(raw)
+    if value.lo is not None:
+        return value.lo + F.softplus(raw)
+    return raw
 
 
 def _inverse_bound(value: Learned) -> float:
@@ -194,6 +281,9 @@ class _Run:
             return self.inputs[flow.name]
         if op == "read":
             lp = self.m.plan.levels[flow.level]
+            if lp.lowering == "boundary":
+                block = self.m.blocks[_key(flow.level)]
+                return boundary.apply(block, self.state[flow.level]["theta"], self.eval(flow.arg))
             if lp.role == "slow":
                 mod = self.m.slow[_key(flow.level)]
                 if isinstance(mod, CausalConv):  # its last inputs are fast state across segments
@@ -240,13 +330,7 @@ class _Run:
         if isinstance(value, int | float):
             return torch.full((B, T, H), float(value), dtype=self._dtype())
         if isinstance(value, Learned):
-            raw = self.m.scalars[f"{_key(lv.name)}__{name}"]
-            if value.lo is not None and value.hi is not None:
-                s = value.lo + (value.hi - value.lo) * torch.sigmoid(raw)
-            elif value.lo is not None:
-                s = value.lo + F.softplus(raw)
-            else:
-                s = raw
+            s = _bounded(self.m.scalars[f"{_key(lv.name)}__{name}"], value)
             return s.to(self._dtype()).expand(B, T, H)
         if isinstance(value, Signal):
             x = _SIGNAL_ACT[value.act](self.eval(value.flow)) * value.scale
