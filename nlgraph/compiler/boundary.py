@@ -29,8 +29,14 @@ __all__ = ["initial", "apply", "cut_points", "accumulate_and_update"]
 
 def initial(module: nn.Module, batch: int) -> dict[str, Any]:
     """Fresh per-sample state: parameters broadcast over the batch, empty accumulator."""
-    theta = [p.unsqueeze(0).expand(batch, *p.shape) for p in module.parameters()]
+    theta = [_live(p.unsqueeze(0).expand(batch, *p.shape)) for p in module.parameters()]
     return {"theta": theta, "acc": [torch.zeros_like(t) for t in theta], "phase": 0, "updates": 0}
+
+
+def _live(t: torch.Tensor) -> torch.Tensor:
+    # Gradients are taken with respect to theta: a frozen or detached theta becomes a leaf that
+    # requires grad (its own gradient never reaches the outer optimizer).
+    return t if t.requires_grad else t.detach().clone().requires_grad_()
 
 
 def apply(module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +56,9 @@ def apply(module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor) -> torc
     raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
 
 
-def cut_points(T: int, periods: dict[str, int], phases: dict[str, int], every_token: bool) -> list[int]:
+def cut_points(
+    T: int, periods: dict[str, int], phases: dict[str, int], every_token: bool
+) -> list[int]:
     """Ends of the pieces a length-``T`` segment is cut into (sorted, last one ``T``)."""
     if every_token:
         return list(range(1, T + 1))
@@ -80,18 +88,19 @@ def accumulate_and_update(
     for lv in levels:
         st = states[lv.name]
         n = len(st["theta"])
-        g = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(st["theta"], grads[i : i + n], strict=True)]
+        g = [
+            torch.zeros_like(t) if gr is None else gr
+            for t, gr in zip(st["theta"], grads[i : i + n], strict=True)
+        ]
         i += n
         acc = [a + b for a, b in zip(st["acc"], g, strict=True)]
         phase = st["phase"] + n_tokens
         if phase % periods[lv.name] == 0:
             lr, retain = rates[lv.name]
-            theta = [retain * t - lr * a for t, a in zip(st["theta"], acc, strict=True)]
+            theta = [_live(retain * t - lr * a) for t, a in zip(st["theta"], acc, strict=True)]
             states[lv.name] = {"theta": theta, "acc": [torch.zeros_like(a) for a in acc],
                                "phase": 0, "updates": st["updates"] + 1}  # fmt: skip
             updated.append(lv.name)
         else:
             states[lv.name] = {**st, "acc": acc, "phase": phase}
     return updated
-
-

@@ -136,9 +136,13 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
         if any(isinstance(v, Signal) for v in (rules[0].lr, rules[0].retain)):
             raise CompileError(f"{where}: a chunk-updated block takes constant or learned rates")
         period = lv.frequency.period_tokens(spec.chunk_of(lv))
-        return "fast", "boundary", (
-            f"frozen within each {period}-token chunk; at its end theta <- a theta - lr * "
-            "(sum of the chunk's outer-loss gradients at the chunk-start theta) (Eq. 71)"
+        return (
+            "fast",
+            "boundary",
+            (
+                f"frozen within each {period}-token chunk; at its end theta <- a theta - lr * "
+                "(sum of the chunk's outer-loss gradients at the chunk-start theta) (Eq. 71)"
+            ),
         )
     if len(rules) != 1 or not isinstance(rules[0], GD | DGD):
         raise CompileError(

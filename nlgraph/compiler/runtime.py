@@ -83,17 +83,19 @@ class CompiledLearner(nn.Module):
 
     def _build_fast(self, lv: Level) -> None:
         lowering = self.plan.levels[lv.name].lowering
-        if lv.init.kind == "path":
-            raise CompileError(f"level {lv.name!r}: init from path is not supported for memories")
-        if lowering == "attention":
-            return
         if lowering == "boundary":
             if lv.effective_reset().kind == "every":
                 raise CompileError(f"level {lv.name!r}: reset_every is not supported for blocks")
             block = build_slow(lv, self.plan.dims)
+            if lv.init.kind == "path":
+                _load_pretrained(block, lv)
             block.requires_grad_(lv.init.kind == "meta")  # meta: learned by the outer loop
             self.blocks[_key(lv.name)] = block
             self._scalar_params(lv)
+            return
+        if lv.init.kind == "path":
+            raise CompileError(f"level {lv.name!r}: init from path is not supported for memories")
+        if lowering == "attention":
             return
         H, dk, dv = self._heads(lv)
         if lowering == "linear_memory":
@@ -174,13 +176,14 @@ class CompiledLearner(nn.Module):
         phases = {lv.name: state[lv.name]["phase"] for lv in blocks}
         every_token = (os.environ.get("NLGRAPH_BACKEND") or self.backend) == "reference"
         pieces, total, start = [], 0.0, 0
+        differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
         with torch.enable_grad():  # blocks learn at test time too
             for end in boundary.cut_points(T, periods, phases, every_token):
                 outs, state = self._piece({k: v[:, start:end] for k, v in inputs.items()}, state)
                 loss = loss_fn(outs, start, end)
                 rates = {lv.name: self._block_rates(lv) for lv in blocks}
                 updated = boundary.accumulate_and_update(
-                    loss, blocks, state, periods, rates, end - start, torch.is_grad_enabled()
+                    loss, blocks, state, periods, rates, end - start, differentiable
                 )
                 for lv in blocks:  # nested CMS: a block restarts when its parent's chunk ends
                     rs = lv.effective_reset()
@@ -234,6 +237,29 @@ class CompiledLearner(nn.Module):
 
         if state.get("spec") != to_dict(self.spec):
             raise CompileError("state_dict was saved from a different graph spec")
+
+
+def _load_pretrained(block: nn.Module, lv: Level) -> None:
+    """Ad-hoc level stacking (PAPER.md 5.5): copy a pre-trained MLP's linear layers, in order,
+    into the block. The import path names an ``nn.Module`` or a callable returning one."""
+    from nlgraph.library import resolve
+
+    where = f"level {lv.name!r}, init {lv.init.path}"
+    src = resolve(lv.init.path)
+    src = src() if callable(src) and not isinstance(src, nn.Module) else src
+    if not isinstance(src, nn.Module):
+        raise CompileError(f"{where}: expected an nn.Module, got {type(src).__name__}")
+    mine = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    theirs = [m for m in src.modules() if isinstance(m, nn.Linear)]
+    want = [tuple(m.weight.shape) for m in mine]
+    got = [tuple(m.weight.shape) for m in theirs]
+    if want != got:
+        raise CompileError(f"{where}: its linear layers {got} do not match the block's {want}")
+    with torch.no_grad():
+        for a, b in zip(mine, theirs, strict=True):
+            a.weight.copy_(b.weight)
+            if a.bias is not None:
+                a.bias.copy_(b.bias) if b.bias is not None else a.bias.zero_()
 
 
 def _bounded(raw: torch.Tensor, value: Learned) -> torch.Tensor:
