@@ -20,6 +20,8 @@ def _rename(node: Any, levels: set[str], inputs: dict[str, Any], prefix: str) ->
     if node.get("op") == "input":
         name = node["name"]
         return inputs.get(name, {"op": "input", "name": f"{prefix}.{name}"})
+    if node.get("op") == "ref":
+        return {"op": "ref", "name": f"{prefix}.{node['name']}"}
     out = {}
     for key, value in node.items():
         names_level = key in ("level", "wrt", "src", "dst") or (
@@ -40,9 +42,17 @@ def rename_spec(
     bound = {k: v.model_dump() for k, v in bind.items()}
     data = spec.model_dump()
     data["levels"] = [
-        {**_rename(lv, levels, bound, prefix), "name": f"{prefix}.{lv['name']}"}
+        {
+            **_rename(lv, levels, bound, prefix),
+            "name": f"{prefix}.{lv['name']}",
+            # the sub-graph's default chunk travels with its levels
+            "chunk": lv["chunk"] if lv["chunk"] is not None else spec.chunk,
+        }
         for lv in data["levels"]
     ]
+    data["flows"] = {
+        f"{prefix}.{k}": _rename(v, levels, bound, prefix) for k, v in data["flows"].items()
+    }
     data["inputs"] = [
         {**i, "name": f"{prefix}.{i['name']}"} for i in data["inputs"] if i["name"] not in bind
     ]

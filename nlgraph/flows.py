@@ -13,7 +13,7 @@ e.g. ``o_t = M_{t-1}(q_t)``) or ``at="new"`` (after it, e.g. ``W_{t+1} = W_t + m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Literal, Union
 
 from pydantic import Field
@@ -24,6 +24,7 @@ __all__ = [
     "Flow",
     "FlowBase",
     "Input",
+    "Ref",
     "State",
     "Read",
     "Grad",
@@ -121,6 +122,17 @@ class Input(FlowBase):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Ref(FlowBase):
+    """A named flow of the graph (``g.let(name, flow)``): one node shared by every reader, so a
+    deep stack of blocks stays linear in size."""
+
+    op: Literal["ref"] = "ref"
+    name: str
+
+    def __str__(self) -> str:
+        return f"${self.name}"
 
 
 class State(FlowBase):
@@ -233,7 +245,7 @@ class KV(FlowBase):
 
 
 Flow = Annotated[
-    Union[Input, State, Read, Grad, Unary, Binary, Const, Debias, NewtonSchulz, KV],  # noqa: UP007
+    Union[Input, Ref, State, Read, Grad, Unary, Binary, Const, Debias, NewtonSchulz, KV],  # noqa: UP007
     Field(discriminator="op"),
 ]
 
@@ -299,22 +311,34 @@ def kv(key: object = None, value: object = None, query: object = None) -> KV:
     )
 
 
-def walk(flow: FlowBase) -> Iterator[FlowBase]:
-    """Every node of a flow tree, parents before children."""
+def walk(
+    flow: FlowBase, named: Mapping[str, FlowBase] | None = None, _seen: set[str] | None = None
+) -> Iterator[FlowBase]:
+    """Every node of a flow tree, parents before children; with ``named`` (the graph's named
+    flows) a :class:`Ref` is followed into its flow, once per walk."""
     yield flow
+    if isinstance(flow, Ref) and named is not None and flow.name in named:
+        seen = set() if _seen is None else _seen
+        if flow.name not in seen:
+            seen.add(flow.name)
+            yield from walk(named[flow.name], named, seen)
+        return
     for name in ("arg", "x", "a", "b", "key", "value", "query"):
         child = getattr(flow, name, None)
         if isinstance(child, FlowBase):
-            yield from walk(child)
+            yield from walk(child, named, _seen if _seen is not None else set())
 
 
-def references(flow: FlowBase) -> Iterator[tuple[str, str, str]]:
-    """``(kind, name, timing)`` for every input or level a flow refers to.
+def references(
+    flow: FlowBase, named: Mapping[str, FlowBase] | None = None
+) -> Iterator[tuple[str, str, str]]:
+    """``(kind, name, timing)`` for every input or level a flow refers to (through the graph's
+    named flows when ``named`` is given).
 
     kind is ``input``, ``state``, ``read`` or ``grad``; timing is ``prev``/``new``. Gradients are
     ``prev``: they are taken at the state the tick starts from, before its update.
     """
-    for node in walk(flow):
+    for node in walk(flow, named):
         if isinstance(node, Input):
             yield ("input", node.name, "new")
         elif isinstance(node, State | Read):

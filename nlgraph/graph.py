@@ -21,7 +21,7 @@ import networkx as nx
 from pydantic import ValidationError
 
 from nlgraph._errors import SpecError
-from nlgraph.flows import FlowBase, Grad, Input, Read, State, as_flow
+from nlgraph.flows import FlowBase, Grad, Input, Read, Ref, State, as_flow
 from nlgraph.level import EdgeDiff, GraphSpec, InputSpec, Level
 
 __all__ = ["Graph", "LevelHandle"]
@@ -31,6 +31,18 @@ def _pydantic_message(err: ValidationError) -> str:
     from nlgraph.validation import format_validation_error
 
     return format_validation_error(err)
+
+
+def _json_meta(graph: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Meta as JSON will hold it (tuples become lists), so round trips are identities."""
+    import json
+
+    try:
+        return json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as err:
+        raise SpecError(
+            f"graph {graph!r}: meta must be JSON data (numbers, strings, lists): {err}"
+        ) from None
 
 
 class LevelHandle:
@@ -75,6 +87,7 @@ class Graph:
         self.meta: dict[str, Any] = dict(meta)
         self._inputs: dict[str, InputSpec] = {}
         self._levels: dict[str, Level] = {}
+        self._flows: dict[str, FlowBase] = {}
         self._outputs: dict[str, FlowBase] = {}
         self._diff: list[EdgeDiff] = []
 
@@ -109,6 +122,14 @@ class Graph:
         except ValidationError as err:
             raise SpecError(f"level {name!r}: {_pydantic_message(err)}") from None
         return LevelHandle(self, name)
+
+    def let(self, name: str, flow: object) -> Ref:
+        """Name a flow; the returned reference is one shared node however often it is read
+        (a residual stream read by the next block's norm and its skip connection)."""
+        if name in self._flows or name in self._levels or name in self._inputs:
+            raise SpecError(f"graph {self.name!r}: the name {name!r} is already used")
+        self._flows[name] = as_flow(flow)
+        return Ref(name=name)
 
     def output(self, name: str, flow: object) -> None:
         """Name a flow as an output of the learner (e.g. ``y = mem(q)``)."""
@@ -153,6 +174,10 @@ class Graph:
             if lv.name in self._levels or lv.name in self._inputs:
                 raise SpecError(f"include {sub.name!r} as {prefix!r}: level {lv.name!r} exists")
             self._levels[lv.name] = lv
+        for name, flow in spec.flows.items():
+            if name in self._flows:
+                raise SpecError(f"include {sub.name!r} as {prefix!r}: flow {name!r} exists")
+            self._flows[name] = flow
         self._diff.extend(spec.diff)
         return outputs
 
@@ -166,9 +191,10 @@ class Graph:
                 chunk=self.chunk,
                 inputs=tuple(self._inputs.values()),
                 levels=tuple(self._levels.values()),
+                flows=dict(self._flows),
                 outputs=dict(self._outputs),
                 diff=tuple(self._diff),
-                meta=self.meta,
+                meta=_json_meta(self.name, self.meta),
             )
         except ValidationError as err:
             raise SpecError(f"graph {self.name!r}: {_pydantic_message(err)}") from None
@@ -186,6 +212,7 @@ class Graph:
             seen.add(item.name)
         g._inputs = {i.name: i for i in spec.inputs}
         g._levels = {lv.name: lv for lv in spec.levels}
+        g._flows = dict(spec.flows)
         g._outputs = dict(spec.outputs)
         g._diff = list(spec.diff)
         return g

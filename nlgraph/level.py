@@ -138,6 +138,7 @@ class GraphSpec(Spec):
     chunk: Annotated[int, Field(ge=1)] = 1
     inputs: tuple[InputSpec, ...] = ()
     levels: tuple[Level, ...] = ()
+    flows: dict[str, Flow] = Field(default_factory=dict)  # named intermediate flows (g.let)
     outputs: dict[str, Flow] = Field(default_factory=dict)
     diff: tuple[EdgeDiff, ...] = ()
     meta: dict[str, Any] = Field(default_factory=dict)

@@ -113,9 +113,13 @@ class GD(Spec):
 
 
 class DGD(Spec):
-    """Delta gradient descent (PAPER.md 3.1, Eqs. 56–57, 88): the exact proximal step on the L2
-    objective, ``M <- M (retain I - lr' k k^T) - lr' grad`` with ``lr' = lr / (1 + lr ||k||^2)``
-    when ``exact`` (else ``lr' = lr``, the literal Eq. 88)."""
+    """Delta gradient descent (PAPER.md 3.1, Eqs. 56–57, 88) on the L2 objective.
+
+    ``exact=True``: the exact proximal step ``argmin 1/2||M k - v||^2 + 1/(2 lr)||M - M_prev||^2``,
+    ``M <- M (retain I - lr' k k^T) + lr' v k^T`` with ``lr' = lr / (1 + lr ||k||^2)`` (the
+    retention multiplies the identity part, as Eq. 88's ``alpha_t I``).
+    ``exact=False``: Eq. 88 as printed, ``M <- M (retain I - lr k k^T) - lr (M k - v) k^T``,
+    whose decay along ``k`` counts twice (PAPER.md 4.4 keeps it literal for the ablation)."""
 
     rule: Literal["dgd"] = "dgd"
     lr: Scalar

@@ -25,11 +25,18 @@ def _spec(graph: Graph | GraphSpec) -> GraphSpec:
     return graph.spec if isinstance(graph, Graph) else graph
 
 
+_VERBATIM = ("meta", "kwargs")  # user data: kept exactly as given
+
+
 def _compact(node: Any) -> Any:
     # Drop fields left at an empty default (None, "", [], {}) so files stay readable; every such
     # field defaults to exactly that value, so loading restores it (the round-trip tests pin it).
     if isinstance(node, dict):
-        return {k: _compact(v) for k, v in node.items() if v not in (None, "", [], {})}
+        return {
+            k: (v if k in _VERBATIM else _compact(v))
+            for k, v in node.items()
+            if v not in (None, "", [], {}) or (k in _VERBATIM and v != {})
+        }
     if isinstance(node, list):
         return [_compact(v) for v in node]
     return node

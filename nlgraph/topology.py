@@ -43,30 +43,32 @@ class Edge:
     src_is_input: bool = False
 
 
-def _flow_edges(dst: str, flow: FlowBase, kind: str, inputs: set[str]) -> list[Edge]:
+def _flow_edges(
+    dst: str, flow: FlowBase, kind: str, inputs: set[str], named: dict | None = None
+) -> list[Edge]:
     out = []
-    for ref_kind, name, at in references(flow):
+    for ref_kind, name, at in references(flow, named):
         k = "gradient" if ref_kind == "grad" else kind
         out.append(Edge(name, dst, k, at == "new" and ref_kind != "input", name in inputs))
     return out
 
 
-def level_edges(level: Level, inputs: set[str]) -> list[Edge]:
+def level_edges(level: Level, inputs: set[str], named: dict | None = None) -> list[Edge]:
     """Edges into ``level`` (before de-duplication)."""
     name = level.name
     out: list[Edge] = []
     if level.context is not None:
-        out += _flow_edges(name, level.context, "context", inputs)
+        out += _flow_edges(name, level.context, "context", inputs, named)
     target = getattr(level.objective, "target", None)
     if isinstance(target, FlowBase):
-        out += _flow_edges(name, target, "context", inputs)
+        out += _flow_edges(name, target, "context", inputs, named)
     for rule in level.optimizer:
         for value in scalar_fields(rule).values():
             if isinstance(value, Signal):
-                out += _flow_edges(name, value.flow, "generates", inputs)
+                out += _flow_edges(name, value.flow, "generates", inputs, named)
         if isinstance(rule, Follow | Precondition):
             flow = rule.update if isinstance(rule, Follow) else rule.by
-            out += _flow_edges(name, flow, "optimizer", inputs)
+            out += _flow_edges(name, flow, "optimizer", inputs, named)
     if level.init.kind == "meta" and level.init.level:
         out.append(Edge(level.init.level, name, "init", False))
     reset = level.reset
@@ -83,7 +85,7 @@ def edges(spec: GraphSpec) -> list[Edge]:
     inputs = {i.name for i in spec.inputs}
     merged: dict[tuple[str, str, str], Edge] = {}
     for level in spec.levels:
-        for e in level_edges(level, inputs):
+        for e in level_edges(level, inputs, spec.flows):
             if e.src == e.dst:
                 continue
             key = (e.src, e.dst, e.kind)

@@ -162,14 +162,14 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
         yield f"{at}: invalid name; use identifiers, optionally dotted (e.g. 'block0.mem')"
     # references
     for field, flow in _flows(lv):
-        for kind, ref, _ in references(flow):
+        for kind, ref, _ in references(flow, spec.flows):
             pool = inputs if kind == "input" else names
             if ref not in pool:
                 what = "input" if kind == "input" else "level"
                 close = difflib.get_close_matches(ref, sorted(pool), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(pool)}"
                 yield f"{at}, {field}: unknown {what} {ref!r}{hint}"
-        for node in walk(flow):
+        for node in walk(flow, spec.flows):
             if (
                 node.op == "grad"
                 and node.objective in names
@@ -274,7 +274,7 @@ def _check_reads(spec: GraphSpec, names: set[str]) -> Iterator[str]:
     """Reads of a memory must feed it an input of the width it takes."""
     for lv in spec.levels:
         for field, flow in _flows(lv):
-            for node in walk(flow):
+            for node in walk(flow, spec.flows):
                 if isinstance(node, Read) and node.level in names:
                     st = spec.level(node.level).state
                     want = st.d_in if st.kind in ("linear", "mlp") else getattr(st, "dim", None)
@@ -289,6 +289,30 @@ def _check_reads(spec: GraphSpec, names: set[str]) -> Iterator[str]:
                             f"level {lv.name!r}, {field}: {node.level!r} is a {st.kind} state, "
                             f"not a memory to read with an argument; use nl.state({node.level!r})"
                         )
+
+
+def _check_named_flows(spec: GraphSpec, taken: set[str]) -> Iterator[str]:
+    """Named flows (``g.let``): unique names, known references, no cycles."""
+    refs = nx.DiGraph()
+    refs.add_nodes_from(spec.flows)
+    sources = [(f"flow {n!r}", f) for n, f in spec.flows.items()]
+    sources += [(f"output {n!r}", f) for n, f in spec.outputs.items()]
+    sources += [(f"level {lv.name!r}, {field}", f) for lv in spec.levels for field, f in _flows(lv)]
+    for where, flow in sources:
+        for node in walk(flow):
+            if node.op == "ref":
+                if node.name not in spec.flows:
+                    close = difflib.get_close_matches(node.name, sorted(spec.flows), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    yield f"{where}: unknown named flow {node.name!r}{hint}"
+                elif where.startswith("flow "):
+                    refs.add_edge(where[6:-1], node.name)
+    for n in spec.flows:
+        if n in taken:
+            yield f"flow {n!r}: the name is already used by a level or input"
+    if not nx.is_directed_acyclic_graph(refs):
+        cycle = [u for u, _ in nx.find_cycle(refs)]
+        yield "named flows refer to each other in a cycle: " + " -> ".join([*cycle, cycle[0]])
 
 
 def errors(spec: GraphSpec) -> list[str]:
@@ -308,6 +332,9 @@ def errors(spec: GraphSpec) -> list[str]:
         if not NAME_RE.match(i.name):
             out.append(f"input {i.name!r}: invalid name; use an identifier")
     names = {lv.name for lv in spec.levels}
+    out.extend(_check_named_flows(spec, names | inputs))
+    if out:
+        return out
     for lv in spec.levels:
         out.extend(_check_level(spec, lv, names, inputs))
     if out:  # the checks below assume references resolve
@@ -323,7 +350,7 @@ def errors(spec: GraphSpec) -> list[str]:
                 f"level {lv.name!r}: like(...) references form a cycle; one must own a shape"
             )
     for oname, flow in spec.outputs.items():
-        for kind, ref, _ in references(flow):
+        for kind, ref, _ in references(flow, spec.flows):
             if ref not in (inputs if kind == "input" else names):
                 out.append(
                     f"output {oname!r}: unknown {'input' if kind == 'input' else 'level'} {ref!r}"
@@ -339,7 +366,7 @@ def errors(spec: GraphSpec) -> list[str]:
         for rule in lv.optimizer:
             if not isinstance(rule, Follow):
                 continue
-            for kind, ref, at in references(rule.update):
+            for kind, ref, at in references(rule.update, spec.flows):
                 if kind != "state" or at != "new" or ref == lv.name:
                     continue
                 if frequency_key(spec, spec.level(ref)) > frequency_key(spec, lv):

@@ -187,3 +187,18 @@ def test_symbolic_widths_must_be_bound():
         compile(g)
     learner = compile(g, d=5)
     assert learner(torch.randn(1, 3, 5))[0]["y"].shape == (1, 3, 5)
+
+
+def test_named_flows_compile_as_shared_nodes():
+    g = nl.Graph("stack")
+    h = g.input("x", dim=6)
+    for i in range(3):
+        y = g.include(get("deltanet", d=6, heads=2, chunk=4), f"l{i}", bind={"x": h})["y"]
+        h = g.let(f"h{i}", h + y)
+    g.output("y", h)
+    learner = compile(g, dtype=torch.float64)
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    out, state = learner(x)
+    assert sorted(state) == ["l0.M", "l1.M", "l2.M"]
+    learner.backend = "reference"
+    assert rel(learner(x)[0]["y"], out["y"]) <= 1e-10

@@ -119,3 +119,39 @@ def test_unknown_library_name_suggests():
         get("adma")
     with pytest.raises(nl.SpecError, match="bad arguments"):
         get("adam", nope=1)
+
+
+def test_named_flows_keep_deep_stacks_linear():
+    """g.let names a flow once; including a block 30 times stays small and round-trips."""
+    from nlgraph.library import get
+
+    g = nl.Graph("stack")
+    h = g.input("x", dim=4)
+    for i in range(30):
+        y = g.include(get("linear_attention", d=4), f"l{i}", bind={"x": h})["y"]
+        h = g.let(f"h{i}", h + y)  # residual: h is read twice, stored once
+    g.output("y", h)
+    g.validate()
+    assert len(g.to_json()) < 200_000
+    assert nl.from_json(g.to_json()) == g
+    tiers = g.tiers()
+    # each memory reads the previous one's new output: one tier per memory (Def. 2)
+    assert tiers[0] == ["l0.M"] and tiers[29] == ["l29.M"]
+    from nlgraph.topology import edges
+
+    assert ("l0.M", "l1.M", "context") in {(e.src, e.dst, e.kind) for e in edges(g.spec)}
+
+
+def test_include_renames_named_flows_and_keeps_chunk():
+    sub = nl.Graph("sub", chunk=8)
+    x = sub.input("x", dim=2)
+    w = sub.level("W", state=nl.linear(2, 2), frequency=nl.per_step(), objective=nl.outer())
+    sub.output("y", sub.let("z", w(x)))
+    kv = nl.kv(key=x, value=x)
+    sub.level("M", state=nl.linear(2, 2), frequency=nl.per_token(), context=kv,
+              objective=nl.l2(), optimizer=nl.gd(lr=0.1))  # fmt: skip
+    g = nl.Graph("top")
+    out = g.include(sub, "s", bind={"x": g.input("x", dim=2)})
+    assert str(out["y"]) == "$s.z" and "s.z" in g.spec.flows
+    assert g.get("s.M").chunk == 8
+    g.validate()

@@ -190,6 +190,18 @@ BAD: list[tuple[str, object, str]] = [
     ("missing-schema", lambda d: d.pop("schema_version"), "schema_version"),
     ("missing-name", lambda d: d.pop("name"), "name"),
     (
+        "unknown-named-flow",
+        lambda d: d["outputs"].update(z={"op": "ref", "name": "hh"}),
+        "unknown named flow 'hh'",
+    ),
+    (
+        "named-flow-cycle",
+        lambda d: d.update(
+            flows={"a1": {"op": "ref", "name": "a2"}, "a2": {"op": "ref", "name": "a1"}}
+        ),
+        "cycle",
+    ),
+    (
         "read-a-tensor",
         lambda d: lv(d, "M")["context"]["key"]["x"].update(level="m"),
         "not a memory",

@@ -81,7 +81,7 @@ class OptimizerProgram:
                 ref
                 for lv in self.levels
                 for _, flow in _level_flows(lv)
-                for kind, ref, at in references(flow)
+                for kind, ref, at in references(flow, spec.flows)
                 if kind == "state" and at == "prev"
             }
         )
@@ -118,6 +118,8 @@ class OptimizerProgram:
         op = flow.op
         if op == "const":
             return flow.value
+        if op == "ref":
+            return self._eval(self.spec.flows[flow.name], env)
         if op == "grad":
             if flow.wrt != self.weights or flow.objective != "loss":
                 raise CompileError(f"{self.spec.name!r}: only gradients of the loss w.r.t. weights")

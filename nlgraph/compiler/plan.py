@@ -178,9 +178,12 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
     )
 
 
-def _reads(lv: Level) -> tuple[str, ...]:
+def _reads(lv: Level, named: dict) -> tuple[str, ...]:
     names = {
-        r for _, flow in _level_flows(lv) for kind, r, _ in references(flow) if kind != "input"
+        r
+        for _, flow in _level_flows(lv)
+        for kind, r, _ in references(flow, named)
+        if kind != "input"
     }
     return tuple(sorted(names - {lv.name}))
 
@@ -193,7 +196,7 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
         if lowering == "boundary":
             chunk = lv.frequency.period_tokens(chunk) or chunk
         levels[lv.name] = LevelPlan(
-            lv.name, role, lowering, chunk, str(lv.frequency), _reads(lv), detail
+            lv.name, role, lowering, chunk, str(lv.frequency), _reads(lv, spec.flows), detail
         )
     # A memory may consume another memory's read-outs (stacked memories run one after the
     # other over the whole sequence). Memories that read themselves or each other inside their
@@ -204,7 +207,9 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
     deps.add_nodes_from(sorted(fast))
     for n in fast:
         lv = spec.level(n)
-        own = {r for _, f in _level_flows(lv) for k, r, _ in references(f) if k != "input"}
+        own = {
+            r for _, f in _level_flows(lv) for k, r, _ in references(f, spec.flows) if k != "input"
+        }
         if n in own:
             raise CompileError(
                 f"level {n!r} reads its own state inside its update (self-generated values); "
@@ -236,7 +241,7 @@ def memory_reads(spec: GraphSpec, name: str) -> list[Read]:
     found: dict[Any, Read] = {}
     flows = list(spec.outputs.values()) + [f for lv in spec.levels for _, f in _flows(lv)]
     for flow in flows:
-        for node in walk(flow):
+        for node in walk(flow, spec.flows):
             if isinstance(node, Read) and node.level == name:
                 found.setdefault(node, node)
     return list(found.values())

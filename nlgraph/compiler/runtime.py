@@ -305,6 +305,8 @@ class _Run:
         op = flow.op
         if op == "input":
             return self.inputs[flow.name]
+        if op == "ref":
+            return self.eval(self.m.spec.flows[flow.name])
         if op == "read":
             lp = self.m.plan.levels[flow.level]
             if lp.lowering == "boundary":

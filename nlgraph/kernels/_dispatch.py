@@ -79,7 +79,7 @@ def resolve_backend(op: str, backend: str = "auto") -> str:
 
 
 def get(op: str, backend: str = "auto") -> Callable[..., Any]:
-    """The implementation of ``op`` for ``backend`` (``auto``, ``reference``, ``chunk``, ``triton``)."""
+    """The implementation of ``op`` for ``backend``: auto, reference, chunk or triton."""
     name = resolve_backend(op, backend)
     if (op, name) not in _LOGGED:
         _LOGGED.add((op, name))
