@@ -452,11 +452,11 @@ class _Run:
             allowed &= j > i - window
         temp = lv.objective.temperature
         scale = temp if temp is not None else 1.0 / math.sqrt(q.shape[-1])
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
-            scale=scale,
-        )  # fmt: skip
-        return out.transpose(1, 2)
+        # Written out rather than F.scaled_dot_product_attention: blocks that learn from the
+        # loss inside the forward (CMS) need second derivatives, which the fused CPU kernel lacks.
+        scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.einsum("bhts,bshd->bthd", torch.softmax(scores, dim=-1), v)
 
 
 _UNARY = {

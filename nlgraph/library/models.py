@@ -161,7 +161,7 @@ def _block(
     x = g.input("x", dim=d)
     out = g.include(mixer[1], mixer[0], bind={"x": _norm(g, "norm_mix", x, d)})["y"]
     (o,) = projections(g, out, d, d, ("W_o",))
-    h = x + o
+    h = g.let("h", x + o)
     out = g.include(ffn[1], ffn[0], bind={"x": _norm(g, "norm_ffn", h, d)})["y"]
     g.output("y", h + out)
     return g
@@ -224,19 +224,8 @@ def _lm(
     )
     h: object = embed(tokens)
     for i in range(s["n_layers"]):
-        y = g.include(block(), f"block{i}", bind={"x": h})["y"]
-        # Flows are trees: a block refers to its input many times, so chaining flows directly
-        # grows the spec exponentially with depth. A memory with no retention (S_t = h_t) names
-        # the residual stream instead; it is exact and costs nothing.
-        h = g.level(
-            f"h{i}",
-            state=nl.tensor(s["d"]),
-            frequency=nl.per_token(),
-            objective=nl.l2_to(y),
-            optimizer=nl.ema(0.0),
-            group="stream",
-            doc=f"the residual stream after block {i}: S <- h",
-        ).state()
+        # the residual stream after block i, one named node however often it is read
+        h = g.let(f"h{i}", g.include(block(), f"block{i}", bind={"x": h})["y"])
     head = g.level(
         "lm_head",
         state=nl.linear(s["d"], s["vocab"]),
