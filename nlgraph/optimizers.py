@@ -113,13 +113,18 @@ class GD(Spec):
 
 
 class DGD(Spec):
-    """Delta gradient descent (PAPER.md 3.1, Eqs. 56–57, 88) on the L2 objective.
+    """Delta gradient descent (PAPER.md 3.1, Eqs. 56–57, 88): GD whose value is regressed with
+    L2 instead of matched by a dot product, so the step first erases the old association along
+    the input. Per linear map (each layer of an MLP memory) with input ``x`` and output error
+    ``delta = d objective / d output``:
 
-    ``exact=True``: the exact proximal step ``argmin 1/2||M k - v||^2 + 1/(2 lr)||M - M_prev||^2``,
-    ``M <- M (retain I - lr' k k^T) + lr' v k^T`` with ``lr' = lr / (1 + lr ||k||^2)`` (the
-    retention multiplies the identity part, as Eq. 88's ``alpha_t I``).
-    ``exact=False``: Eq. 88 as printed, ``M <- M (retain I - lr k k^T) - lr (M k - v) k^T``,
-    whose decay along ``k`` counts twice (PAPER.md 4.4 keeps it literal for the ablation)."""
+    ``W <- W (retain I - lr' x x^T) - lr' delta x^T``, ``lr' = lr / (1 + lr ||x||^2)`` when
+    ``exact`` (the exact proximal step size), else ``lr' = lr`` (Eq. 88 as printed).
+
+    On the ``dot`` objective (``delta = -v``) this is the exact minimiser of
+    ``1/2 ||W k - v||^2 + 1/(2 lr) ||W - W_prev||^2``; on ``l2`` (``delta = W k - v``) the decay
+    along ``k`` counts twice, as Hope's Eq. 88 with the L2 objective is written (PAPER.md 4.4).
+    """
 
     rule: Literal["dgd"] = "dgd"
     lr: Scalar

@@ -32,7 +32,7 @@ from nlgraph.validation import _flows as _level_flows
 
 __all__ = ["LevelPlan", "Plan", "make_plan", "LOWERINGS"]
 
-LOWERINGS = ("parameter", "linear_memory", "deep_memory", "attention", "boundary")
+LOWERINGS = ("parameter", "linear_memory", "deep_memory", "attention", "boundary", "cluster")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Plan:
     order: list[str]  # evaluation order of the forward pass
     tiers: list[list[str]] = field(default_factory=list)
     backend: str = "auto"
+    clusters: list[list[str]] = field(default_factory=list)  # memories run jointly
 
     def __str__(self) -> str:
         lines = [f"plan {self.spec.name!r}  backend={self.backend}  dims={self.dims}"]
@@ -154,12 +155,12 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
     rule = rules[0]
     if st.kind == "linear" and rule.momentum is None:
         if isinstance(rule, DGD):
-            if obj.kind != "l2":
-                raise CompileError(f"{where}: DGD lowers with the L2 objective only")
+            e = "e = lr/(1+lr|k|^2)" if rule.exact else "e = lr"
             detail = (
-                "M <- M (a I - e' k k^T) + e' v k^T, e' = lr/(1+lr|k|^2) (exact DGD, Sec. 3.1)"
-                if rule.exact
-                else "M <- M (a I - 2 lr k k^T) + lr v k^T (literal Eq. 88)"
+                f"M <- M (a I - e k k^T) + e v k^T, {e} (DGD on the dot objective: the exact "
+                "proximal L2 step, Sec. 3.1)"
+                if obj.kind == "dot"
+                else f"M <- M (a I - 2 e k k^T) + e v k^T, {e} (DGD on the L2 objective, Eq. 88/93)"
             )
         elif obj.kind == "dot":
             detail = "M <- a M + lr v k^T (Hebbian, Eq. 64)"
@@ -172,10 +173,15 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
             "deep_memory",
             ("u = grad l(M_chunk_start); S <- mu S - lr u; M <- a M + S (Titans, Sec. 4.1)"),
         )
-    raise CompileError(
-        f"{where}: {st.kind} memory with {describe(rules)} has no lowering yet "
-        "(DGD on MLP memories and momentum on DGD are planned)"
-    )
+    if st.kind in ("linear", "mlp"):
+        return "fast", "cluster", _CLUSTER_DETAIL
+    raise CompileError(f"{where}: {st.kind} memory with {describe(rules)} has no lowering yet")
+
+
+_CLUSTER_DETAIL = (
+    "per layer: W <- W (a I - lr' x x^T) - lr' delta x^T (+ momentum), x and delta at the "
+    "chunk-start state (DGD, Eq. 88; Sec. 3.1)"
+)
 
 
 def _reads(lv: Level, named: dict) -> tuple[str, ...]:
@@ -198,10 +204,10 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
         levels[lv.name] = LevelPlan(
             lv.name, role, lowering, chunk, str(lv.frequency), _reads(lv, spec.flows), detail
         )
-    # A memory may consume another memory's read-outs (stacked memories run one after the
-    # other over the whole sequence). Memories that read themselves or each other inside their
-    # updates (self-modifying Titans) need a joint recurrent lowering; say so rather than
-    # compute something else.
+    # A memory may consume another memory's read-outs: stacked memories run one after the other
+    # over the whole sequence. Memories that read themselves or each other inside their updates
+    # (self-modifying Titans: self-generated values, keys from M_k, rates from M_eta) form a
+    # cluster, run jointly chunk by chunk with every read at the chunk-start states.
     fast = {n for n, lp in levels.items() if lp.role == "fast"}
     deps = nx.DiGraph()
     deps.add_nodes_from(sorted(fast))
@@ -210,23 +216,37 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
         own = {
             r for _, f in _level_flows(lv) for k, r, _ in references(f, spec.flows) if k != "input"
         }
-        if n in own:
-            raise CompileError(
-                f"level {n!r} reads its own state inside its update (self-generated values); "
-                "the joint recurrent lowering of self-modifying memories is not available yet"
-            )
         for m in sorted(own & fast):
             deps.add_edge(m, n)
-    if not nx.is_directed_acyclic_graph(deps):
-        cycle = [u for u, _ in nx.find_cycle(deps)]
-        raise CompileError(
-            f"the fast memories {cycle} read each other inside their updates; the joint "
-            "recurrent lowering of such memories (self-modifying Titans) is not available yet"
+    clusters: list[list[str]] = []
+    for comp in nx.strongly_connected_components(deps):
+        members = sorted(comp)
+        if len(members) == 1 and not deps.has_edge(members[0], members[0]):
+            if levels[members[0]].lowering == "cluster":
+                clusters.append(members)
+            continue
+        for n in members:
+            lp = levels[n]
+            if lp.lowering not in ("cluster", "deep_memory", "linear_memory"):
+                raise CompileError(
+                    f"level {n!r} ({lp.lowering}) reads the memories {members} inside its update; "
+                    "only matrix and MLP memories can run as one recurrent cluster"
+                )
+            levels[n] = LevelPlan(n, "fast", "cluster", lp.chunk, lp.frequency, lp.reads,
+                                  _CLUSTER_DETAIL)  # fmt: skip
+        clusters.append(members)
+    condensed = nx.condensation(deps)
+    ordered = [
+        n
+        for c in nx.lexicographical_topological_sort(
+            condensed, key=lambda c: min(condensed.nodes[c]["members"])
         )
+        for n in sorted(condensed.nodes[c]["members"])
+    ]
     slow = sorted((n for n in levels if levels[n].role == "slow"), key=lambda n: (
         frequency_key(spec, spec.level(n)), n))  # fmt: skip
-    order = slow + list(nx.lexicographical_topological_sort(deps))
-    plan = Plan(spec, dims, levels, order, tiers(spec), backend)
+    order = slow + ordered
+    plan = Plan(spec, dims, levels, order, tiers(spec), backend, sorted(clusters))
     plan.check()
     if os.environ.get("NLGRAPH_DEBUG", "0") >= "2":
         print(plan)

@@ -370,8 +370,18 @@ class _Run:
             return x.expand(B, T, H)
         raise CompileError(f"level {lv.name!r}: unsupported scalar {value!r}")
 
+    def backend_name(self) -> str:
+        forced = os.environ.get("NLGRAPH_BACKEND") or self.m.backend
+        return "chunk" if forced == "auto" else forced
+
     def _run_memory(self, lv: Level) -> None:
         lowering = self.m.plan.levels[lv.name].lowering
+        if lowering == "cluster":
+            from nlgraph.compiler.cluster import run_cluster
+
+            members = next(c for c in self.m.plan.clusters if lv.name in c)
+            run_cluster(self, members)
+            return
         reads = memory_reads(self.m.spec, lv.name)
         ctx = lv.context
         if not isinstance(ctx, KV) or ctx.key is None or ctx.value is None:
@@ -396,8 +406,10 @@ class _Run:
             from nlgraph.kernels.linear_memory import linear_memory
 
             if isinstance(rule, DGD):
+                # W <- W (a I - e k k^T) - e delta k^T with delta = d objective / d (M k):
+                # -v for the dot objective, M k - v for L2 (whose decay along k then counts twice).
                 e = lr / (1.0 + lr * (k * k).sum(-1)) if rule.exact else lr
-                b, c = (e, e) if rule.exact else (2.0 * lr, lr)
+                b, c = (e, e) if lv.objective.kind == "dot" else (2.0 * e, e)
             elif lv.objective.kind == "dot":
                 b, c = None, lr
             else:

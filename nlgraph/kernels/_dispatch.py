@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -78,10 +79,16 @@ def resolve_backend(op: str, backend: str = "auto") -> str:
     return backend
 
 
+def _compiling() -> bool:
+    # Logging inside a torch.compile trace is a graph break; log from eager calls only.
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def get(op: str, backend: str = "auto") -> Callable[..., Any]:
     """The implementation of ``op`` for ``backend``: auto, reference, chunk or triton."""
     name = resolve_backend(op, backend)
-    if (op, name) not in _LOGGED:
+    if (op, name) not in _LOGGED and not _compiling():
         _LOGGED.add((op, name))
         log.info("nlgraph: op %s uses backend %s", op, name)
     return _REGISTRY[op][name][0]

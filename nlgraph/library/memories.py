@@ -180,7 +180,8 @@ def dgd_memory(d: int = 64, heads: int = 1, chunk: int = 64) -> nl.Graph:
     ``M <- argmin 1/2 ||M k - v||^2 + 1/(2 eta) ||M - M_t||^2
     = M (I - eta' k k^T) + eta' v k^T`` with ``eta' = eta / (1 + eta ||k||^2)``, plus the
     retention ``alpha_t``; ``eta_t = softplus(W_eta x)``, ``alpha_t = sigmoid(W_alpha x)``;
-    k and q are normalised (so ``eta' = eta / (1 + eta)``).
+    k and q are normalised (so ``eta' = eta / (1 + eta)``). In DSL terms this is DGD on the dot
+    objective (its value ``v`` is regressed, see :class:`nlgraph.optimizers.DGD`).
     """
     g = nl.Graph("dgd_memory", doc=dgd_memory.__doc__ or "", chunk=chunk)
     x = g.input("x", dim=d)
@@ -191,7 +192,7 @@ def dgd_memory(d: int = 64, heads: int = 1, chunk: int = 64) -> nl.Graph:
         state=nl.linear(d, d),
         frequency=nl.per_token(),
         context=nl.kv(key=k.normalize(), value=v, query=q.normalize()),
-        objective=nl.l2(),
+        objective=nl.dot(),
         optimizer=nl.dgd(lr=nl.signal(eta, "softplus"), retain=nl.signal(a, "sigmoid"), exact=True),
         chunk=chunk,
         heads=heads,
