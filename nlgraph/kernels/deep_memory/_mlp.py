@@ -21,7 +21,6 @@ checked against each other in the tests.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -42,14 +41,11 @@ Params = dict[str, Tensor]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
-    "gelu": F.gelu,  # exact (erf) form; act_grad below differentiates this form
+    "gelu": F.gelu,  # the exact (erf) form, which ACT_BACKWARD's gelu_backward differentiates
     "relu": F.relu,
     "identity": lambda z: z,
 }
 OBJECTIVES = ("l2", "dot")
-
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def layer_names(depth: int) -> list[str]:
@@ -57,16 +53,25 @@ def layer_names(depth: int) -> list[str]:
     return [f"W{i}" for i in range(1, depth + 1)]
 
 
-def act_grad(name: str, z: Tensor) -> Tensor:
-    """d s(z) / dz, written out so the fast path needs no autograd inside the inner loop."""
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if name == "gelu":
-        return 0.5 * (1 + torch.erf(z * _INV_SQRT_2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    if name == "relu":
-        return (z > 0).to(z.dtype)  # matches autograd's convention s'(0) = 0
-    return torch.ones_like(z)
+def _silu_backward(grad: Tensor, z: Tensor) -> Tensor:
+    # silu'(z) = s (1 + z (1 - s)), s = sigmoid(z). Written out: ATen's fused silu_backward has
+    # no derivative formula, and meta-gradients must differentiate this.
+    s = torch.sigmoid(z)
+    return grad * (s * (1 + z * (1 - s)))
+
+
+def _relu_backward(grad: Tensor, z: Tensor) -> Tensor:
+    return grad * (z > 0).to(grad.dtype)  # autograd's convention: relu'(0) = 0
+
+
+# grad * s'(z) for each activation. gelu uses ATen's fused (exact, erf) gelu_backward, which has a
+# double-backward formula, so outer autograd differentiates through it.
+ACT_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "silu": _silu_backward,
+    "gelu": torch.ops.aten.gelu_backward,
+    "relu": _relu_backward,
+    "identity": lambda grad, z: grad,
+}
 
 
 def _linear(w: Tensor, x: Tensor, per_token: bool) -> Tensor:
@@ -132,7 +137,7 @@ def factored_grads(
     for i in range(1, depth + 1):
         grads[f"W{i}"] = (g, inputs[i])
         if i < depth:  # back through W{i} and the activation that produced its input
-            g = (g @ params[f"W{i}"]) * act_grad(activation, pre[i + 1])
+            g = ACT_BACKWARD[activation](g @ params[f"W{i}"], pre[i + 1])
     return grads
 
 

@@ -2,22 +2,24 @@
 
 Within a chunk of n tokens every gradient is taken at the chunk-start state (Titans Eqs. 16-18,
 PAPER 4.1 and 4.5), so u_1..u_n come from one batched pass, and the momentum/forgetting
-recurrences are applied in closed form (:mod:`._scan`):
+recurrences are applied in closed form (:mod:`._scan`), with each layer's weights and momentum
+stacked as one ``[N, 2, Dout, Din]`` tensor:
 
-    M_j = f_j M_0 + c_j S_0 - sum_l mem[j, l] u_l,       S_n = e_n S_0 - sum_l mom[l] u_l.
+    [M_n; S_n] = carry [M_0; S_0] - sum_l upd[l] (x) u_l,
+    M_j        = f_j M_0 + c_j S_0 - sum_l mem[j, l] u_l          (read-out of token j).
 
 Only the Python loop over chunks is serial.
 
 Fast path (``grads="analytic"``): token l's gradient of layer i is an outer product g_l x_l^T
-(:func:`factored_grads`), so the new state is one ``baddbmm`` ``(w * g)^T x``, and the read-out
-``M_j(q_j)`` with the in-chunk state (read="after") is evaluated layer by layer without forming
-per-token weights, as in TTT's dual form:
+(:func:`factored_grads`), so the new stacked state is one ``baddbmm`` ``(upd * g)^T x``, and the
+read-out ``M_j(q_j)`` with the in-chunk state (read="after") is evaluated layer by layer without
+forming per-token weights, as in TTT's dual form:
 
     W_j h_j = f_j W_0 h_j + c_j S_0 h_j - sum_l mem[j, l] (x_l . h_j) g_l
 
 Generic path (``grads="vmap"``): ``vmap(grad)`` materialises u_l as ``[N, n, Dout, Din]`` and the
-read-out materialises the per-token weights M_j (the brief's construction); slower, but it uses
-nothing of the MLP's structure, so it checks the fast path.
+read-out materialises the per-token weights M_j; slower and O(n Dout Din) memory per layer, but
+it uses nothing of the MLP's structure, so it checks the fast path.
 
 Layout: batch and heads are flattened to N = B * H so every matmul is a plain 3-D ``bmm``
 (4-D ``matmul`` adds reshape/expand nodes to every op, forward and backward).
@@ -45,21 +47,16 @@ __all__ = ["deep_memory_chunk", "GRADS"]
 GRADS = ("analytic", "vmap")
 
 
-def _col(x: Tensor) -> Tensor:
-    return x[..., None, None] if x.ndim == 1 else x[..., None]
+def _carry(ps: Tensor, co: Coeffs) -> Tensor:
+    """``carry @ [M_0; S_0]`` for one layer's stacked state ``[N, 2, Dout, Din]``.
 
-
-def _carry(p0: Tensor, s0: Tensor, co: Coeffs) -> tuple[Tensor, Tensor | None]:
-    """The start-state part of (M_n, S_n): ``f_n M_0 + c_n S_0`` and ``e_n S_0`` (or None)."""
-    p = p0 if co.f is None else _col(co.f[:, -1]) * p0
-    if co.c is None:
-        return p, None
-    assert co.e_last is not None
-    return torch.addcmul(p, _col(co.c[:, -1]), s0), _col(co.e_last) * s0
+    One tiny bmm instead of three scalar-times-matrix products (and their backward sums).
+    """
+    return (co.carry @ ps.flatten(2)).view(ps.shape)
 
 
 def _read_dual(
-    p0: Params, s0: Params, q: Tensor, co: Coeffs, fac: dict[str, tuple[Tensor, Tensor]],
+    ps: Params, q: Tensor, co: Coeffs, fac: dict[str, tuple[Tensor, Tensor]],
     activation: str, residual: bool,
 ) -> Tensor:  # fmt: skip
     """y_j = M_j(q_j) with the in-chunk state, never forming per-token weights (dual form).
@@ -71,60 +68,56 @@ def _read_dual(
     for i in range(len(fac), 0, -1):
         name = f"W{i}"
         g, x = fac[name]
-        base = h @ p0[name].mT
-        if co.f is not None:
-            base = base * _col(co.f)
-        if co.c is not None:
-            base = torch.addcmul(base, _col(co.c), h @ s0[name].mT)
+        if co.mix is None:  # no momentum: M_j = f_j M_0 - sum_l mem[j, l] u_l
+            base = h @ ps[name][:, 0].mT
+            if co.f is not None:
+                base = base * co.f.unsqueeze(-1)
+        else:  # f_j M_0 h_j + c_j S_0 h_j from one bmm against the stacked [M_0; S_0]
+            both = (h @ ps[name].flatten(1, 2).mT).unflatten(-1, (2, -1))  # [N, n, 2, Dout]
+            base = (both * co.mix.unsqueeze(-1)).sum(-2)
         z = torch.baddbmm(base, (h @ x.mT) * co.mem, g, alpha=-1)
         h = act(z) if i > 1 else z
     return h + q if residual else h
 
 
 def _chunk_analytic(
-    at: Params, p0: Params, s0: Params, q: Tensor, k: Tensor, v: Tensor, co: Coeffs,
-    read: str, opts: dict[str, Any],
-) -> tuple[Tensor, Params, Params]:  # fmt: skip
-    """One chunk on the fast path: (y [N, n, Dv], M_n, S_n)."""
+    at: Params, ps: Params, q: Tensor, k: Tensor, v: Tensor, co: Coeffs, read: str,
+    opts: dict[str, Any],
+) -> tuple[Tensor, Params]:  # fmt: skip
+    """One chunk on the fast path: (y [N, n, Dv], stacked [M_n; S_n] per layer)."""
     fac = factored_grads(at, k, v, **opts)
-    p1, s1 = {}, {}
+    ps1 = {}
     for name, (g, x) in fac.items():
-        p_carry, s_carry = _carry(p0[name], s0[name], co)
-        # sum_l w_l u_l = (w * g)^T x: the whole chunk's update in one (b)addbmm.
-        p1[name] = torch.baddbmm(p_carry, (g * _col(co.mem[:, -1])).mT, x, alpha=-1)
-        g_mom = (g * _col(co.mom)).mT
-        s1[name] = -(g_mom @ x) if s_carry is None else torch.baddbmm(s_carry, g_mom, x, alpha=-1)
+        N, _, Dout, Din = ps[name].shape
+        # sum_l upd[l] (x) g_l x_l^T for M and S at once: one baddbmm over 2 * Dout rows.
+        g2 = (co.upd.unsqueeze(-1) * g.unsqueeze(-2)).flatten(2)  # [N, n, 2 * Dout]
+        carry = _carry(ps[name], co).view(N, 2 * Dout, Din)
+        ps1[name] = torch.baddbmm(carry, g2.mT, x, alpha=-1).view(N, 2, Dout, Din)
     if read == "chunk_start":
         y = mlp_apply(at, q, opts["activation"], opts["residual"])
     else:
-        y = _read_dual(p0, s0, q, co, fac, opts["activation"], opts["residual"])
-    return y, p1, s1
+        y = _read_dual(ps, q, co, fac, opts["activation"], opts["residual"])
+    return y, ps1
 
 
 def _chunk_vmap(
-    at: Params, p0: Params, s0: Params, q: Tensor, k: Tensor, v: Tensor, co: Coeffs,
-    read: str, opts: dict[str, Any],
-) -> tuple[Tensor, Params, Params]:  # fmt: skip
+    at: Params, ps: Params, q: Tensor, k: Tensor, v: Tensor, co: Coeffs, read: str,
+    opts: dict[str, Any],
+) -> tuple[Tensor, Params]:  # fmt: skip
     """One chunk on the generic path: materialised gradients and per-token weights."""
     u = vmap_grads(at, k, v, **opts)  # W{i}: [N, n, Dout, Din]
-    p1, s1 = {}, {}
-    for name, un in u.items():
-        p_carry, s_carry = _carry(p0[name], s0[name], co)
-        p1[name] = p_carry - torch.einsum("nl,nloi->noi", co.mem[:, -1], un)
-        s_new = torch.einsum("nl,nloi->noi", co.mom, un)
-        s1[name] = -s_new if s_carry is None else s_carry - s_new
+    ps1 = {n: _carry(ps[n], co) - torch.einsum("nlk,nloi->nkoi", co.upd, u[n]) for n in u}
     if read == "chunk_start":
-        return mlp_apply(at, q, opts["activation"], opts["residual"]), p1, s1
+        return mlp_apply(at, q, opts["activation"], opts["residual"]), ps1
     per_token = {}
     for name, un in u.items():
-        w = p0[name].unsqueeze(1) - torch.einsum("njl,nloi->njoi", co.mem, un)
-        if co.f is not None:
-            w = w + (_col(co.f)[..., None] - 1) * p0[name].unsqueeze(1)
-        if co.c is not None:
-            w = w + _col(co.c)[..., None] * s0[name].unsqueeze(1)
-        per_token[name] = w  # M_j for every token j: [N, n, Dout, Din]
+        m0, s0 = ps[name][:, None, 0], ps[name][:, None, 1]
+        w = m0 if co.f is None else co.f[..., None, None] * m0
+        if co.mix is not None:
+            w = w + co.mix[..., 1, None, None] * s0
+        per_token[name] = w - torch.einsum("njl,nloi->njoi", co.mem, un)  # M_j: [N, n, Do, Di]
     y = mlp_apply(per_token, q, opts["activation"], opts["residual"], per_token=True)
-    return y, p1, s1
+    return y, ps1
 
 
 def deep_memory_chunk(
@@ -159,11 +152,10 @@ def deep_memory_chunk(
         read=read, objective=objective, activation=activation, residual=residual,
     )  # fmt: skip
     B, T, H = dims.B, dims.T, dims.H
-    params, mom, start, phase = (
-        {n: w.reshape(B * H, *w.shape[2:]) for n, w in part.items()} if isinstance(part, dict)
-        else part
-        for part in initial_state(params0, state, dims)
-    )  # fmt: skip
+    params, mom, start, phase = initial_state(params0, state, dims)
+    # Flatten (B, H) to N and stack each layer's weights with its momentum: [N, 2, Dout, Din].
+    ps = {n: torch.stack([params[n], mom[n]], dim=2).flatten(0, 1) for n in dims.names}
+    start = {n: w.flatten(0, 1) for n, w in start.items()}
     opts = {"objective": objective, "activation": activation, "residual": residual}
     step = _chunk_analytic if grads == "analytic" else _chunk_vmap
 
@@ -179,8 +171,10 @@ def deep_memory_chunk(
     qs, ks, vs = (torch.split(flat(x), lengths, dim=1) for x in (q, k, v))
     ys = []
     for n, co, qc, kc, vc in zip(lengths, coeffs, qs, ks, vs, strict=True):
-        at = params if phase == 0 else start  # gradients at the state of the chunk's start
-        y, params, mom = step(at, params, mom, qc, kc, vc, co, read, opts)
+        # Gradients at the state of the chunk's start: the carried one for a chunk begun in an
+        # earlier segment.
+        at = {name: w[:, 0] for name, w in ps.items()} if phase == 0 else start
+        y, ps = step(at, ps, qc, kc, vc, co, read, opts)
         ys.append(y)
         start = at
         phase = (phase + n) % chunk_size
@@ -188,9 +182,9 @@ def deep_memory_chunk(
     if not output_final_state:
         return y, None
     if phase == 0:
-        start = params
+        start = {name: w[:, 0] for name, w in ps.items()}
 
-    def unflat(p: Params) -> Params:
-        return {n: w.reshape(B, H, *w.shape[1:]) for n, w in p.items()}
+    def unflat(p: Params, part: int | None = None) -> Params:
+        return {n: (w if part is None else w[:, part]).unflatten(0, (B, H)) for n, w in p.items()}
 
-    return y, final_state(unflat(params), unflat(mom), unflat(start), phase, chunk_size)
+    return y, final_state(unflat(ps, 0), unflat(ps, 1), unflat(start), phase, chunk_size)
