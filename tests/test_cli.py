@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 from specs import small_memory
@@ -87,3 +88,186 @@ def test_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["validate", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ new verbs
+def one_line_error(capsys, needle: str = "") -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("verb", ["list", "show", "validate", "viz", "compile", "env"])
+def test_every_verb_has_examples(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([verb, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"nlgraph {verb}" in out.split("examples:")[1]
+
+
+def test_viz_writes_dot_text(tmp_path, capsys):
+    path = tmp_path / "titans.dot"
+    assert main(["viz", "titans", "-o", str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+    assert path.read_text().startswith("digraph")
+    assert main(["viz", "titans", "-o", str(tmp_path / "ladder.dot"), "--kind", "ladder"]) == 0
+
+
+@pytest.mark.skipif(not __import__("shutil").which("dot"), reason="graphviz `dot` not on PATH")
+def test_viz_writes_svg(tmp_path):
+    path = tmp_path / "titans.svg"
+    assert main(["viz", "titans", "-o", str(path)]) == 0
+    assert "<svg" in path.read_text()
+
+
+def test_viz_timeline(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "cms.png"
+    assert main(["viz", "cms", "-o", str(path), "--kind", "timeline", "--ticks", "32"]) == 0
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_viz_without_dot_writes_dot_text_and_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("nlgraph.visualize._render.dot_available", lambda: False)
+    assert main(["viz", "titans", "-o", str(tmp_path / "t.svg")]) == 2
+    one_line_error(capsys, "install graphviz")
+    assert (tmp_path / "t.dot").read_text().startswith("digraph")
+
+
+def bad_spec(tmp_path) -> str:
+    data = json.loads(small_memory().to_json())
+    data["levels"][0]["bogus"] = 1
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["viz", "no_such_thing", "-o", "x.dot"], "unknown library name"),
+        (["viz", "missing.json", "-o", "x.dot"], "does not exist"),
+        (["viz", "BAD", "-o", "x.dot"], "unknown field 'bogus'"),
+        (["viz", "titans", "-o", "/nonexistent/dir/x.svg"], "does not exist"),
+        (["viz", "titans", "-o", "x.txt"], "cannot tell the format"),
+        (["viz", "titans", "-o", "x.svg", "--kind", "spiral"], "invalid choice: 'spiral'"),
+        (["viz", "titans", "-o", "x.svg", "--ticks", "8"], "--kind timeline only"),
+        (["viz", "titans", "-o", "x.png", "--kind", "timeline", "--ticks", "0"], "positive"),
+        (["viz", "titans"], "-o/--output"),
+        (["compile", "no_such_thing"], "unknown library name"),
+        (["compile", "missing.yaml"], "does not exist"),
+        (["compile", "BAD"], "unknown field 'bogus'"),
+        (["compile", "adam"], "compile_optimizer"),
+        (["compile", "deltanet", "--dim", "d"], "NAME=INT"),
+        (["compile", "deltanet", "--dim", "d=0"], "NAME=INT"),
+        (["compile", "deltanet", "--dim", "1d=4"], "NAME=INT"),
+        (["compile", "deltanet", "--batch", "two"], "positive integer"),
+        (["compile", "deltanet", "--seed", "-1"], ">= 0"),
+        (["compile", "deltanet", "--dtype", "float16"], "invalid choice"),
+        (["compile", "deltanet", "--backend", "cuda"], "invalid choice"),
+        (["compile", "transformer", "--verify", "--dim", "vocab=100000"], "vocab <= 256"),
+        (["no_such_verb"], "invalid choice"),
+        (["list", "--kind", "planet"], "invalid choice"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_new_verbs_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [bad_spec(tmp_path) if a == "BAD" else a for a in argv]
+    assert main(argv) == 2
+    one_line_error(capsys, needle)
+
+
+def test_usage_error_with_debug_raises():
+    with pytest.raises(nl.NLGraphError):
+        main(["--debug", "compile", "deltanet", "--dim", "d"])
+
+
+def test_compile_prints_a_summary_and_the_plan(capsys):
+    assert main(["compile", "titans", "--print-plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("compiled 'titans'") and "deep_memory" in out
+    assert "plan 'titans'" in out and "forward order:" in out
+
+
+def test_compile_what_the_compiler_cannot_lower_is_one_line_exit_2(capsys):
+    from nlgraph.compiler import compile
+    from nlgraph.library import get
+
+    try:
+        compile(get("self_modifying_titans"))
+    except nl.CompileError:
+        assert main(["compile", "self_modifying_titans"]) == 2
+        one_line_error(capsys, "nlgraph compile: error:")
+    else:  # the compiler has learned to lower it since
+        assert main(["compile", "self_modifying_titans"]) == 0
+
+
+def verify_rows(out: str) -> dict[str, float]:
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("output", "state", "grad") and parts[-1] in ("ok", "FAIL"):
+            rows[" ".join(parts[:2])] = float(parts[2])
+    return rows
+
+
+def test_verify_deltanet(capsys):
+    assert main(["compile", "deltanet", "--verify", "--batch", "2", "--seq", "9"]) == 0
+    out = capsys.readouterr().out
+    rows = verify_rows(out)
+    assert {"output y", "state M", "grad slow.W_k.weight"} <= set(rows)
+    assert max(rows.values()) <= 1e-8
+    assert "speed ratio" in out and "ok: all" in out and "float64" in out
+
+
+def test_verify_cms_blocks_learn(capsys):
+    assert main(["compile", "cms", "--verify", "--batch", "2", "--seq", "9"]) == 0
+    rows = verify_rows(capsys.readouterr().out)
+    assert "output loss" in rows and "state mlp0.theta.0" in rows
+    assert any(k.startswith("grad blocks.mlp0") for k in rows)
+
+
+def test_verify_token_inputs_and_float32(capsys):
+    argv = ["compile", "transformer", "--verify", "--batch", "1", "--seq", "5"]
+    assert main([*argv, "--dtype", "float32", "--dim", "vocab=7"]) == 0
+    out = capsys.readouterr().out
+    assert "float32" in out and "tolerance 0.001" in out and "output logits" in out
+
+
+def test_verify_refuses_a_forced_backend(capsys, monkeypatch):
+    monkeypatch.setenv("NLGRAPH_BACKEND", "reference")
+    assert main(["compile", "deltanet", "--verify"]) == 2
+    one_line_error(capsys, "unset it")
+
+
+def test_verify_catches_a_wrong_backend(capsys, monkeypatch):
+    import nlgraph.kernels.linear_memory  # noqa: F401 - registers the op
+    from nlgraph.kernels import _dispatch
+
+    fn, ok = _dispatch._REGISTRY["linear_memory"]["chunk"]
+
+    def off_by_a_little(*args, **kwargs):
+        o, final = fn(*args, **kwargs)
+        return o * (1 + 1e-6), final
+
+    monkeypatch.setitem(_dispatch._REGISTRY["linear_memory"], "chunk", (off_by_a_little, ok))
+    assert main(["compile", "deltanet", "--verify", "--batch", "1", "--seq", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "output y" in out.split("FAIL:")[1] and "state M" not in out.split("FAIL:")[1]
+
+
+def test_env_is_a_pasteable_block(capsys, monkeypatch):
+    monkeypatch.setenv("NLGRAPH_DEBUG", "1")
+    monkeypatch.delenv("NLGRAPH_BACKEND", raising=False)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines())
+    for key in ("python", "torch", "triton", "numpy", "pydantic", "networkx", "graphviz", "dot"):
+        assert lines[key].strip(), key
+    assert lines["cuda"].startswith(("available", "not available"))
+    for op in ("linear_memory", "deep_memory"):
+        assert "reference" in lines[f"kernel {op}"] and "auto picks" in lines[f"kernel {op}"]
+    assert lines["NLGRAPH_DEBUG"] == "1" and lines["NLGRAPH_BACKEND"] == "(unset)"
