@@ -25,6 +25,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     backend: str = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    torch_compile: bool | dict = False,
     **dims: int,
 ) -> CompiledLearner:
     """Lower ``graph`` into a :class:`CompiledLearner`.
@@ -34,6 +35,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         backend: ``"auto"``, ``"reference"`` (token loops, the truth) or ``"chunk"``; the
             environment variable ``NLGRAPH_BACKEND`` overrides it.
         dtype, device: where parameters and initial states live.
+        torch_compile: run the generated program under ``torch.compile`` (a dict passes
+            options, e.g. ``{"fullgraph": True}``). Graph breaks that remain: see docs/compiler.md.
         **dims: values for the graph's symbolic widths (``d=64``).
     """
     spec = graph.spec if isinstance(graph, Graph) else graph
@@ -46,5 +49,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if bad:
         raise CompileError(f"widths must be positive ints, got {bad}")
     plan = make_plan(spec, dict(dims), backend)
-    learner = CompiledLearner(plan, backend)
-    return learner.to(device=device, dtype=dtype)
+    learner = CompiledLearner(plan, backend).to(device=device, dtype=dtype)
+    if torch_compile:
+        learner.compile_program(**(torch_compile if isinstance(torch_compile, dict) else {}))
+    return learner

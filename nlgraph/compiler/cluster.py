@@ -30,16 +30,13 @@ from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
 from nlgraph.compiler.boundary import cut_points
+from nlgraph.compiler.memory import backend_of, gate, heads
 from nlgraph.compiler.modules import ACT
-from nlgraph.compiler.plan import memory_reads
-from nlgraph.flows import FlowBase, Read, Unary, references
-from nlgraph.level import Level
-from nlgraph.optimizers import DGD, Learned, Signal
+from nlgraph.compiler.ops import BINARY, UNARY
+from nlgraph.compiler.program import key
+from nlgraph.kernels.linear_memory import linear_memory
 
 __all__ = ["run_cluster", "mlp_forward"]
-
-_SIGNAL = {"identity": lambda x: x, "sigmoid": torch.sigmoid, "softplus": F.softplus,
-           "exp": torch.exp}  # fmt: skip
 
 
 def _act_grad(name: str, z: torch.Tensor) -> torch.Tensor:
@@ -73,189 +70,95 @@ def mlp_forward(ws: list[torch.Tensor], x: torch.Tensor, act: str, residual: boo
 
 
 class _Member:
-    def __init__(self, lv: Level, learner: Any, run: Any) -> None:
-        self.lv = lv
-        st = lv.state
-        self.depth = 1 if st.kind == "linear" else st.depth
-        self.act = getattr(st, "activation", "identity")
-        self.residual = getattr(st, "residual", False)
-        self.rule = lv.optimizer[0]
-        self.chunk = learner.plan.levels[lv.name].chunk
-        self.heads = lv.heads
-        prev = run.state.get(lv.name)
+    def __init__(self, learner: Any, cfg: Any, prev: Any, B: int) -> None:
+        self.cfg = cfg
+        self.chunk = cfg.chunk
         if prev is None:
-            ws = [learner._initial(lv, f"W{self.depth - i}") for i in range(self.depth)]
-            ws = [w.unsqueeze(0).expand(run.B, *w.shape) if w.dim() == 3 else w for w in ws]
-            mom = None
-            if self.rule.momentum is not None:
-                mom = [torch.zeros_like(w) for w in ws]
+            ws = [learner._initial(cfg.name, f"W{cfg.depth - i}") for i in range(cfg.depth)]
+            ws = [w.unsqueeze(0).expand(B, *w.shape) if w.dim() == 3 else w for w in ws]
+            mom = None if cfg.momentum[0] == "none" else [torch.zeros_like(w) for w in ws]
             prev = {"visible": ws, "running": list(ws), "momentum": mom, "phase": 0}
         self.state = dict(prev)
 
 
-def run_cluster(run: Any, names: list[str]) -> None:
-    """Run the memories ``names`` jointly over the whole sequence of ``run`` (a forward pass)."""
-    learner, spec = run.m, run.m.spec
-    members = {n: _Member(spec.level(n), learner, run) for n in names}
-    for n, mem in members.items():
-        for r in memory_reads(spec, n):
-            if r.at != "prev":
-                raise CompileError(
-                    f"level {n!r} is read after its update (at='new') but runs in a recurrent "
-                    "cluster, whose reads see the chunk-start state; read it at='prev'"
-                )
-        if not isinstance(mem.lv.context, type(None)) and mem.lv.objective.kind not in (
-            "l2",
-            "dot",
-        ):
-            raise CompileError(f"level {n!r}: objective {mem.lv.objective.kind!r} in a cluster")
-    reads = {n: memory_reads(spec, n) for n in names}
+def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_state: dict) -> dict:
+    """Run the cluster ``c`` (a :class:`~nlgraph.compiler.program.ClusterCfg`) over the
+    sequence; returns each member's read-outs (in read order) and writes its final state."""
+    B, T = window_inputs[0].shape[0], window_inputs[0].shape[1]
+    members = {n: _Member(learner, cfg, state.get(n), B) for n, cfg in c.members.items()}
     # Windows end at every member's chunk boundary (phases carry over from earlier segments),
     # or at every token with the reference backend.
-    every_token = run.backend_name() == "reference"
+    backend = backend_of(learner)
     cuts = cut_points(
-        run.T,
+        T,
         {n: m.chunk for n, m in members.items()},
         {n: m.state["phase"] for n, m in members.items()},
-        every_token,
+        backend == "reference",
     )
-    pieces: dict[str, dict[Read, list[torch.Tensor]]] = {
-        n: {r: [] for r in reads[n]} for n in names
-    }
-    depends = _Depends(spec, set(names))
+    pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in c.reads[n]] for n in c.names}
     for s, e in zip([0, *cuts[:-1]], cuts, strict=True):
-        win = _Window(run, members, depends, s, e)
-        for n in names:
-            for r in reads[n]:
-                pieces[n][r].append(win.eval(r))
-        for mem in members.values():
-            _update(win, mem, run.backend_name())
+        vals = _window(learner, c, members, window_inputs, s, e)
+        for n in c.names:
+            for slot, node in enumerate(c.reads[n]):
+                pieces[n][slot].append(vals[node])
+        for n, mem in members.items():
+            _update(learner, mem, tuple(vals[i] for i in c.member_args[n]), backend, e - s)
         for mem in members.values():
             if mem.state["phase"] % mem.chunk == 0:
                 mem.state["visible"] = list(mem.state["running"])
     for n, mem in members.items():
-        run.reads[n] = {r: torch.cat(p, dim=1) for r, p in pieces[n].items()}
-        run.new_state[n] = mem.state
+        new_state[n] = mem.state
+    return {n: tuple(torch.cat(p, dim=1) for p in pieces[n]) for n in c.names}
 
 
-class _Depends:
-    """Which flows read a cluster member (those are evaluated window by window)."""
-
-    def __init__(self, spec: Any, names: set[str]) -> None:
-        self.spec, self.names, self.memo = spec, names, {}
-
-    def __call__(self, flow: FlowBase) -> bool:
-        hit = self.memo.get(flow)
-        if hit is None:
-            hit = self.memo[flow] = any(
-                k in ("read", "state") and r in self.names
-                for k, r, _ in references(flow, self.spec.flows)
-            )
-        return hit
-
-
-class _Window:
-    """Evaluates flows on tokens ``s..e-1`` with every member read at its visible state."""
-
-    def __init__(self, run: Any, members: dict, depends: _Depends, s: int, e: int) -> None:
-        self.run, self.members, self.depends, self.s, self.e = run, members, depends, s, e
-        self.cache: dict[FlowBase, torch.Tensor] = {}
-
-    def eval(self, flow: FlowBase) -> torch.Tensor:
-        if not self.depends(flow):
-            return self.run.eval(flow)[:, self.s : self.e]
-        hit = self.cache.get(flow)
-        if hit is None:
-            hit = self.cache[flow] = self._eval(flow)
-        return hit
-
-    def _eval(self, flow: FlowBase) -> torch.Tensor:
-        op = flow.op
-        if op == "read" and flow.level in self.members:
-            mem = self.members[flow.level]
-            x = self.heads(flow.arg, mem.heads)
-            y, _, _ = mlp_forward(mem.state["visible"], x, mem.act, mem.residual)
-            return y.reshape(*y.shape[:2], -1)
-        if op == "read":
-            lp = self.run.m.plan.levels[flow.level]
-            if lp.role != "slow" or lp.lowering != "parameter":
-                raise CompileError(
-                    f"{flow.level!r} ({lp.lowering}) reads a recurrent cluster's output inside "
-                    "the cluster; only slow modules can sit between cluster memories"
-                )
-            from nlgraph.compiler.runtime import _key
-
-            mod = self.run.m.slow[_key(flow.level)]
-            from nlgraph.compiler.modules import CausalConv
-
-            if isinstance(mod, CausalConv):
-                raise CompileError(f"the convolution {flow.level!r} cannot read a cluster output")
-            return mod(self.eval(flow.arg))
-        if op == "ref":
-            return self.eval(self.run.m.spec.flows[flow.name])
-        if op == "unary":
-            x = self.eval(flow.x)
-            return F.normalize(x, dim=-1) if flow.fn == "normalize" else _unary(flow.fn, x)
-        if op == "binary":
-            from nlgraph.compiler.runtime import _BINARY
-
-            return _BINARY[flow.fn](self.eval(flow.a), self.eval(flow.b))
-        raise CompileError(f"flow {flow} cannot be evaluated inside a recurrent cluster")
-
-    def heads(self, flow: FlowBase, H: int) -> torch.Tensor:
-        """``[B, C, H * D] -> [B, C, H, D]``; a normalised key/query is normalised per head."""
-        if isinstance(flow, Unary) and flow.fn == "normalize":
-            x = self.eval(flow.x)
-            return F.normalize(x.reshape(*x.shape[:2], H, -1), dim=-1)
-        x = self.eval(flow)
-        return x.reshape(*x.shape[:2], H, -1)
-
-    def gate(self, lv: Level, name: str, value: Any, H: int) -> torch.Tensor | None:
-        if value is None:
-            return None
-        B, C = self.run.B, self.e - self.s
-        if isinstance(value, int | float):
-            return torch.full((B, C, H), float(value), dtype=self.run._dtype())
-        if isinstance(value, Learned):
-            return self.run._scalar(lv, name, value, H)[:, self.s : self.e]
-        if isinstance(value, Signal):
-            x = _SIGNAL[value.act](self.eval(value.flow)) * value.scale
-            if x.shape[-1] not in (1, H):
-                raise CompileError(f"level {lv.name!r}: the {name} signal has width {x.shape[-1]}")
-            return x.expand(B, C, H)
-        raise CompileError(f"level {lv.name!r}: unsupported scalar {value!r}")
+def _window(learner: Any, c: Any, members: dict, window_inputs: tuple, s: int, e: int) -> list:
+    """The window program on tokens ``s..e-1``, every member read at its visible state."""
+    vals: list[Any] = []
+    for n in c.nodes:
+        op, a = n.op, [vals[i] for i in n.args]
+        if op == "window_input":
+            v = window_inputs[n.attrs[0]][:, s:e]
+        elif op == "visible":
+            mem = members[n.attrs[0]]
+            x = heads(a[0], mem.cfg.heads, n.attrs[1])
+            y, _, _ = mlp_forward(mem.state["visible"], x, mem.cfg.activation, mem.cfg.residual)
+            v = y.reshape(*y.shape[:2], -1)
+        elif op == "slow":
+            v = learner.slow[key(n.attrs[0])](a[0])
+        elif op == "normalize":
+            v = F.normalize(a[0], dim=-1)
+        elif op == "unary":
+            v = -a[0] if n.attrs[0] == "neg" else UNARY[n.attrs[0]](a[0])
+        elif op == "binary":
+            v = BINARY[n.attrs[0]](a[0], a[1])
+        else:  # pragma: no cover - the window builder emits only the ops above
+            raise CompileError(f"window op {op!r}")
+        vals.append(v)
+    return vals
 
 
-def _unary(fn: str, x: torch.Tensor) -> torch.Tensor:
-    from nlgraph.compiler.runtime import _UNARY
-
-    return _UNARY[fn](x)
-
-
-def _update(win: _Window, mem: _Member, backend: str) -> None:
+def _update(learner: Any, mem: _Member, args: tuple, backend: str, n_tokens: int) -> None:
     """One window of the member's inner optimizer, from its running state."""
-    lv, rule, H = mem.lv, mem.rule, mem.heads
-    ctx = lv.context
-    k, v = win.heads(ctx.key, H), win.heads(ctx.value, H)
-    lr = win.gate(lv, "lr", rule.lr, H)
-    retain = win.gate(lv, "retain", rule.retain, H)
-    mu = win.gate(lv, "momentum", rule.momentum, H)
+    cfg = mem.cfg
+    H = cfg.heads
+    k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
+    lr = gate(learner, cfg, "lr", args, k)
+    retain = gate(learner, cfg, "retain", args, k)
+    mu = gate(learner, cfg, "momentum", args, k)
     visible = mem.state["visible"]
-    out, inputs, pre = mlp_forward(visible, k, mem.act, mem.residual)
-    delta = out - v if lv.objective.kind == "l2" else -v  # d objective / d output
+    out, inputs, pre = mlp_forward(visible, k, cfg.activation, cfg.residual)
+    delta = out - v if cfg.objective == "l2" else -v  # d objective / d output
     deltas = [delta]
     for i in range(len(visible) - 1, 0, -1):  # backprop to every layer's output
         up = torch.einsum("bhoi,bcho->bchi", visible[i], deltas[0])
-        deltas.insert(0, up * _act_grad(mem.act, pre[i - 1]))
-    is_dgd = isinstance(rule, DGD)
+        deltas.insert(0, up * _act_grad(cfg.activation, pre[i - 1]))
+    is_dgd = cfg.rule == "dgd"
     running = list(mem.state["running"])
     momentum = mem.state["momentum"]
     for i, (x, d) in enumerate(zip(inputs, deltas, strict=True)):
-        step = lr / (1.0 + lr * (x * x).sum(-1)) if is_dgd and rule.exact else lr
+        step = lr / (1.0 + lr * (x * x).sum(-1)) if is_dgd and cfg.exact else lr
         decay = step if is_dgd else None
         if momentum is None:
-            from nlgraph.kernels.linear_memory import linear_memory
-
             _, running[i] = linear_memory(
                 x, x, -d, retain, decay, step, initial_state=running[i], read="after",
                 chunk_size=max(1, x.shape[1]), backend=backend,
@@ -275,4 +178,4 @@ def _update(win: _Window, mem: _Member, backend: str) -> None:
             momentum = list(momentum)
             momentum[i] = s_buf
     mem.state = {**mem.state, "running": running, "momentum": momentum,
-                 "phase": mem.state["phase"] + (win.e - win.s)}  # fmt: skip
+                 "phase": mem.state["phase"] + n_tokens}  # fmt: skip

@@ -18,22 +18,18 @@ from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
 from nlgraph.compiler import boundary
-from nlgraph.compiler.modules import ACT, CausalConv, build_slow, dim
-from nlgraph.compiler.plan import Plan, memory_reads
-from nlgraph.flows import KV, FlowBase, Read, Unary
+from nlgraph.compiler.memory import bounded, run_memory
+from nlgraph.compiler.modules import CausalConv, build_slow, dim
+from nlgraph.compiler.ops import UNARY
+from nlgraph.compiler.plan import Plan
+from nlgraph.compiler.program import build_program, key
 from nlgraph.level import Level
-from nlgraph.optimizers import DGD, Learned, Signal
+from nlgraph.optimizers import Learned
 
 __all__ = ["CompiledLearner", "STATE_VERSION"]
 
 STATE_VERSION = 1
-_SIGNAL_ACT = {
-    "identity": lambda x: x, "sigmoid": torch.sigmoid, "softplus": F.softplus, "exp": torch.exp,
-}  # fmt: skip
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
+_key = key
 
 
 class CompiledLearner(nn.Module):
@@ -60,6 +56,28 @@ class CompiledLearner(nn.Module):
                 self.slow[_key(name)] = build_slow(lv, plan.dims)
             else:
                 self._build_fast(lv)
+        kinds = {}
+        for name, lp in plan.levels.items():
+            if lp.lowering == "parameter":
+                mod = self.slow[_key(name)]
+                tensor = self.spec.level(name).state.kind == "tensor"
+                kinds[name] = (
+                    "conv" if isinstance(mod, CausalConv) else "param" if tensor else "slow"
+                )
+        self.program = build_program(plan, kinds)
+        namespace = {"F": F, "UNARY": UNARY, "torch": torch}
+        exec(compile(self.program.source, f"<nlgraph {self.spec.name}>", "exec"), namespace)  # noqa: S102
+        self._program = namespace["forward_program"]
+        self._compiled: Any = None  # torch.compile of the program, when asked for
+
+    def compile_program(self, **options: Any) -> None:
+        """Run the generated program under ``torch.compile`` (``options`` are passed on)."""
+        self._compiled = torch.compile(self._program, **options)
+
+    @property
+    def code(self) -> str:
+        """The generated forward program, as Python source."""
+        return self.program.source
 
     # ------------------------------------------------------------------------------ building
     def _heads(self, lv: Level) -> tuple[int, int, int]:
@@ -130,9 +148,9 @@ class CompiledLearner(nn.Module):
                         torch.tensor(_inverse_bound(value))
                     )
 
-    def _initial(self, lv: Level, wname: str) -> torch.Tensor:
-        key = f"{_key(lv.name)}__{wname}"
-        return self.meta[key] if key in self.meta else getattr(self, key)
+    def _initial(self, level: str, wname: str) -> torch.Tensor:
+        k = f"{_key(level)}__{wname}"
+        return self.meta[k] if k in self.meta else getattr(self, k)
 
     # ------------------------------------------------------------------------------ running
     def forward(
@@ -200,11 +218,27 @@ class CompiledLearner(nn.Module):
     def _piece(
         self, inputs: dict[str, torch.Tensor], state: dict[str, Any]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        run = _Run(self, inputs, state)
-        outputs = {name: run.eval(flow) for name, flow in self.spec.outputs.items()}
         new = dict(state)
-        new.update(run.new_state)
+        outputs = (self._compiled or self._program)(self, inputs, state, new)
         return outputs, new
+
+    # Called by the generated program ------------------------------------------------------
+    def _conv(self, level: str, x: torch.Tensor, state: dict, new_state: dict) -> torch.Tensor:
+        # a convolution's last inputs are fast state across segments
+        y, new_state[level] = self.slow[_key(level)](x, state.get(level))
+        return y
+
+    def _block(self, level: str, x: torch.Tensor, state: dict) -> torch.Tensor:
+        return boundary.apply(self.blocks[_key(level)], state[level]["theta"], x)
+
+    def _memory(self, name: str, args: tuple, state: dict, new_state: dict) -> tuple:
+        outs, new_state[name] = run_memory(self, self.program.memories[name], args, state.get(name))
+        return outs
+
+    def _cluster(self, cid: int, inputs: tuple, state: dict, new_state: dict) -> dict:
+        from nlgraph.compiler.cluster import run_cluster
+
+        return run_cluster(self, self.program.clusters[cid], inputs, state, new_state)
 
     def _block_rates(self, lv: Level) -> tuple[Any, Any]:
         rule = lv.optimizer[0]
@@ -215,7 +249,7 @@ class CompiledLearner(nn.Module):
     def _const_or_learned(self, lv: Level, name: str, value: Any) -> Any:
         if not isinstance(value, Learned):
             return float(value)
-        return _bounded(self.scalars[f"{_key(lv.name)}__{name}"], value)
+        return bounded(self.scalars[f"{_key(lv.name)}__{name}"], value.lo, value.hi)
 
     def get_extra_state(self) -> dict[str, Any]:
         from nlgraph.serialize import to_dict
@@ -262,15 +296,6 @@ def _load_pretrained(block: nn.Module, lv: Level) -> None:
                 a.bias.copy_(b.bias) if b.bias is not None else a.bias.zero_()
 
 
-def _bounded(raw: torch.Tensor, value: Learned) -> torch.Tensor:
-    """A learned scalar kept in its declared range (sigmoid for [lo, hi], softplus for >= lo)."""
-    if value.lo is not None and value.hi is not None:
-        return value.lo + (value.hi - value.lo) * torch.sigmoid(raw)
-    if value.lo is not None:
-        return value.lo + F.softplus(raw)
-    return raw
-
-
 def _inverse_bound(value: Learned) -> float:
     lo, hi, x = value.lo, value.hi, value.init
     if lo is not None and hi is not None:
@@ -280,201 +305,3 @@ def _inverse_bound(value: Learned) -> float:
         y = max(x - lo, 1e-6)
         return y + math.log(-math.expm1(-y))
     return x
-
-
-class _Run:
-    """One forward pass: evaluates flows with a cache, runs each fast memory once."""
-
-    def __init__(self, learner: CompiledLearner, inputs: dict[str, torch.Tensor], state: dict):
-        self.m = learner
-        self.inputs = inputs
-        self.state = state
-        self.new_state: dict[str, Any] = {}
-        self.cache: dict[FlowBase, torch.Tensor] = {}
-        self.reads: dict[str, dict[Read, torch.Tensor]] = {}
-        x0 = next(iter(inputs.values()))
-        self.B, self.T = x0.shape[0], x0.shape[1]
-
-    def eval(self, flow: FlowBase) -> torch.Tensor:
-        hit = self.cache.get(flow)
-        if hit is None:
-            hit = self.cache[flow] = self._eval(flow)
-        return hit
-
-    def _eval(self, flow: FlowBase) -> torch.Tensor:
-        op = flow.op
-        if op == "input":
-            return self.inputs[flow.name]
-        if op == "ref":
-            return self.eval(self.m.spec.flows[flow.name])
-        if op == "read":
-            lp = self.m.plan.levels[flow.level]
-            if lp.lowering == "boundary":
-                block = self.m.blocks[_key(flow.level)]
-                return boundary.apply(block, self.state[flow.level]["theta"], self.eval(flow.arg))
-            if lp.role == "slow":
-                mod = self.m.slow[_key(flow.level)]
-                if isinstance(mod, CausalConv):  # its last inputs are fast state across segments
-                    y, self.new_state[flow.level] = mod(
-                        self.eval(flow.arg), self.state.get(flow.level)
-                    )
-                    return y
-                return mod(self.eval(flow.arg))
-            if flow.level not in self.reads:
-                self._run_memory(self.m.spec.level(flow.level))
-            return self.reads[flow.level][flow]
-        if op == "unary":
-            x = self.eval(flow.x)
-            if flow.fn == "normalize":
-                return F.normalize(x, dim=-1)
-            return _UNARY[flow.fn](x)
-        if op == "binary":
-            a, b = self.eval(flow.a), self.eval(flow.b)
-            return _BINARY[flow.fn](a, b)
-        if op == "const":
-            return torch.tensor(flow.value, dtype=self._dtype())
-        if op == "state":
-            lp = self.m.plan.levels.get(flow.level)
-            mod = self.m.slow[_key(flow.level)] if lp and lp.role == "slow" else None
-            if mod is not None and hasattr(mod, "value"):
-                return mod.value
-        raise CompileError(f"flow {flow} cannot be evaluated in a sequence learner")
-
-    def _dtype(self) -> torch.dtype:
-        return next(iter(self.inputs.values())).dtype
-
-    def _heads(self, flow: FlowBase, H: int) -> torch.Tensor:
-        """``[B, T, H * D] -> [B, T, H, D]``; l2-normalisation of a key/query is per head."""
-        if isinstance(flow, Unary) and flow.fn == "normalize":
-            x = self.eval(flow.x)
-            return F.normalize(x.reshape(*x.shape[:2], H, -1), dim=-1)
-        x = self.eval(flow)
-        return x.reshape(*x.shape[:2], H, -1)
-
-    def _scalar(self, lv: Level, name: str, value: Any, H: int) -> torch.Tensor | None:
-        if value is None:
-            return None
-        B, T = self.B, self.T
-        if isinstance(value, int | float):
-            return torch.full((B, T, H), float(value), dtype=self._dtype())
-        if isinstance(value, Learned):
-            s = _bounded(self.m.scalars[f"{_key(lv.name)}__{name}"], value)
-            return s.to(self._dtype()).expand(B, T, H)
-        if isinstance(value, Signal):
-            x = _SIGNAL_ACT[value.act](self.eval(value.flow)) * value.scale
-            if x.shape[-1] not in (1, H):
-                raise CompileError(
-                    f"level {lv.name!r}: the {name} signal has width {x.shape[-1]}; expected 1 "
-                    f"or heads={H}"
-                )
-            return x.expand(B, T, H)
-        raise CompileError(f"level {lv.name!r}: unsupported scalar {value!r}")
-
-    def backend_name(self) -> str:
-        forced = os.environ.get("NLGRAPH_BACKEND") or self.m.backend
-        return "chunk" if forced == "auto" else forced
-
-    def _run_memory(self, lv: Level) -> None:
-        lowering = self.m.plan.levels[lv.name].lowering
-        if lowering == "cluster":
-            from nlgraph.compiler.cluster import run_cluster
-
-            members = next(c for c in self.m.plan.clusters if lv.name in c)
-            run_cluster(self, members)
-            return
-        reads = memory_reads(self.m.spec, lv.name)
-        ctx = lv.context
-        if not isinstance(ctx, KV) or ctx.key is None or ctx.value is None:
-            raise CompileError(f"level {lv.name!r}: a memory needs kv(key=..., value=...)")
-        H = lv.heads
-        k, v = self._heads(ctx.key, H), self._heads(ctx.value, H)
-        if lowering == "attention":
-            out = {r: self._attention(lv, self._heads(r.arg, H), k, v) for r in reads}
-            self.reads[lv.name] = {r: o.reshape(self.B, self.T, -1) for r, o in out.items()}
-            return
-        if len({r.at for r in reads}) > 1:
-            raise CompileError(f"level {lv.name!r} is read both before and after its update")
-        queries = [self._heads(r.arg, H) for r in reads] or [k]
-        q = torch.cat(queries, dim=-1) if len(queries) > 1 else queries[0]
-        rule = lv.optimizer[0]
-        lr = self._scalar(lv, "lr", rule.lr, H)
-        retain = self._scalar(lv, "retain", rule.retain, H)
-        chunk = self.m.plan.levels[lv.name].chunk
-        after = not reads or reads[0].at == "new"
-        prev = self.state.get(lv.name)
-        if lowering == "linear_memory":
-            from nlgraph.kernels.linear_memory import linear_memory
-
-            if isinstance(rule, DGD):
-                # W <- W (a I - e k k^T) - e delta k^T with delta = d objective / d (M k):
-                # -v for the dot objective, M k - v for L2 (whose decay along k then counts twice).
-                e = lr / (1.0 + lr * (k * k).sum(-1)) if rule.exact else lr
-                b, c = (e, e) if lv.objective.kind == "dot" else (2.0 * e, e)
-            elif lv.objective.kind == "dot":
-                b, c = None, lr
-            else:
-                b, c = lr, lr
-            m0 = prev if prev is not None else self.m._initial(lv, "M").expand(self.B, -1, -1, -1)
-            if len(queries) > 1:
-                raise CompileError(f"level {lv.name!r}: a linear memory is read by one query")
-            o, final = linear_memory(
-                q, k, v, retain, b, c, initial_state=m0, read="after" if after else "before",
-                chunk_size=chunk, backend=self.m.backend,
-            )  # fmt: skip
-            self.new_state[lv.name] = final
-            outs = [o]
-        else:
-            from nlgraph.kernels.deep_memory import deep_memory
-
-            st = lv.state
-            depth = 1 if st.kind == "linear" else st.depth
-            params0 = {f"W{i}": self.m._initial(lv, f"W{i}") for i in range(1, depth + 1)}
-            # The kernel's L2 objective is ||M(k) - v||^2, the DSL's 1/2 ||.||^2: halve lr.
-            lr_k = lr / 2.0 if lv.objective.kind == "l2" else lr
-            mom = self._scalar(lv, "momentum", rule.momentum, H)
-            forget = None if retain is None else 1.0 - retain
-            outs = []
-            for qi in queries:
-                y, final = deep_memory(
-                    qi, k, v, lr_k, mom, forget, params0=params0, state=prev, chunk_size=chunk,
-                    read="after" if after else "chunk_start", objective=lv.objective.kind,
-                    activation=getattr(st, "activation", "identity"),
-                    residual=getattr(st, "residual", False), backend=self.m.backend,
-                )  # fmt: skip
-                outs.append(y)
-            self.new_state[lv.name] = final
-        self.reads[lv.name] = {
-            r: o.reshape(self.B, self.T, -1) for r, o in zip(reads, outs, strict=False)
-        }
-
-    def _attention(self, lv: Level, q, k, v) -> torch.Tensor:
-        """Causal softmax attention over the cached and current keys (Eq. 62; Eq. 63 with a
-        window); the key/value cache is the memory's state."""
-        cache = self.state.get(lv.name)
-        if cache is not None:
-            k = torch.cat([cache["k"], k], dim=1)
-            v = torch.cat([cache["v"], v], dim=1)
-        self.new_state[lv.name] = {"k": k, "v": v}
-        T, S = q.shape[1], k.shape[1]
-        i = torch.arange(T).unsqueeze(1) + (S - T)
-        j = torch.arange(S).unsqueeze(0)
-        allowed = j <= i
-        window = lv.state.window
-        if window is not None:
-            allowed &= j > i - window
-        temp = lv.objective.temperature
-        scale = temp if temp is not None else 1.0 / math.sqrt(q.shape[-1])
-        # Written out rather than F.scaled_dot_product_attention: blocks that learn from the
-        # loss inside the forward (CMS) need second derivatives, which the fused CPU kernel lacks.
-        scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        return torch.einsum("bhts,bshd->bthd", torch.softmax(scores, dim=-1), v)
-
-
-_UNARY = {
-    "neg": torch.neg, "square": torch.square, "sqrt": torch.sqrt, "abs": torch.abs,
-    "sign": torch.sign, "exp": torch.exp, "log": torch.log, "softplus": F.softplus, **ACT,
-}  # fmt: skip
-_BINARY = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
-}  # fmt: skip

@@ -1,0 +1,139 @@
+"""Run one fast memory over a whole sequence: its kernel call, from its static configuration.
+
+The generated program calls :func:`run_memory` with the memory's inputs in the order of
+:class:`~nlgraph.compiler.program.MemoryCfg`: key, value, the queries of its reads, then the
+flows of its data-dependent gates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from nlgraph._errors import CompileError
+from nlgraph.compiler.program import MemoryCfg
+
+__all__ = ["heads", "gate", "bounded", "backend_of", "run_memory", "attention", "SIGNAL_ACT"]
+
+SIGNAL_ACT = {
+    "identity": lambda x: x, "sigmoid": torch.sigmoid, "softplus": F.softplus, "exp": torch.exp,
+}  # fmt: skip
+
+
+def heads(x: torch.Tensor, H: int, norm: bool) -> torch.Tensor:
+    """``[B, T, H * D] -> [B, T, H, D]``; a normalised key/query is normalised per head."""
+    x = x.reshape(*x.shape[:2], H, -1)
+    return F.normalize(x, dim=-1) if norm else x
+
+
+def bounded(raw: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
+    """A learned scalar kept in its declared range (sigmoid for [lo, hi], softplus for >= lo)."""
+    if lo is not None and hi is not None:
+        return lo + (hi - lo) * torch.sigmoid(raw)
+    if lo is not None:
+        return lo + F.softplus(raw)
+    return raw
+
+
+def gate(learner: Any, cfg: MemoryCfg, which: str, args: tuple, like: torch.Tensor):
+    """A gate ``[B, T, H]`` (or None), from its static description."""
+    spec = getattr(cfg, which)
+    B, T, H = like.shape[0], like.shape[1], cfg.heads
+    kind = spec[0]
+    if kind == "none":
+        return None
+    if kind == "const":
+        return torch.full((B, T, H), spec[1], dtype=like.dtype, device=like.device)
+    if kind == "learned":
+        return bounded(learner.scalars[spec[1]], spec[2], spec[3]).to(like.dtype).expand(B, T, H)
+    x = SIGNAL_ACT[spec[2]](args[spec[1]]) * spec[3]
+    if x.shape[-1] not in (1, H):
+        raise CompileError(
+            f"level {cfg.name!r}: the {which} signal has width {x.shape[-1]}; expected 1 or "
+            f"heads={H}"
+        )
+    return x.expand(B, T, H)
+
+
+def backend_of(learner: Any) -> str:
+    forced = os.environ.get("NLGRAPH_BACKEND") or learner.backend
+    return "chunk" if forced == "auto" else forced
+
+
+def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
+    """``(read-outs in read order, final state)`` of one memory over the sequence."""
+    H = cfg.heads
+    k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
+    queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]
+    B, T = k.shape[0], k.shape[1]
+    if cfg.lowering == "attention":
+        outs, final = [], prev
+        for q in queries:
+            o, final = attention(cfg, q, k, v, prev)
+            outs.append(o.reshape(B, T, -1))
+        if not queries:
+            final = attention(cfg, k, k, v, prev)[1]
+        return tuple(outs), final
+    lr = gate(learner, cfg, "lr", args, k)
+    retain = gate(learner, cfg, "retain", args, k)
+    if cfg.lowering == "linear_memory":
+        from nlgraph.kernels.linear_memory import linear_memory
+
+        if len(queries) > 1:
+            raise CompileError(f"level {cfg.name!r}: a linear memory is read by one query")
+        if cfg.rule == "dgd":
+            # W <- W (a I - e k k^T) - e delta k^T with delta = d objective / d (M k):
+            # -v for the dot objective, M k - v for L2 (whose decay along k then counts twice).
+            e = lr / (1.0 + lr * (k * k).sum(-1)) if cfg.exact else lr
+            b, c = (e, e) if cfg.objective == "dot" else (2.0 * e, e)
+        elif cfg.objective == "dot":
+            b, c = None, lr
+        else:
+            b, c = lr, lr
+        m0 = prev if prev is not None else learner._initial(cfg.name, "M").expand(B, -1, -1, -1)
+        q = queries[0] if queries else k
+        o, final = linear_memory(
+            q, k, v, retain, b, c, initial_state=m0, read="after" if cfg.read_after else "before",
+            chunk_size=cfg.chunk, backend=learner.backend,
+        )  # fmt: skip
+        return (o.reshape(B, T, -1),), final
+    from nlgraph.kernels.deep_memory import deep_memory
+
+    params0 = {f"W{i}": learner._initial(cfg.name, f"W{i}") for i in range(1, cfg.depth + 1)}
+    # The kernel's L2 objective is ||M(k) - v||^2, the DSL's 1/2 ||.||^2: halve lr.
+    lr_k = lr / 2.0 if cfg.objective == "l2" else lr
+    mom = gate(learner, cfg, "momentum", args, k)
+    forget = None if retain is None else 1.0 - retain
+    outs, final = [], None
+    for q in queries or [k]:
+        y, final = deep_memory(
+            q, k, v, lr_k, mom, forget, params0=params0, state=prev, chunk_size=cfg.chunk,
+            read="after" if cfg.read_after else "chunk_start", objective=cfg.objective,
+            activation=cfg.activation, residual=cfg.residual, backend=learner.backend,
+        )  # fmt: skip
+        outs.append(y.reshape(B, T, -1))
+    return tuple(outs[: len(queries)]), final
+
+
+def attention(cfg: MemoryCfg, q, k, v, cache) -> tuple[torch.Tensor, dict]:
+    """Causal softmax attention over the cached and current keys (Eq. 62; Eq. 63 with a
+    window); the key/value cache is the memory's state."""
+    if cache is not None:
+        k = torch.cat([cache["k"], k], dim=1)
+        v = torch.cat([cache["v"], v], dim=1)
+    T, S = q.shape[1], k.shape[1]
+    i = torch.arange(T, device=q.device).unsqueeze(1) + (S - T)
+    j = torch.arange(S, device=q.device).unsqueeze(0)
+    allowed = j <= i
+    if cfg.window is not None:
+        allowed &= j > i - cfg.window
+    scale = cfg.temperature if cfg.temperature is not None else 1.0 / math.sqrt(q.shape[-1])
+    # Written out rather than F.scaled_dot_product_attention: blocks that learn from the loss
+    # inside the forward (CMS) need second derivatives, which the fused CPU kernel lacks.
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", torch.softmax(scores, dim=-1), v), {"k": k, "v": v}

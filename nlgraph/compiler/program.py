@@ -1,0 +1,379 @@
+"""Lower a plan's flows into a straight-line program and generate its Python source.
+
+Every flow the learner needs becomes one node (shared subexpressions and named flows once);
+each fast memory becomes one call that takes its keys, values, queries and gates and returns its
+read-outs; each recurrent cluster becomes one call with a small window program of its own. The
+program is emitted as Python source (``learner.code``), compiled once, and run by ``forward``:
+no spec objects are touched while running, so ``torch.compile`` traces plain tensor code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nlgraph._errors import CompileError
+from nlgraph.compiler.plan import Plan, memory_reads
+from nlgraph.flows import KV, FlowBase, Read, Unary
+from nlgraph.level import Level
+from nlgraph.optimizers import Learned, Signal
+
+__all__ = ["Node", "ScalarCfg", "MemoryCfg", "ClusterCfg", "Program", "build_program", "key"]
+
+
+def key(name: str) -> str:
+    """A level name as a module/parameter key (dots are not allowed there)."""
+    return name.replace(".", "__")
+
+
+@dataclass(frozen=True)
+class Node:
+    """``op`` applied to earlier nodes ``args`` with constant ``attrs``."""
+
+    id: int
+    op: str  # input | slow | conv | block | param | unary | normalize | binary | const | memout
+    args: tuple[int, ...] = ()
+    attrs: tuple[Any, ...] = ()
+
+
+# ("none",) | ("const", value) | ("learned", param_key, lo, hi) | ("signal", arg_pos, act, scale)
+ScalarCfg = tuple
+
+
+@dataclass(frozen=True)
+class MemoryCfg:
+    """A fast memory's static configuration; ``args`` positions index the call's inputs."""
+
+    name: str
+    lowering: str
+    heads: int
+    key_norm: bool
+    value_norm: bool
+    query_norms: tuple[bool, ...]
+    read_after: bool
+    rule: str  # "gd" | "dgd" | "exact"
+    exact: bool
+    objective: str
+    lr: ScalarCfg
+    retain: ScalarCfg
+    momentum: ScalarCfg
+    chunk: int
+    depth: int = 1
+    activation: str = "identity"
+    residual: bool = False
+    window: int | None = None
+    temperature: float | None = None
+
+
+@dataclass
+class ClusterCfg:
+    """Memories run jointly: ``inputs`` are full-sequence nodes sliced per window; ``nodes`` is
+    the window program; ``members`` maps each memory to its config and its read nodes."""
+
+    id: int
+    names: list[str]
+    inputs: list[int] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+    members: dict[str, MemoryCfg] = field(default_factory=dict)
+    member_args: dict[str, tuple[int, ...]] = field(default_factory=dict)  # window node ids
+    reads: dict[str, list[int]] = field(default_factory=dict)  # window nodes of member reads
+
+
+@dataclass
+class Program:
+    nodes: list[Node]
+    outputs: dict[str, int]
+    memories: dict[str, MemoryCfg]
+    memory_args: dict[str, tuple[int, ...]]
+    clusters: list[ClusterCfg]
+    source: str = ""
+
+
+def _scalar(lv: Level, name: str, value: Any, add_arg) -> ScalarCfg:
+    if value is None:
+        return ("none",)
+    if isinstance(value, int | float):
+        return ("const", float(value))
+    if isinstance(value, Learned):
+        return ("learned", f"{key(lv.name)}__{name}", value.lo, value.hi)
+    if isinstance(value, Signal):
+        return ("signal", add_arg(value.flow), value.act, value.scale)
+    raise CompileError(f"level {lv.name!r}: unsupported scalar {value!r}")  # pragma: no cover
+
+
+class _Builder:
+    def __init__(self, plan: Plan, slow_kinds: dict[str, str]) -> None:
+        self.plan, self.spec = plan, plan.spec
+        self.slow_kinds = slow_kinds  # level -> "module" | "conv" | "param"
+        self.nodes: list[Node] = []
+        self.memo: dict[tuple, int] = {}
+        self.flow_memo: dict[FlowBase, int] = {}
+        self.memories: dict[str, MemoryCfg] = {}
+        self.memory_args: dict[str, tuple[int, ...]] = {}
+        self.mem_nodes: dict[str, int] = {}
+        self.clusters: dict[int, ClusterCfg] = {}
+        self.cluster_of = {n: i for i, c in enumerate(plan.clusters) for n in c}
+
+    def add(self, op: str, args: tuple[int, ...] = (), attrs: tuple = ()) -> int:
+        sig = (op, args, attrs)
+        hit = self.memo.get(sig)
+        if hit is None:
+            hit = self.memo[sig] = len(self.nodes)
+            self.nodes.append(Node(hit, op, args, attrs))
+        return hit
+
+    def flow(self, flow: FlowBase) -> int:
+        hit = self.flow_memo.get(flow)
+        if hit is None:
+            hit = self.flow_memo[flow] = self._flow(flow)
+        return hit
+
+    def _flow(self, f: FlowBase) -> int:
+        op = f.op
+        if op == "input":
+            return self.add("input", (), (f.name,))
+        if op == "ref":
+            return self.flow(self.spec.flows[f.name])
+        if op == "const":
+            return self.add("const", (), (f.value,))
+        if op == "unary":
+            return self.add("normalize" if f.fn == "normalize" else "unary", (self.flow(f.x),),
+                            () if f.fn == "normalize" else (f.fn,))  # fmt: skip
+        if op == "binary":
+            return self.add("binary", (self.flow(f.a), self.flow(f.b)), (f.fn,))
+        if op == "state" and self.slow_kinds.get(f.level) == "param":
+            return self.add("param", (), (key(f.level),))
+        if op == "read":
+            lp = self.plan.levels[f.level]
+            if lp.lowering == "parameter":
+                kind = self.slow_kinds[f.level]
+                if kind == "param":
+                    raise CompileError(f"{f.level!r} is a tensor, not a module to read")
+                return self.add(kind, (self.flow(f.arg),), (f.level,))
+            if lp.lowering == "boundary":
+                return self.add("block", (self.flow(f.arg),), (f.level,))
+            if f.level in self.cluster_of:
+                return self._cluster_read(f)
+            return self._memory_read(f)
+        raise CompileError(f"flow {f} cannot be evaluated in a sequence learner")
+
+    # ---------------------------------------------------------------------------- memories
+    def _memory_cfg(self, lv: Level, reads: list[Read], add_arg) -> tuple[MemoryCfg, list[int]]:
+        """The memory's config and the argument ids (key, value, queries..., signals...)."""
+        ctx = lv.context
+        if not isinstance(ctx, KV) or ctx.key is None or ctx.value is None:
+            raise CompileError(f"level {lv.name!r}: a memory needs kv(key=..., value=...)")
+        args: list[int] = []
+
+        def arg(flow: FlowBase) -> int:
+            args.append(add_arg(flow))
+            return len(args) - 1
+
+        def unnorm(flow: FlowBase) -> tuple[FlowBase, bool]:
+            # A normalised key or query of a multi-head memory is normalised per head.
+            if isinstance(flow, Unary) and flow.fn == "normalize":
+                return flow.x, True
+            return flow, False
+
+        k, kn = unnorm(ctx.key)
+        v, vn = unnorm(ctx.value)
+        arg(k)
+        arg(v)
+        qnorms = []
+        for r in reads:
+            q, qn = unnorm(r.arg)
+            arg(q)
+            qnorms.append(qn)
+        if len({r.at for r in reads}) > 1:
+            raise CompileError(f"level {lv.name!r} is read both before and after its update")
+        rule = lv.optimizer[0]
+        st = lv.state
+        cfg = MemoryCfg(
+            name=lv.name,
+            lowering=self.plan.levels[lv.name].lowering,
+            heads=lv.heads,
+            key_norm=kn,
+            value_norm=vn,
+            query_norms=tuple(qnorms),
+            read_after=not reads or reads[0].at == "new",
+            rule=rule.rule,
+            exact=getattr(rule, "exact", False),
+            objective=lv.objective.kind,
+            lr=_scalar(lv, "lr", getattr(rule, "lr", None), lambda f: arg(f)),
+            retain=_scalar(lv, "retain", getattr(rule, "retain", None), lambda f: arg(f)),
+            momentum=_scalar(lv, "momentum", getattr(rule, "momentum", None), lambda f: arg(f)),
+            chunk=self.plan.levels[lv.name].chunk,
+            depth=1 if st.kind in ("linear", "nonparametric") else st.depth,
+            activation=getattr(st, "activation", "identity"),
+            residual=getattr(st, "residual", False),
+            window=getattr(st, "window", None),
+            temperature=getattr(lv.objective, "temperature", None),
+        )
+        return cfg, args
+
+    def _memory_read(self, f: Read) -> int:
+        name = f.level
+        if name not in self.mem_nodes:
+            lv = self.spec.level(name)
+            reads = memory_reads(self.spec, name)
+            cfg, args = self._memory_cfg(lv, reads, self.flow)
+            self.memories[name] = cfg
+            self.memory_args[name] = tuple(args)
+            self.mem_nodes[name] = self.add("memory", tuple(args), (name,))
+            self._reads = getattr(self, "_reads", {})
+            self._reads[name] = reads
+        slot = self._reads[name].index(f)
+        return self.add("memout", (self.mem_nodes[name],), (slot,))
+
+    # ---------------------------------------------------------------------------- clusters
+    def _cluster_read(self, f: Read) -> int:
+        cid = self.cluster_of[f.level]
+        if cid not in self.clusters:
+            self._build_cluster(cid)
+        c = self.clusters[cid]
+        slot = c.read_flows[f.level].index(f)
+        return self.add("clusterout", (self.mem_nodes[f"cluster{cid}"],), (f.level, slot))
+
+    def _build_cluster(self, cid: int) -> None:
+        names = self.plan.clusters[cid]
+        c = ClusterCfg(cid, names)
+        members = set(names)
+        w = _WindowBuilder(self, c, members)
+        for n in names:
+            lv = self.spec.level(n)
+            reads = memory_reads(self.spec, n)
+            for r in reads:
+                if r.at != "prev":
+                    raise CompileError(
+                        f"level {n!r} is read after its update (at='new') but runs in a "
+                        "recurrent cluster, whose reads see the chunk-start state; read it "
+                        "at='prev'"
+                    )
+            args: list[int] = []
+            cfg, args = self._memory_cfg(lv, [], w.flow)
+            c.members[n] = cfg
+            c.member_args[n] = tuple(args)
+            c.reads[n] = [w.flow(r) for r in reads]
+        c.read_flows = {n: memory_reads(self.spec, n) for n in names}  # type: ignore[attr-defined]
+        c.nodes = w.nodes
+        c.inputs = w.inputs
+        self.clusters[cid] = c
+        self.mem_nodes[f"cluster{cid}"] = self.add("cluster", tuple(c.inputs), (cid,))
+
+
+class _WindowBuilder:
+    """The window program of a cluster: flows that read a member are recomputed per window;
+    the others are computed once over the sequence and sliced (``window_input``)."""
+
+    def __init__(self, outer: _Builder, cluster: ClusterCfg, members: set[str]) -> None:
+        self.outer, self.c, self.members = outer, cluster, members
+        self.nodes: list[Node] = []
+        self.inputs: list[int] = []
+        self.memo: dict[tuple, int] = {}
+        self.flow_memo: dict[FlowBase, int] = {}
+
+    def add(self, op: str, args: tuple[int, ...] = (), attrs: tuple = ()) -> int:
+        sig = (op, args, attrs)
+        hit = self.memo.get(sig)
+        if hit is None:
+            hit = self.memo[sig] = len(self.nodes)
+            self.nodes.append(Node(hit, op, args, attrs))
+        return hit
+
+    def depends(self, f: FlowBase) -> bool:
+        from nlgraph.flows import references
+
+        return any(
+            k in ("read", "state") and r in self.members
+            for k, r, _ in references(f, self.outer.spec.flows)
+        )
+
+    def flow(self, f: FlowBase) -> int:
+        hit = self.flow_memo.get(f)
+        if hit is None:
+            hit = self.flow_memo[f] = self._flow(f)
+        return hit
+
+    def _flow(self, f: FlowBase) -> int:
+        if not self.depends(f):
+            full = self.outer.flow(f)
+            if full not in self.inputs:
+                self.inputs.append(full)
+            return self.add("window_input", (), (self.inputs.index(full),))
+        op = f.op
+        if op == "ref":
+            return self.flow(self.outer.spec.flows[f.name])
+        if op == "read" and f.level in self.members:
+            arg, norm = (f.arg.x, True) if isinstance(f.arg, Unary) and f.arg.fn == "normalize" \
+                else (f.arg, False)  # fmt: skip
+            return self.add("visible", (self.flow(arg),), (f.level, norm))
+        if op == "read":
+            lp = self.outer.plan.levels[f.level]
+            if lp.lowering != "parameter" or self.outer.slow_kinds[f.level] != "slow":
+                raise CompileError(
+                    f"{f.level!r} ({lp.lowering}) reads a recurrent cluster's output inside the "
+                    "cluster; only slow modules (not convolutions) can sit between its memories"
+                )
+            return self.add("slow", (self.flow(f.arg),), (f.level,))
+        if op == "unary":
+            return self.add("normalize" if f.fn == "normalize" else "unary", (self.flow(f.x),),
+                            () if f.fn == "normalize" else (f.fn,))  # fmt: skip
+        if op == "binary":
+            return self.add("binary", (self.flow(f.a), self.flow(f.b)), (f.fn,))
+        raise CompileError(f"flow {f} cannot be evaluated inside a recurrent cluster")
+
+
+# ---------------------------------------------------------------------------------- codegen
+
+_BINOP = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}
+
+
+def node_expr(n: Node, var) -> str:
+    """One node as a Python expression over earlier nodes (``var(i)`` names node ``i``)."""
+    a = [var(i) for i in n.args]
+    op = n.op
+    if op == "input":
+        return f"inputs[{n.attrs[0]!r}]"
+    if op == "window_input":
+        return f"window_inputs[{n.attrs[0]}]"
+    if op == "const":
+        return repr(float(n.attrs[0]))
+    if op == "slow":
+        return f"self.slow[{key(n.attrs[0])!r}]({a[0]})"
+    if op == "conv":
+        return f"self._conv({n.attrs[0]!r}, {a[0]}, state, new_state)"
+    if op == "block":
+        return f"self._block({n.attrs[0]!r}, {a[0]}, state)"
+    if op == "param":
+        return f"self.slow[{n.attrs[0]!r}].value"
+    if op == "normalize":
+        return f"F.normalize({a[0]}, dim=-1)"
+    if op == "unary":
+        return f"(-{a[0]})" if n.attrs[0] == "neg" else f"UNARY[{n.attrs[0]!r}]({a[0]})"
+    if op == "binary":
+        return f"({a[0]} {_BINOP[n.attrs[0]]} {a[1]})"
+    if op == "memory":
+        return f"self._memory({n.attrs[0]!r}, ({', '.join(a)},), state, new_state)"
+    if op == "memout":
+        return f"{a[0]}[{n.attrs[0]}]"
+    if op == "cluster":
+        return f"self._cluster({n.attrs[0]}, ({', '.join(a)},), state, new_state)"
+    if op == "clusterout":
+        return f"{a[0]}[{n.attrs[0]!r}][{n.attrs[1]}]"
+    if op == "visible":
+        return f"visible({n.attrs[0]!r}, {a[0]}, {n.attrs[1]})"
+    raise CompileError(f"no code for node op {op!r}")  # pragma: no cover
+
+
+def build_program(plan: Plan, slow_kinds: dict[str, str]) -> Program:
+    b = _Builder(plan, slow_kinds)
+    outputs = {name: b.flow(flow) for name, flow in plan.spec.outputs.items()}
+    prog = Program(b.nodes, outputs, b.memories, b.memory_args,
+                   [b.clusters[i] for i in sorted(b.clusters)])  # fmt: skip
+    lines = [f"def forward_program(self, inputs, state, new_state):  # graph {plan.spec.name!r}"]
+    for n in b.nodes:
+        lines.append(f"    n{n.id} = {node_expr(n, lambda i: f'n{i}')}")
+    out = ", ".join(f"{k!r}: n{v}" for k, v in outputs.items())
+    lines.append(f"    return {{{out}}}")
+    prog.source = "\n".join(lines) + "\n"
+    return prog
