@@ -206,3 +206,42 @@ def test_named_flows_compile_as_shared_nodes():
     assert sorted(state) == ["l0.M", "l1.M", "l2.M"]
     learner.backend = "reference"
     assert rel(learner(x)[0]["y"], out["y"]) <= 1e-10
+
+
+def _weights(learner):
+    return {k: v for k, v in learner.state_dict().items() if k != "_extra_state"}
+
+
+def _edge_graph(mode):
+    g = get("deltanet", d=6, heads=2, chunk=2)
+    g.differentiate("W_k", "M", mode)
+    return g
+
+
+def test_stop_grad_edge_detaches_the_source_in_the_update():
+    torch.manual_seed(0)
+    plain = compile(get("deltanet", d=6, heads=2, chunk=2), dtype=torch.float64)
+    cut = compile(_edge_graph(nl.stop_grad()), dtype=torch.float64)
+    cut.load_state_dict(_weights(plain), strict=False)
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    y0, y1 = plain(x)[0]["y"], cut(x)[0]["y"]
+    assert torch.equal(y0, y1)  # same values
+    y1.sum().backward()
+    assert cut.slow["W_k"].weight.grad is None or not cut.slow["W_k"].weight.grad.abs().sum()
+    assert cut.slow["W_v"].weight.grad.abs().sum() > 0
+    assert ".detach()" in cut.code
+
+
+def test_truncated_edge_limits_how_far_gradients_reach():
+    torch.manual_seed(0)
+    g = _edge_graph(nl.truncated(2))  # windows of 2 chunks = 4 tokens
+    learner = compile(g, dtype=torch.float64)
+    plain = compile(get("deltanet", d=6, heads=2, chunk=2), dtype=torch.float64)
+    plain.load_state_dict(_weights(learner), strict=False)
+    x = torch.randn(1, 9, 6, dtype=torch.float64, requires_grad=True)
+    y = learner(x)[0]["y"]
+    assert torch.allclose(y, plain(x)[0]["y"], atol=1e-12)  # values unchanged
+    (gx,) = torch.autograd.grad(y[0, 8].sum(), x)
+    assert gx[0, :8].abs().sum() == 0 and gx[0, 8].abs().sum() > 0  # last window: token 8 only
+    (gx,) = torch.autograd.grad(learner(x)[0]["y"][0, 7].sum(), x)
+    assert gx[0, :4].abs().sum() == 0 and gx[0, 4:8].abs().sum() > 0

@@ -65,7 +65,35 @@ def backend_of(learner: Any) -> str:
 
 
 def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
-    """``(read-outs in read order, final state)`` of one memory over the sequence."""
+    """``(read-outs in read order, final state)`` of one memory over the sequence.
+
+    With a truncation (``truncated(k)`` edges) the sequence runs in windows of ``k`` chunks
+    and the carried state is detached between them: gradients reach back at most that far.
+    """
+    T = args[0].shape[1]
+    if cfg.truncate is None or T <= cfg.truncate:
+        return _run_memory(learner, cfg, args, prev)
+    outs: list[tuple] = []
+    for s in range(0, T, cfg.truncate):
+        window = tuple(a[:, s : s + cfg.truncate] for a in args)
+        if s > 0:
+            prev = _detach(prev)
+        o, prev = _run_memory(learner, cfg, window, prev)
+        outs.append(o)
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True)), prev
+
+
+def _detach(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, dict):
+        return {k: _detach(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_detach(v) for v in state)
+    return state
+
+
+def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
     H = cfg.heads
     k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
     queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]

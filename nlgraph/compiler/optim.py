@@ -1,253 +1,563 @@
 """Compile an optimizer graph (memories over the gradient stream) into a fused update.
 
-The graph has one ``params`` level (the weights) and any number of per-parameter memory levels
-(``like`` the weights: momentum, Adam's moments, ...). One step evaluates the levels tier by
-tier, fastest first (PAPER.md 1.2), each level's rule chain applied to all parameters of a group
-at once with ``torch._foreach_*`` ops: no per-parameter Python work beyond what torch's own
-foreach path does (Newton–Schulz is the exception: it is a matrix iteration per tensor).
+An optimizer graph has one or more ``params`` levels (the weights; ``params(min_ndim=2)`` and
+``params(max_ndim=1)`` split the parameters by shape, as Muon and M3 do) and memory levels that
+belong to one of them: ``like`` its parameters (momentum, Adam's moments), or a small MLP per
+parameter tensor (deep momentum). One step evaluates a part's levels tier by tier, fastest first
+(PAPER.md 1.2), each level's rule chain applied to all parameters of a bucket at once with
+``torch._foreach_*`` ops (:mod:`nlgraph.compiler.optim_ops`); Newton–Schulz and the DGD solve are
+the matrix work per tensor.
 
-A level's update is a pipeline over a *direction* ``d``, initialised to the gradient of its
-objective at the state the step starts from (``l2_to(t)``: ``S - t``; ``dot`` on value ``c``:
-``-c``; ``outer``: the gradient of the loss). ``precondition`` and ``orthogonalize`` transform
-``d``; ``gd``/``ema`` apply it (``S <- retain S - lr d``, with momentum ``B <- mu B - lr d;
-S <- retain S + B``); ``weight_decay`` scales ``S``; ``follow`` adds a flow.
+A level's update is a pipeline over a *direction* ``d``, the gradient of its objective at the
+state the step starts from: ``l2_to(t)``: ``S - t``; ``dot`` on value ``c``: ``-c``; keyed
+``l2`` on ``(k, c)``: ``(<S, k> - c) k``; ``outer``: the loss gradient. ``precondition`` and
+``orthogonalize`` transform ``d``; ``gd``/``ema`` apply it (``S <- retain S - lr d``, with
+momentum ``B <- mu B - lr d; S <- retain S + B``); ``weight_decay`` scales ``S``; ``follow`` adds
+a flow; ``dgd`` is the exact proximal step of a linear layer given its inputs. A level that
+updates every ``n > 1`` steps sums its directions over its period (at the state it holds, as a
+CMS level does, Eq. 71) and applies the sum at its ticks.
+
+Hyperparameters are runtime values: :func:`scan` splits a spec into a *skeleton* (its structure)
+and the list of its numbers, so a program compiled once serves every spec with the same skeleton
+— an LR scheduler changes numbers, not the program.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from nlgraph._errors import CompileError
-from nlgraph.flows import FlowBase, references
+from nlgraph.clock import Frequency
+from nlgraph.compiler import optim_ops as ops
+from nlgraph.flows import KV, FlowBase, Grad, Read, State, Ticks, references, walk
 from nlgraph.level import GraphSpec, Level
 from nlgraph.optimizers import Learned, Signal, scalar_fields
+from nlgraph.states import ACTIVATIONS
 from nlgraph.topology import tiers
 from nlgraph.validation import _flows as _level_flows
 from nlgraph.validation import validate
 
-__all__ = ["OptimizerProgram"]
+__all__ = ["OptimizerProgram", "Part", "scan"]
 
 Tensors = list[torch.Tensor]
-Value = float | Tensors
+_ELEMENTWISE_RULES = ("gd", "ema", "precondition", "newton_schulz", "weight_decay", "follow")
+_ACT = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda z: z,
+}
+assert set(_ACT) == set(ACTIVATIONS)
 
 
-def _newton_schulz(x: torch.Tensor, steps: int, variant: str, prenorm: bool) -> torch.Tensor:
-    """Orthogonalise a matrix (PAPER.md 2.5). ``cubic``: ``1.5 O - 0.5 O O^T O`` (one inner GD
-    step of size 1/4, Eq. 44); ``quintic``: the tuned polynomial of production Muon."""
-    if x.ndim < 2:
-        return x / x.norm().clamp_min(1e-7) if prenorm else x
-    shape = x.shape
-    o = x.reshape(shape[0], -1)
-    wide = o.shape[0] > o.shape[1]
-    if wide:  # iterate on the smaller Gram matrix
-        o = o.T
-    if prenorm:
-        o = o / o.norm().clamp_min(1e-7)
-    for _ in range(steps):
-        gram = o @ o.T
-        if variant == "cubic":
-            o = 1.5 * o - 0.5 * gram @ o
-        else:
-            a, b, c = 3.4445, -4.7750, 2.0315
-            o = a * o + (b * gram + c * gram @ gram) @ o
-    if wide:
-        o = o.T
-    return o.reshape(shape)
+def scan(spec: GraphSpec) -> tuple[Hashable, list[float], list[tuple[int, str]]]:
+    """``(skeleton, numbers, sites)``: the spec's structure with every float replaced by a slot,
+    the floats in order, and where each sits (``(id(node), field)``). Docs and meta are left
+    out: they describe, they do not compute."""
+    numbers: list[float] = []
+    sites: list[tuple[int, str]] = []
+
+    def walk_(obj: Any) -> Hashable:
+        if isinstance(obj, BaseModel):
+            items = []
+            for name in type(obj).model_fields:
+                if name in ("doc", "meta"):
+                    continue
+                v = getattr(obj, name)
+                if isinstance(v, float):
+                    numbers.append(v)
+                    sites.append((id(obj), name))
+                    items.append((name, "#"))
+                else:
+                    items.append((name, walk_(v)))
+            return (type(obj).__name__, tuple(items))
+        if isinstance(obj, list | tuple):
+            return tuple(walk_(x) for x in obj)
+        if isinstance(obj, dict):
+            return tuple((k, walk_(v)) for k, v in obj.items())
+        return obj
+
+    return walk_(spec), numbers, sites
+
+
+def _count(freq: Frequency, step: int) -> int:
+    """How many times a level with ``freq`` has updated by outer step ``step`` (inclusive)."""
+    n, o = freq.every, freq.offset
+    if o == 0:
+        return step // n
+    return 0 if step < o else (step - o) // n + 1
+
+
+@dataclass
+class Part:
+    """The levels that train the parameters one ``params`` level selects."""
+
+    weights: Level
+    levels: list[Level]  # tier order, the weights included
+    keys: dict[str, list[str]]  # level -> its storage keys (state, buffers)
+    needs_inputs: bool = False  # a dgd rule: the step needs each weight's layer inputs
+    snapshot: set[str] = field(default_factory=set)  # copied before their update: read at prev
+
+
+@dataclass
+class _Env:
+    """One bucket's step: the tensors, the step count and the hyperparameters in force."""
+
+    part: Part
+    params: Tensors
+    grads: Tensors
+    states: list[dict[str, torch.Tensor]]
+    step: int
+    consts: list[float]
+    keys: list[torch.Tensor | None] | None
+    memo: dict[str, ops.Value] = field(default_factory=dict)
+    prev: dict[str, Tensors] = field(default_factory=dict)
+    _lists: dict[str, Tensors] = field(default_factory=dict)
+
+    def tensors(self, key: str) -> Tensors:
+        out = self._lists.get(key)
+        if out is None:
+            out = self._lists[key] = [s[key] for s in self.states]
+        return out
+
+    def held(self, key: str, at: str) -> Tensors:
+        """A state as read ``at="new"`` (now) or ``"prev"`` (before this step's update)."""
+        if at == "prev" and key in self.prev:
+            return self.prev[key]
+        return self.tensors(key)
 
 
 class OptimizerProgram:
-    """The compiled step of one optimizer graph for one parameter group."""
+    """The compiled step of one optimizer graph (any numbers with the same skeleton).
 
-    def __init__(self, spec: GraphSpec) -> None:
+    Args:
+        spec: the graph; validated here.
+        state_names: storage keys for level names in the per-parameter state (e.g.
+            ``{"m": "exp_avg"}`` so that a state_dict has torch's layout).
+    """
+
+    def __init__(self, spec: GraphSpec, state_names: Mapping[str, str] | None = None) -> None:
         validate(spec)
-        weights = [lv for lv in spec.levels if lv.state.kind == "params"]
-        if len(weights) != 1:
-            raise CompileError(
-                f"optimizer graph {spec.name!r} needs exactly one params level (the weights), "
-                f"found {[lv.name for lv in weights]}"
-            )
         self.spec = spec
-        self.weights = weights[0].name
-        order = [n for tier in tiers(spec) for n in tier]
-        self.levels: list[Level] = [spec.level(n) for n in order]
-        for lv in self.levels:
-            self._check(lv)
-        self.memories = [lv.name for lv in self.levels if lv.name != self.weights]
-        # Levels some flow reads as they were before this step's updates (copied each step).
-        self.prev = sorted(
-            {
-                ref
-                for lv in self.levels
-                for _, flow in _level_flows(lv)
-                for kind, ref, at in references(flow, spec.flows)
-                if kind == "state" and at == "prev"
-            }
-        )
-        self.buffers = [
-            f"{lv.name}.momentum"
-            for lv in self.levels
-            for r in lv.optimizer
-            if getattr(r, "momentum", None) is not None
-        ]
+        self.names = dict(state_names or {})
+        self.skeleton, self.consts, sites = scan(spec)
+        self._slot = {site: i for i, site in enumerate(sites)}
+        order = [spec.level(n) for tier in tiers(spec) for n in tier]
+        weights = [lv for lv in order if lv.state.kind == "params"]
+        if not weights:
+            raise CompileError(
+                f"optimizer graph {spec.name!r} has no params level; add "
+                "g.level('w', state=nl.params(), ...) for the parameters it trains"
+            )
+        owner = {lv.name: self._owner(lv) for lv in order}
+        self.parts = []
+        for w in weights:
+            levels = [lv for lv in order if owner[lv.name] == w.name]
+            for lv in levels:
+                self._check(lv, w, owner)
+            part = Part(w, levels, {lv.name: self._keys_of(lv) for lv in levels})
+            part.needs_inputs = any(r.rule == "dgd" for lv in levels for r in lv.optimizer)
+            part.snapshot = self._snapshots(part)
+            self.parts.append(part)
+        self._by_ndim: dict[int, Part] = {}
+        self._static = {n for n in spec.flows if self._is_static(spec.flows[n])}
 
-    def _check(self, lv: Level) -> None:
+    # ---------------------------------------------------------------------------- planning
+    def key(self, name: str) -> str:
+        return self.names.get(name, name)
+
+    def _owner(self, lv: Level) -> str:
+        """The params level whose parameters ``lv`` belongs to."""
+        spec, st, hops = self.spec, lv.state, 0
+        while st.kind == "like" and hops <= len(spec.levels):
+            owner = spec.level(st.level)
+            st, hops = owner.state, hops + 1
+        if st.kind == "params":
+            return lv.name if hops == 0 else owner.name
+        where = f"optimizer graph {spec.name!r}, level {lv.name!r}"
+        if st.kind == "mlp" and isinstance(lv.context, KV):
+            wrt = {n.wrt for n in walk(lv.context, spec.flows) if isinstance(n, Grad)}
+            if len(wrt) == 1:
+                return wrt.pop()
+        raise CompileError(
+            f"{where}: state {st} belongs to no parameters; an optimizer memory is "
+            "like('w') (one tensor per parameter) or an MLP fed by exactly one grad_of('w')"
+        )
+
+    def _keys_of(self, lv: Level) -> list[str]:
+        if lv.state.kind == "params":
+            return []
+        if lv.state.kind == "mlp":
+            return [self.key(f"{lv.name}.W{i}") for i in range(1, lv.state.depth + 1)]
+        keys = [self.key(lv.name)]
+        if any(getattr(r, "momentum", None) is not None for r in lv.optimizer):
+            keys.append(self.key(f"{lv.name}.momentum"))
+        if self._slow(lv):
+            keys.append(self.key(f"{lv.name}.acc"))
+        return keys
+
+    @staticmethod
+    def _slow(lv: Level) -> bool:
+        return lv.frequency.every > 1 or lv.frequency.offset > 0
+
+    def _check(self, lv: Level, weights: Level, owner: dict[str, str]) -> None:
         where = f"optimizer graph {self.spec.name!r}, level {lv.name!r}"
-        if lv.name != self.weights and not (
-            lv.state.kind == "like" and lv.state.level == self.weights
-        ):
-            raise CompileError(f"{where}: state {lv.state} is not like({self.weights!r})")
-        if lv.frequency.unit != "step" or lv.frequency.every != 1:
-            raise CompileError(f"{where}: only per-step levels are supported, got {lv.frequency}")
+        st, f = lv.state, lv.frequency
+        if f.unit != "step":
+            raise CompileError(f"{where}: optimizer levels update per step, got {f}")
+        if lv is weights:
+            if f.every != 1 or f.offset:
+                raise CompileError(f"{where}: the weights update every step, got {f}")
+            if st.select:
+                raise CompileError(
+                    f"{where}: params(select={st.select!r}) filters by name, but an optimizer "
+                    "sees tensors without names; select by shape (min_ndim/max_ndim) or pass "
+                    "the parameters as their own param group"
+                )
+        if st.kind == "mlp":
+            self._check_mlp(lv, where)
+        elif st.kind == "like" and lv.init.kind not in ("zeros", "normal"):
+            raise CompileError(f"{where}: init {lv.init} is not supported; use zeros or normal")
         for rule in lv.optimizer:
             for name, value in scalar_fields(rule).items():
                 if isinstance(value, Learned | Signal):
                     raise CompileError(f"{where}: {name} must be a constant in an optimizer graph")
-            if rule.rule in ("dgd", "exact"):
-                raise CompileError(f"{where}: rule {rule.rule!r} is not element-wise")
+            if rule.rule == "dgd":
+                if lv is not weights or rule.retain is not None or rule.momentum is not None:
+                    raise CompileError(
+                        f"{where}: dgd updates the weights of linear layers, without retain or "
+                        "momentum, in an optimizer graph"
+                    )
+            elif rule.rule not in _ELEMENTWISE_RULES:
+                raise CompileError(f"{where}: rule {rule.rule!r} has no optimizer lowering")
+        obj = lv.objective
+        if obj is not None and obj.kind not in ("outer", "dot", "l2_to", "l2"):
+            raise CompileError(f"{where}: objective {obj.kind!r} has no optimizer lowering")
+        if obj is not None and obj.kind == "l2" and st.kind == "like":
+            ctx = lv.context
+            if not (isinstance(ctx, KV) and ctx.key is not None and ctx.value is not None):
+                raise CompileError(f"{where}: an l2 memory of gradients needs kv(key, value)")
+        for field_, flow in _level_flows(lv):
+            for kind, ref, _ in references(flow, self.spec.flows):
+                if kind == "input":
+                    raise CompileError(f"{where}, {field_}: an optimizer has no input {ref!r}")
+                if kind == "grad" and ref != weights.name:
+                    raise CompileError(
+                        f"{where}, {field_}: the gradient w.r.t. {ref!r}; a level of "
+                        f"{weights.name!r}'s part reads grad_of({weights.name!r}) only"
+                    )
+                if kind in ("state", "read") and owner[ref] != weights.name:
+                    raise CompileError(
+                        f"{where}, {field_}: reads {ref!r}, which trains other parameters "
+                        f"({owner[ref]!r}); parts selected by shape share no state"
+                    )
+            for node in walk(flow, self.spec.flows):
+                if isinstance(node, Read) and self.spec.level(node.level).state.kind != "mlp":
+                    raise CompileError(f"{where}, {field_}: only MLP memories are read with M(x)")
+
+    def _check_mlp(self, lv: Level, where: str) -> None:
+        st, obj, rules = lv.state, lv.objective, lv.optimizer
+        if st.d_in != 1 or st.d_out != 1:
+            raise CompileError(
+                f"{where}: an MLP memory of gradients acts on each gradient entry here; "
+                f"use mlp(1, 1, width=...), got {st}"
+            )
+        if not isinstance(st.width, int):
+            raise CompileError(f"{where}: the MLP width must be an int, got {st.width!r}")
+        if (
+            obj is None
+            or obj.kind != "l2"
+            or len(rules) != 1
+            or rules[0].rule != "gd"
+            or rules[0].momentum is not None
+        ):
+            raise CompileError(f"{where}: an MLP memory here is trained by gd (no momentum) on l2")
+        if self._slow(lv):
+            raise CompileError(f"{where}: an MLP memory updates every step")
+        if lv.init.kind not in ("normal", "zeros"):
+            raise CompileError(f"{where}: init {lv.init} is not supported; use normal or zeros")
+
+    def _snapshots(self, part: Part) -> set[str]:
+        """Levels read at ``prev`` by a level that runs after their update (or by themselves
+        after their first rule): their state is copied before they update."""
+        pos = {lv.name: i for i, lv in enumerate(part.levels)}
+        out = set()
+        for i, lv in enumerate(part.levels):
+            for _, flow in _level_flows(lv):
+                for kind, ref, at in references(flow, self.spec.flows):
+                    later = ref in pos and (
+                        pos[ref] < i or (ref == lv.name and len(lv.optimizer) > 1)
+                    )
+                    if kind in ("state", "read") and at == "prev" and later:
+                        out.add(ref)
+        return out
+
+    def _is_static(self, flow: FlowBase) -> bool:
+        """Whether a named flow has one value through a step (shared by every reader)."""
+        for node in walk(flow, self.spec.flows):
+            if isinstance(node, Ticks) or (isinstance(node, State | Read) and node.at == "new"):
+                return False
+        return True
+
+    # ----------------------------------------------------------------------------- binding
+    def part_of(self, p: torch.Tensor) -> Part:
+        """The part whose params level selects ``p`` (by its number of dimensions)."""
+        part = self._by_ndim.get(p.ndim)
+        if part is None:
+            hits = [pt for pt in self.parts if pt.weights.state.selects_ndim(p.ndim)]
+            if len(hits) != 1:
+                have = ", ".join(f"{pt.weights.name}: {pt.weights.state}" for pt in self.parts)
+                what = "no" if not hits else "more than one"
+                raise CompileError(
+                    f"optimizer graph {self.spec.name!r}: a parameter of shape "
+                    f"{tuple(p.shape)} matches {what} params level ({have}); select every "
+                    "shape exactly once (e.g. muon_adamw adds AdamW for non-matrices)"
+                )
+            part = self._by_ndim[p.ndim] = hits[0]
+        return part
+
+    def init_state(self, part: Part, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Fill the missing entries of ``p``'s state (all of them for a new parameter)."""
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for lv in part.levels:
+            std = lv.init.std if lv.init.kind == "normal" else 0.0
+            if lv.state.kind == "mlp":
+                st = lv.state
+                shapes = [(st.d_out, st.width)]
+                shapes += [(st.width, st.width)] * (st.depth - 2) + [(st.width, st.d_in)]
+                shapes = shapes if st.depth > 1 else [(st.d_out, st.d_in)]
+                for key, shape in zip(part.keys[lv.name], shapes, strict=True):
+                    if state.get(key) is None:
+                        state[key] = torch.randn(shape, dtype=p.dtype, device=p.device) * std
+                continue
+            for i, key in enumerate(part.keys[lv.name]):
+                if state.get(key) is None:
+                    t = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[key] = t.normal_(0.0, std) if std and i == 0 else t
 
     # -------------------------------------------------------------------------- evaluation
-    def init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n in self.memories}
-        for b in self.buffers:
-            state[b] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+    @torch.no_grad()
+    def step(
+        self,
+        part: Part,
+        params: Tensors,
+        grads: Tensors,
+        states: list[dict[str, torch.Tensor]],
+        step: int,
+        consts: list[float] | None = None,
+        keys: list[torch.Tensor | None] | None = None,
+    ) -> None:
+        """One update of ``part``'s levels for a bucket of parameters at outer step ``step``
+        (1 at the first), in place. ``keys``: each parameter's layer inputs (DGD only)."""
+        env = _Env(part, params, grads, states, step, consts or self.consts, keys)
+        for lv in part.levels:
+            updating = lv.frequency.updates_at(step)
+            if updating and lv.name in part.snapshot:  # its held state, not its buffers
+                held = part.keys[lv.name] if lv.state.kind == "mlp" else part.keys[lv.name][:1]
+                for k in held:
+                    env.prev[k] = torch._foreach_mul(env.tensors(k), 1.0)
+            if lv.state.kind == "mlp":
+                self._mlp_update(lv, env)
+            else:
+                self._update(lv, env, updating)
 
-    def _eval(self, flow: FlowBase, env: dict[str, Any]) -> Value:
+    def _c(self, node: Any, name: str, env: _Env) -> float:
+        return env.consts[self._slot[(id(node), name)]]
+
+    def _ticks(self, level: str, env: _Env) -> int:
+        return _count(self.spec.level(level).frequency, env.step)
+
+    def _eval(self, flow: FlowBase, env: _Env, lv: Level) -> ops.Value:
         op = flow.op
         if op == "const":
-            return flow.value
-        if op == "ref":
-            return self._eval(self.spec.flows[flow.name], env)
+            return self._c(flow, "value", env)
         if op == "grad":
-            if flow.wrt != self.weights or flow.objective != "loss":
-                raise CompileError(f"{self.spec.name!r}: only gradients of the loss w.r.t. weights")
-            return env["grad"]
+            return ops.lazy(env.grads)
         if op == "state":
-            key = flow.level if flow.at == "new" else f"prev:{flow.level}"
-            return env[key]
+            return ops.lazy(env.held(self.key(flow.level), flow.at))
+        if op == "ref":
+            if flow.name not in self._static:
+                return self._eval(self.spec.flows[flow.name], env, lv)
+            if flow.name not in env.memo:
+                v = self._eval(self.spec.flows[flow.name], env, lv)
+                env.memo[flow.name] = v if isinstance(v, float) else replace(v, owned=False)
+            return env.memo[flow.name]
         if op == "unary":
-            return _unary(flow.fn, self._eval(flow.x, env))
+            return ops.unary(flow.fn, self._eval(flow.x, env, lv))
         if op == "binary":
-            return _binary(flow.fn, self._eval(flow.a, env), self._eval(flow.b, env))
+            a, b = self._eval(flow.a, env, lv), self._eval(flow.b, env, lv)
+            if flow.fn == "sub":
+                return ops.add(a, ops.neg(b))
+            fn = {"add": ops.add, "mul": ops.mul, "div": ops.div, "pow": ops.power}[flow.fn]
+            return fn(a, b)
         if op == "debias":
-            return _binary("div", self._eval(flow.x, env), 1.0 - flow.beta ** env["step"])
+            level = flow.x.level if isinstance(flow.x, State) else lv.name
+            beta = self._c(flow, "beta", env)
+            return ops.div(self._eval(flow.x, env, lv), 1.0 - beta ** self._ticks(level, env))
         if op == "newton_schulz":
-            x = self._eval(flow.x, env)
-            return [_newton_schulz(t, flow.steps, flow.variant, flow.prenorm) for t in x]
-        raise CompileError(f"{self.spec.name!r}: flow {flow} is not supported in an optimizer")
+            x = ops.materialize(self._as_tensors(self._eval(flow.x, env, lv), env))
+            ns = [ops.newton_schulz(t, flow.steps, flow.variant, flow.prenorm) for t in x]
+            return ops.lazy(ns, owned=True)
+        if op == "ticks":
+            return float(self._ticks(lv.name, env))
+        if op == "read":
+            return self._mlp_read(flow, env, lv)
+        raise CompileError(f"{self.spec.name!r}: flow {flow} has no optimizer lowering")
 
-    def _direction(self, lv: Level, env: dict[str, Any]) -> Tensors | None:
+    @staticmethod
+    def _as_tensors(x: ops.Value, env: _Env) -> ops.Lazy:
+        return ops.lazy([torch.full_like(p, x) for p in env.params]) if isinstance(x, float) else x
+
+    def _direction(self, lv: Level, s: Tensors, env: _Env) -> Any:
+        """``None``, ``("target", t)`` for ``S - t`` (applied without forming it), or a value."""
         obj = lv.objective
         if obj is None:
             return None
         if obj.kind == "outer":
-            return env["grad"]
-        if obj.kind in ("l2_to", "l2"):
-            target = obj.target if obj.kind == "l2_to" else lv.context
-            # The level has not been updated yet this step: its current state is S_prev.
-            return _binary("sub", env[lv.name], self._eval(target, env))
+            return ops.lazy(env.grads)
         if obj.kind == "dot":
-            return _unary("neg", self._eval(lv.context, env))
-        raise CompileError(f"level {lv.name!r}: objective {obj.kind!r} is not element-wise")
+            return ops.neg(self._eval(lv.context, env, lv))
+        if obj.kind == "l2_to":
+            return ("target", self._eval(obj.target, env, lv))
+        # keyed l2 on a vector memory: 1/2 (<S, k> - c)^2 per tensor, d = (<S, k> - c) k
+        k = ops.materialize(self._as_tensors(self._eval(lv.context.key, env, lv), env))
+        c = self._eval(lv.context.value, env, lv)
+        if not isinstance(c, float):
+            raise CompileError(f"level {lv.name!r}: the value of a keyed memory is one number")
+        coef = [dot - c for dot in ops.inner(s, k)]
+        return ops.lazy(torch._foreach_mul(k, coef), owned=True)
 
-    @torch.no_grad()
-    def step(
-        self, params: Tensors, grads: Tensors, states: list[dict[str, torch.Tensor]], step: int
-    ) -> None:
-        """One update of every level, in tier order, in place."""
-        env: dict[str, Any] = {"grad": grads, "step": step, self.weights: params}
-        for n in self.memories:
-            env[n] = [s[n] for s in states]
-        for n in self.prev:
-            env[f"prev:{n}"] = [t.clone() for t in env[n]]
-        for lv in self.levels:
-            self._update(lv, env[lv.name], env, states)
+    @staticmethod
+    def _explicit(d: Any, s: Tensors) -> ops.Value:
+        return ops.add(ops.lazy(s), ops.neg(d[1])) if isinstance(d, tuple) else d
 
-    def _update(self, lv: Level, s: Tensors, env: dict[str, Any], states: list[dict]) -> None:
-        d = self._direction(lv, env)
+    def _update(self, lv: Level, env: _Env, updating: bool) -> None:
+        s = env.tensors(self.key(lv.name)) if lv.state.kind != "params" else env.params
+        d = self._direction(lv, s, env)
+        if self._slow(lv):  # sum the period's directions at the held state (CMS, Eq. 71)
+            acc = env.tensors(self.key(f"{lv.name}.acc"))
+            if isinstance(d, tuple):
+                ops.add_to(acc, ops.lazy(s))
+                ops.add_to(acc, d[1], -1.0)
+            elif d is not None:
+                ops.add_to(acc, d)
+            if not updating:
+                return
+            d = ops.lazy(torch._foreach_mul(acc, 1.0), owned=True)
+            torch._foreach_zero_(acc)
+        elif not updating:
+            return
         for rule in lv.optimizer:
             kind = rule.rule
-            if kind == "precondition":
-                by = self._eval(rule.by, env)
-                denom = _binary("add", _binary("pow", by, rule.power), rule.eps)
-                d = _binary("div", d, denom)
-            elif kind == "newton_schulz":
-                d = [_newton_schulz(t, rule.steps, rule.variant, True) for t in d]
-            elif kind == "weight_decay":
-                torch._foreach_mul_(s, 1.0 - rule.rate)
+            if kind == "weight_decay":
+                torch._foreach_mul_(s, 1.0 - self._c(rule, "rate", env))
             elif kind == "follow":
-                torch._foreach_add_(s, _as_list(self._eval(rule.update, env), s))
-            elif kind in ("gd", "ema"):
-                lr = 1.0 - rule.beta if kind == "ema" else rule.lr
-                retain = getattr(rule, "retain", None)
-                if retain is not None and retain != 1.0:
-                    torch._foreach_mul_(s, retain)
-                mu = getattr(rule, "momentum", None)
-                if mu is None:
-                    torch._foreach_add_(s, d, alpha=-lr)
+                ops.add_to(s, self._eval(rule.update, env, lv))
+            elif kind == "precondition":
+                by = ops.power(self._eval(rule.by, env, lv), self._c(rule, "power", env))
+                d = ops.div(self._explicit(d, s), ops.add(by, self._c(rule, "eps", env)))
+            elif kind == "newton_schulz":
+                x = ops.materialize(self._explicit(d, s))
+                d = ops.lazy(
+                    [ops.newton_schulz(t, rule.steps, rule.variant) for t in x], owned=True
+                )
+            elif kind == "dgd":
+                self._dgd(rule, s, self._explicit(d, s), env)
+            else:
+                self._gd(lv, rule, s, d, env)
+
+    def _gd(self, lv: Level, rule: Any, s: Tensors, d: Any, env: _Env) -> None:
+        ema = rule.rule == "ema"
+        lr = 1.0 - self._c(rule, "beta", env) if ema else self._c(rule, "lr", env)
+        retain = None if ema or rule.retain is None else self._c(rule, "retain", env)
+        if ema or rule.momentum is None:
+            if isinstance(d, tuple):  # retain S - lr (S - t) = (retain - lr) S + lr t
+                if retain is None or retain == 1.0:
+                    ops.lerp_to(s, d[1], lr)
                 else:
-                    buf = [st[f"{lv.name}.momentum"] for st in states]
-                    torch._foreach_mul_(buf, mu)
-                    torch._foreach_add_(buf, d, alpha=-lr)
-                    if rule.nesterov:
-                        torch._foreach_add_(s, buf, alpha=mu)
-                        torch._foreach_add_(s, d, alpha=-lr)
-                    else:
-                        torch._foreach_add_(s, buf)
-            else:  # pragma: no cover - _check rejects the rest
-                raise CompileError(f"level {lv.name!r}: rule {kind!r} unsupported")
+                    torch._foreach_mul_(s, retain - lr)
+                    ops.add_to(s, d[1], lr)
+                return
+            if retain is not None and retain != 1.0:
+                torch._foreach_mul_(s, retain)
+            ops.add_to(s, d, -lr)
+            return
+        mu = self._c(rule, "momentum", env)
+        d = self._explicit(d, s)
+        buf = env.tensors(self.key(f"{lv.name}.momentum"))
+        torch._foreach_mul_(buf, mu)
+        ops.add_to(buf, d, -lr)
+        if retain is not None and retain != 1.0:
+            torch._foreach_mul_(s, retain)
+        if rule.nesterov:
+            ops.add_to(s, ops.lazy(buf), mu)
+            ops.add_to(s, d, -lr)
+        else:
+            ops.add_to(s, ops.lazy(buf))
 
+    def _dgd(self, rule: Any, s: Tensors, d: ops.Value, env: _Env) -> None:
+        lr = self._c(rule, "lr", env)
+        b = torch._foreach_mul(s, 1.0)
+        ops.add_to(b, d, -lr)
+        keys = env.keys or [None] * len(s)
+        for w, bw, x in zip(s, b, keys, strict=True):
+            if x is None or w.ndim != 2:
+                raise RuntimeError(
+                    f"DGD needs the inputs of the linear layer of each weight; a parameter of "
+                    f"shape {tuple(w.shape)} has none. Call optimizer.watch(model) before the "
+                    "forward pass (nn.Linear weights only; train biases with another optimizer)"
+                )
+            ops.dgd_step(w, bw, x, lr, rule.exact)
 
-def _as_list(v: Value, like: Tensors) -> Tensors:
-    return [torch.full_like(t, v) for t in like] if isinstance(v, float) else v
+    # ------------------------------------------------------------------------- MLP memory
+    def _mlp_layers(self, name: str, env: _Env, at: str) -> list[torch.Tensor]:
+        keys = env.part.keys[name]
+        return [torch.stack(env.held(k, at)) for k in keys]
 
+    def _mlp_apply(self, lv: Level, layers: list[torch.Tensor], xs: Tensors) -> torch.Tensor:
+        """``M(x)`` for every entry of every tensor, each tensor with its own MLP (Eq. 89:
+        ``M(z) = z + W1 s(W2 z)``); returns the entries flattened and concatenated."""
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        sizes = torch.tensor([x.numel() for x in xs], device=flat.device)
+        seg = torch.repeat_interleave(torch.arange(len(xs), device=flat.device), sizes)
+        act = _ACT[lv.state.activation]
+        h = flat[:, None]
+        for i, w in enumerate(reversed(layers)):  # W_L first, W1 last
+            h = torch.einsum("noi,ni->no", w[seg], h)
+            if i < len(layers) - 1:
+                h = act(h)
+        return h[:, 0] + flat if lv.state.residual else h[:, 0]
 
-def _unary(fn: str, x: Value) -> Value:
-    if isinstance(x, float):
-        t = _unary(fn, [torch.tensor(x, dtype=torch.float64)])
-        return float(t[0])
-    if fn == "neg":
-        return torch._foreach_neg(x)
-    if fn == "square":
-        return torch._foreach_mul(x, x)
-    if fn == "sqrt":
-        return torch._foreach_sqrt(x)
-    if fn == "abs":
-        return torch._foreach_abs(x)
-    if fn == "sign":
-        return torch._foreach_sign(x)
-    if fn == "exp":
-        return torch._foreach_exp(x)
-    if fn == "log":
-        return torch._foreach_log(x)
-    if fn == "normalize":
-        return [t / t.norm().clamp_min(1e-12) for t in x]
-    act = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-           "relu": torch.relu, "softplus": torch.nn.functional.softplus}  # fmt: skip
-    return [act[fn](t) for t in x]
+    def _mlp_read(self, flow: Read, env: _Env, lv: Level) -> ops.Lazy:
+        mem = self.spec.level(flow.level)
+        xs = ops.materialize(self._as_tensors(self._eval(flow.arg, env, lv), env))
+        out = self._mlp_apply(mem, self._mlp_layers(mem.name, env, flow.at), xs)
+        parts = out.split([x.numel() for x in xs])
+        return ops.lazy([o.view_as(x) for o, x in zip(parts, xs, strict=True)], owned=True)
 
-
-def _binary(fn: str, a: Value, b: Value) -> Value:
-    if isinstance(a, float) and isinstance(b, float):
-        return {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b, "pow": a**b}[fn]
-    if fn == "add":
-        return torch._foreach_add(b, a) if isinstance(a, float) else torch._foreach_add(a, b)
-    if fn == "mul":
-        return torch._foreach_mul(b, a) if isinstance(a, float) else torch._foreach_mul(a, b)
-    if fn == "sub":
-        if isinstance(a, float):
-            return torch._foreach_add(torch._foreach_neg(b), a)
-        return torch._foreach_sub(a, b)
-    if fn == "div":
-        if isinstance(a, float):
-            return torch._foreach_mul(torch._foreach_reciprocal(b), a)
-        return torch._foreach_div(a, b)
-    if fn == "pow":
-        if isinstance(a, float):
-            return [torch.pow(a, t) for t in b]
-        if isinstance(b, float) and b == 0.5:
-            return torch._foreach_sqrt(a)
-        return torch._foreach_pow(a, b)
-    raise CompileError(f"binary op {fn!r} unsupported")
+    def _mlp_update(self, lv: Level, env: _Env) -> None:
+        """One GD step, with retention, on ``1/2 mean ||M(k) - v||^2`` over each tensor's
+        entries (a mean, so that ``lr`` does not scale with the tensor's size)."""
+        rule = lv.optimizer[0]
+        lr = self._c(rule, "lr", env)
+        retain = 1.0 if rule.retain is None else self._c(rule, "retain", env)
+        ctx = lv.context
+        k = ops.materialize(self._as_tensors(self._eval(ctx.key, env, lv), env))
+        v = ops.materialize(self._as_tensors(self._eval(ctx.value, env, lv), env))
+        sizes = [x.numel() for x in k]
+        layers = [w.detach().requires_grad_() for w in self._mlp_layers(lv.name, env, "new")]
+        with torch.enable_grad():
+            r = self._mlp_apply(lv, layers, k) - torch.cat([x.reshape(-1) for x in v])
+            weight = torch.cat([torch.full((n,), 0.5 / n, dtype=r.dtype) for n in sizes])
+            grads = torch.autograd.grad((weight.to(r.device) * r * r).sum(), layers)
+        for key, w, g in zip(env.part.keys[lv.name], layers, grads, strict=True):
+            new = w.detach() * retain - lr * g
+            torch._foreach_copy_(env.tensors(key), list(new.unbind(0)))

@@ -31,7 +31,7 @@ class Node:
     """``op`` applied to earlier nodes ``args`` with constant ``attrs``."""
 
     id: int
-    op: str  # input | slow | conv | block | param | unary | normalize | binary | const | memout
+    op: str  # input slow conv block param unary normalize binary const detach memory memout ...
     args: tuple[int, ...] = ()
     attrs: tuple[Any, ...] = ()
 
@@ -63,6 +63,7 @@ class MemoryCfg:
     residual: bool = False
     window: int | None = None
     temperature: float | None = None
+    truncate: int | None = None  # tokens between detached states (truncated(k) edges)
 
 
 @dataclass
@@ -113,6 +114,25 @@ class _Builder:
         self.mem_nodes: dict[str, int] = {}
         self.clusters: dict[int, ClusterCfg] = {}
         self.cluster_of = {n: i for i, c in enumerate(plan.clusters) for n in c}
+        self.detach: frozenset[str] = frozenset()  # levels read without gradient here
+        self.stop_grad: dict[str, frozenset[str]] = {}
+        self.truncated: dict[str, int] = {}
+        for d in self.spec.diff:
+            if d.mode.mode == "stop_grad":
+                self.stop_grad[d.dst] = self.stop_grad.get(d.dst, frozenset()) | {d.src}
+            elif d.mode.mode == "truncated":
+                if self.truncated.get(d.dst, d.mode.k) != d.mode.k:
+                    raise CompileError(f"level {d.dst!r}: edges into it truncate at different k")
+                self.truncated[d.dst] = d.mode.k
+        for dst in (*self.stop_grad, *self.truncated):
+            lowering = plan.levels[dst].lowering
+            if lowering not in ("linear_memory", "deep_memory", "attention") or (
+                dst in self.truncated and lowering == "attention"
+            ):
+                raise CompileError(
+                    f"level {dst!r} ({lowering}): stop_grad/truncated edges into it are not "
+                    "supported yet; they apply to linear and deep memories"
+                )
 
     def add(self, op: str, args: tuple[int, ...] = (), attrs: tuple = ()) -> int:
         sig = (op, args, attrs)
@@ -123,10 +143,21 @@ class _Builder:
         return hit
 
     def flow(self, flow: FlowBase) -> int:
-        hit = self.flow_memo.get(flow)
+        memo = (flow, self.detach)
+        hit = self.flow_memo.get(memo)
         if hit is None:
-            hit = self.flow_memo[flow] = self._flow(flow)
+            hit = self.flow_memo[memo] = self._flow(flow)
+            if flow.op in ("read", "state") and flow.level in self.detach:
+                hit = self.flow_memo[memo] = self.add("detach", (hit,))
         return hit
+
+    def flow_for(self, dst: str, flow: FlowBase) -> int:
+        """``flow`` as level ``dst`` reads it: levels on its stop_grad edges are detached."""
+        outer, self.detach = self.detach, self.stop_grad.get(dst, frozenset())
+        try:
+            return self.flow(flow)
+        finally:
+            self.detach = outer
 
     def _flow(self, f: FlowBase) -> int:
         op = f.op
@@ -208,6 +239,9 @@ class _Builder:
             residual=getattr(st, "residual", False),
             window=getattr(st, "window", None),
             temperature=getattr(lv.objective, "temperature", None),
+            truncate=self.truncated[lv.name] * self.plan.levels[lv.name].chunk
+            if lv.name in self.truncated
+            else None,
         )
         return cfg, args
 
@@ -216,7 +250,7 @@ class _Builder:
         if name not in self.mem_nodes:
             lv = self.spec.level(name)
             reads = memory_reads(self.spec, name)
-            cfg, args = self._memory_cfg(lv, reads, self.flow)
+            cfg, args = self._memory_cfg(lv, reads, lambda f: self.flow_for(name, f))
             self.memories[name] = cfg
             self.memory_args[name] = tuple(args)
             self.mem_nodes[name] = self.add("memory", tuple(args), (name,))
@@ -348,6 +382,8 @@ def node_expr(n: Node, var) -> str:
         return f"self.slow[{n.attrs[0]!r}].value"
     if op == "normalize":
         return f"F.normalize({a[0]}, dim=-1)"
+    if op == "detach":
+        return f"{a[0]}.detach()"
     if op == "unary":
         return f"(-{a[0]})" if n.attrs[0] == "neg" else f"UNARY[{n.attrs[0]!r}]({a[0]})"
     if op == "binary":
