@@ -34,6 +34,7 @@ __all__ = [
     "Debias",
     "NewtonSchulz",
     "KV",
+    "Ticks",
     "UNARY_FNS",
     "as_flow",
     "state",
@@ -43,6 +44,7 @@ __all__ = [
     "debias",
     "newton_schulz",
     "kv",
+    "ticks",
     "walk",
     "references",
 ]
@@ -244,8 +246,18 @@ class KV(FlowBase):
         return "(" + ", ".join(parts) + ")"
 
 
+class Ticks(FlowBase):
+    """The number of updates of the level that evaluates this flow, this one included (1 at its
+    first update): a step-dependent scale such as AdaGrad's ``lr / (1 + (t - 1) lr_decay)``."""
+
+    op: Literal["ticks"] = "ticks"
+
+    def __str__(self) -> str:
+        return "t"
+
+
 Flow = Annotated[
-    Union[Input, Ref, State, Read, Grad, Unary, Binary, Const, Debias, NewtonSchulz, KV],  # noqa: UP007
+    Union[Input, Ref, State, Read, Grad, Unary, Binary, Const, Debias, NewtonSchulz, KV, Ticks],  # noqa: UP007
     Field(discriminator="op"),
 ]
 
@@ -309,6 +321,11 @@ def kv(key: object = None, value: object = None, query: object = None) -> KV:
         value=None if value is None else as_flow(value),
         query=None if query is None else as_flow(query),
     )
+
+
+def ticks() -> Ticks:
+    """The evaluating level's update count ``t`` (see :class:`Ticks`)."""
+    return Ticks()
 
 
 def walk(

@@ -1,45 +1,127 @@
 """Optimizers compiled from graphs of memories: real ``torch.optim.Optimizer`` subclasses.
 
-``compile_optimizer(builder)`` turns any graph builder (a function of hyperparameters returning
-an optimizer :class:`~nlgraph.Graph`, such as ``nlgraph.library.get("adam")``'s builder) into an
-optimizer class whose param groups carry those hyperparameters. Each group's step is the compiled
-program of its graph (:mod:`nlgraph.compiler.optim`), fused over the group's tensors.
+``compile_optimizer(builder)`` turns a graph builder (a function of hyperparameters returning an
+optimizer :class:`~nlgraph.Graph`, e.g. ``nlgraph.library.builder("adam")``) into an optimizer
+class whose param groups carry those hyperparameters. Each group's step is the compiled program
+of its graph (:mod:`nlgraph.compiler.optim`), fused over the group's tensors with foreach ops.
+
+The drop-ins below (``SGD``, ``Adam``, ``AdamW``, ``Adagrad``, ``RMSprop`` with torch's
+signatures and state layout; ``Muon``, ``M3``, ``DMGD``, ``DeltaMomentum``, ... with the
+paper's) are ``compile_optimizer`` applied to the library's graphs, with torch-style
+hyperparameter names mapped onto the builders' arguments::
+
+    opt = nlgraph.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), amsgrad=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+
+Hyperparameters are runtime numbers: a scheduler that changes ``lr`` every step reuses the
+compiled program (the graph is rebuilt, not re-validated or re-compiled; see
+:func:`nlgraph.compiler.optim.scan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from nlgraph.compiler.optim import OptimizerProgram
+from nlgraph.compiler.optim import OptimizerProgram, scan
 from nlgraph.graph import Graph
+from nlgraph.library import builder as _library
 
-__all__ = ["GraphOptimizer", "compile_optimizer"]
+__all__ = [
+    "GraphOptimizer",
+    "compile_optimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "RMSprop",
+    "Momentum",
+    "AdagradMomentum",
+    "PreconditionedMomentum",
+    "DeltaMomentum",
+    "DMGD",
+    "Muon",
+    "M3",
+    "DGD",
+]
+
+_CACHE = 64  # hyperparameter settings kept bound per optimizer (an LR schedule visits many)
+
+
+def _freeze(v: Any) -> Hashable:
+    if isinstance(v, torch.Tensor):
+        return float(v)
+    if isinstance(v, list | tuple):
+        return tuple(_freeze(x) for x in v)
+    return v
 
 
 class GraphOptimizer(torch.optim.Optimizer):
-    """Base of compiled optimizers: subclasses set ``builder`` (hyperparameters -> Graph)."""
+    """Base of compiled optimizers. A subclass sets ``builder`` (hyperparameters -> Graph) and
+    may override :meth:`graph_kwargs` (a group's hyperparameters -> the builder's arguments) and
+    ``state_names`` (level name -> key in the per-parameter state).
+
+    ``compilations`` counts the programs compiled (one per graph structure, not per number).
+    """
 
     builder: Callable[..., Graph]
+    state_names: Mapping[str, str] = {}
 
-    def __init__(self, params: Iterable[Any], **defaults: Any) -> None:
-        self._hparams = tuple(defaults)
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._programs: dict[Hashable, OptimizerProgram] = {}
+        self._bound: OrderedDict[Hashable, tuple[OptimizerProgram, list[float]]] = OrderedDict()
+        self._inputs: dict[torch.Tensor, list[torch.Tensor]] = {}
+        self.compilations = 0
         super().__init__(params, defaults)
-        self._programs: dict[tuple, OptimizerProgram] = {}
 
     def graph_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         """The builder's keyword arguments for ``group`` (override to map torch-style names)."""
-        return {k: group[k] for k in self._hparams}
+        return {k: group[k] for k in self.defaults}
 
-    def program(self, group: dict[str, Any]) -> OptimizerProgram:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self.program(self.param_groups[-1])  # bad hyperparameters fail here, not at step 1
+
+    def program(self, group: dict[str, Any]) -> tuple[OptimizerProgram, list[float]]:
+        """The compiled program for ``group`` and the numbers its hyperparameters give."""
         kwargs = self.graph_kwargs(group)
-        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
-        prog = self._programs.get(key)
-        if prog is None:  # LR schedulers change group["lr"]: one small spec rebuild per change
-            prog = self._programs[key] = OptimizerProgram(type(self).builder(**kwargs).spec)
-        return prog
+        key = tuple(sorted((k, _freeze(v)) for k, v in kwargs.items()))
+        hit = self._bound.get(key)
+        if hit is not None:
+            self._bound.move_to_end(key)
+            return hit
+        spec = type(self).builder(**kwargs).spec
+        skeleton, numbers, _ = scan(spec)
+        prog = self._programs.get(skeleton)
+        if prog is None:
+            prog = self._programs[skeleton] = OptimizerProgram(spec, self.state_names)
+            self.compilations += 1
+        hit = self._bound[key] = (prog, numbers)
+        if len(self._bound) > _CACHE:
+            self._bound.popitem(last=False)
+        return hit
+
+    def watch(self, module: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Record the inputs of every ``nn.Linear`` of ``module`` during training forwards: the
+        keys a ``dgd`` rule regresses on (PAPER.md 3.1). Returns the hook handles."""
+
+        def record(weight: torch.Tensor) -> Callable[..., None]:
+            def hook(_: torch.nn.Module, args: tuple) -> None:
+                if torch.is_grad_enabled():
+                    x = args[0].detach().reshape(-1, weight.shape[1])
+                    self._inputs.setdefault(weight, []).append(x)
+
+            return hook
+
+        return [
+            m.register_forward_pre_hook(record(m.weight))
+            for m in module.modules()
+            if isinstance(m, torch.nn.Linear)
+        ]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -48,53 +130,251 @@ class GraphOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            prog = self.program(group)
-            buckets: dict[int, tuple[list, list, list]] = {}
+            prog, numbers = self.program(group)
+            buckets: dict[tuple, tuple[list, list, list]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                part = prog.part_of(p)
                 state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state.update(prog.init_state(p))
-                state["step"] += 1
-                bucket = buckets.setdefault(int(state["step"].item()), ([], [], []))
+                if "step" not in state or state.get("_program") is not prog:
+                    prog.init_state(part, p, state)
+                bucket = buckets.setdefault((id(part), p.device, p.dtype), ([], [], [], part))
                 bucket[0].append(p)
                 bucket[1].append(p.grad)
                 bucket[2].append(state)
-            for step, (params, grads, states) in sorted(buckets.items()):
-                prog.step(params, grads, states, step)
+            for params, grads, states, part in buckets.values():
+                if group.get("maximize", False):
+                    grads = torch._foreach_neg(grads)
+                self._step_bucket(prog, part, params, grads, states, numbers)
+        self._inputs.clear()
         return loss
+
+    def _step_bucket(
+        self,
+        prog: OptimizerProgram,
+        part: Any,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        numbers: list[float],
+    ) -> None:
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+        by_count: dict[int, list[int]] = {}
+        for i, c in enumerate(counts):  # parameters whose grads were None have fewer steps
+            by_count.setdefault(int(c), []).append(i)
+        for count, idx in by_count.items():
+            pick = (lambda xs: xs) if len(idx) == len(params) else (lambda xs: [xs[i] for i in idx])
+            keys = None
+            if part.needs_inputs:
+                keys = [
+                    torch.cat(self._inputs[p]) if p in self._inputs else None for p in pick(params)
+                ]
+            prog.step(part, pick(params), pick(grads), pick(states), count, numbers, keys)
 
 
 def compile_optimizer(
-    builder: Callable[..., Graph], name: str | None = None, defaults: dict[str, Any] | None = None
+    builder: Callable[..., Graph],
+    name: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    graph_kwargs: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    state_names: Mapping[str, str] | None = None,
+    doc: str | None = None,
 ) -> type[GraphOptimizer]:
-    """An optimizer class from a graph builder; ``defaults`` are its hyperparameters' defaults
-    (taken from the builder's signature when omitted)."""
-    import inspect
+    """An optimizer class from a graph builder.
 
+    Args:
+        builder: hyperparameters -> optimizer graph.
+        name: the class name (default: the builder's, in CamelCase).
+        defaults: the optimizer's hyperparameters and their defaults, in positional order
+            (default: the builder's keyword arguments).
+        graph_kwargs: a param group -> the builder's arguments (default: the group's values of
+            ``defaults``); how torch-style names (``betas``) map onto a builder (``b1, b2``).
+        state_names: level name -> key in the per-parameter state (``{"m": "exp_avg"}``).
+    """
     if defaults is None:
         sig = inspect.signature(builder)
         defaults = {
             k: p.default for k, p in sig.parameters.items() if p.default is not inspect._empty
         }
     cls_name = name or "".join(w.capitalize() for w in builder.__name__.split("_"))
-    base_defaults = dict(defaults)
+    base = dict(defaults)
+    order = list(base)
 
-    def __init__(self, params: Iterable[Any], **hparams: Any) -> None:
-        unknown = set(hparams) - set(base_defaults)
+    def __init__(self: GraphOptimizer, params: Iterable[Any], *args: Any, **hparams: Any) -> None:
+        if len(args) > len(order):
+            raise TypeError(f"{cls_name}: expected at most {len(order)} positional arguments")
+        for k, v in zip(order, args, strict=False):
+            if k in hparams:
+                raise TypeError(f"{cls_name}: got multiple values for {k!r}")
+            hparams[k] = v
+        unknown = set(hparams) - set(base)
         if unknown:
             raise TypeError(
-                f"{cls_name}: unknown hyperparameters {sorted(unknown)}; "
-                f"expected {sorted(base_defaults)}"
+                f"{cls_name}: unknown hyperparameters {sorted(unknown)}; expected {order}"
             )
-        GraphOptimizer.__init__(self, params, **{**base_defaults, **hparams})
+        GraphOptimizer.__init__(self, params, {**base, **hparams})
 
-    return type(
-        cls_name,
-        (GraphOptimizer,),
-        {"builder": staticmethod(builder), "__init__": __init__, "__doc__": builder.__doc__},
-    )
+    params_ = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params_ += [
+        inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v)
+        for k, v in base.items()
+    ]
+    __init__.__signature__ = inspect.Signature(params_)  # type: ignore[attr-defined]
+    attrs: dict[str, Any] = {
+        "builder": staticmethod(builder),
+        "__init__": __init__,
+        "__doc__": doc or builder.__doc__,
+        "state_names": dict(state_names or {}),
+        "__module__": __name__,
+    }
+    if graph_kwargs is not None:
+        attrs["graph_kwargs"] = lambda self, group: graph_kwargs(group)
+    return type(cls_name, (GraphOptimizer,), attrs)
+
+
+# ------------------------------------------------------------------------------- drop-ins
+
+_TORCH = {"maximize": False, "foreach": None}  # foreach: accepted; the step always is
+
+
+def _sgd_kwargs(g: dict[str, Any]) -> dict[str, Any]:
+    if g["dampening"]:
+        raise ValueError(
+            f"SGD: dampening={g['dampening']} is not supported (torch skips it on the first "
+            "step, which no memory update reproduces); use dampening=0"
+        )
+    return {"lr": g["lr"], "momentum": g["momentum"], "nesterov": g["nesterov"],
+            "weight_decay": g["weight_decay"]}  # fmt: skip
+
+
+def _adamw_part(g: dict[str, Any]) -> dict[str, Any]:
+    """The AdamW part of Muon/M3: its lr follows the group's schedule (``lr / initial_lr``)."""
+    factor = g["lr"] / g.get("initial_lr", g["lr"]) if g.get("initial_lr") else 1.0
+    b1, b2 = g["adamw_betas"]
+    return {"adamw_lr": g["adamw_lr"] * factor, "adamw_b1": b1, "adamw_b2": b2,
+            "adamw_eps": g["adamw_eps"], "adamw_wd": g["adamw_weight_decay"]}  # fmt: skip
+
+
+_ADAMW_PART = {"adamw_lr": 3e-4, "adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8,
+               "adamw_weight_decay": 0.0}  # fmt: skip
+
+SGD = compile_optimizer(
+    _library("sgd"),
+    "SGD",
+    {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
+     **_TORCH},  # fmt: skip
+    _sgd_kwargs,
+    {"b": "momentum_buffer"},
+    doc="``torch.optim.SGD`` compiled from the library's ``sgd`` graph (Eqs. 8–13, 33).",
+)
+Adam = compile_optimizer(
+    _library("adam"),
+    "Adam",
+    {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+     **_TORCH},  # fmt: skip
+    lambda g: {"lr": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1], "eps": g["eps"],
+               "weight_decay": g["weight_decay"], "amsgrad": g["amsgrad"]},  # fmt: skip
+    {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"},
+    doc="``torch.optim.Adam`` compiled from the library's ``adam`` graph (App. B).",
+)
+AdamW = compile_optimizer(
+    _library("adamw"),
+    "AdamW",
+    {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False,
+     **_TORCH},  # fmt: skip
+    lambda g: {"lr": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1], "eps": g["eps"],
+               "wd": g["weight_decay"], "amsgrad": g["amsgrad"]},  # fmt: skip
+    {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"},
+    doc="``torch.optim.AdamW`` compiled from the library's ``adamw`` graph (App. B).",
+)
+Adagrad = compile_optimizer(
+    _library("adagrad"),
+    "Adagrad",
+    {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
+     "eps": 1e-10, **_TORCH},  # fmt: skip
+    lambda g: {k: g[k] for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value",
+                                 "eps")},  # fmt: skip
+    {"v": "sum"},
+    doc="``torch.optim.Adagrad`` compiled from the library's ``adagrad`` graph (App. B); the "
+    "state's ``sum`` excludes ``initial_accumulator_value``.",
+)
+RMSprop = compile_optimizer(
+    _library("rmsprop"),
+    "RMSprop",
+    {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
+     "centered": False, **_TORCH},  # fmt: skip
+    lambda g: {"lr": g["lr"], "beta": g["alpha"], "eps": g["eps"], "momentum": g["momentum"],
+               "centered": g["centered"], "weight_decay": g["weight_decay"]},  # fmt: skip
+    {"v": "square_avg", "a": "grad_avg", "b": "momentum_buffer"},
+    doc="``torch.optim.RMSprop`` compiled from the library's ``rmsprop`` graph (App. B).",
+)
+Momentum = compile_optimizer(
+    _library("momentum"),
+    "Momentum",
+    {"lr": 1e-2, "momentum": 0.9},
+    lambda g: {"lr": g["lr"], "beta": g["momentum"]},
+    doc="The paper's momentum, ``m <- momentum m - lr g``, ``W <- W + m`` (Eqs. 10–13, 33).",
+)
+AdagradMomentum = compile_optimizer(
+    _library("adagrad_momentum"),
+    "AdagradMomentum",
+    {"lr": 1e-2, "betas": (1.0, 1.0), "eps": 1e-10},
+    lambda g: {"lr": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1], "eps": g["eps"]},
+    doc="AdaGrad with momentum, the optimal element-wise memory of App. B (Eqs. 100–105).",
+)
+PreconditionedMomentum = compile_optimizer(
+    _library("preconditioned_momentum"),
+    "PreconditionedMomentum",
+    {"lr": 1e-3, "momentum": 0.9, "beta2": 0.999, "eps": 1e-8},
+    lambda g: {"lr": g["lr"], "beta": g["momentum"], "b2": g["beta2"], "eps": g["eps"]},
+    doc="Momentum mapping gradients to preconditioned values ``P u`` (Eqs. 46–47).",
+)
+DeltaMomentum = compile_optimizer(
+    _library("delta_momentum"),
+    "DeltaMomentum",
+    {"lr": 1e-2, "momentum": 0.9, "decay": 0.1, "normalize": False},
+    lambda g: {"lr": g["lr"], "beta": g["momentum"], "decay": g["decay"],
+               "normalize": g["normalize"]},  # fmt: skip
+    doc="Delta momentum, ``m <- (momentum I - decay u u^T) m - lr u`` (Eqs. 48–49).",
+)
+DMGD = compile_optimizer(
+    _library("dmgd"),
+    "DMGD",
+    {"lr": 1e-2, "inner_lr": 1e-2, "decay": 1.0, "width": 16},
+    doc="Deep momentum GD: an MLP memory of each tensor's gradient entries (Eq. 50).",
+)
+Muon = compile_optimizer(
+    _library("muon_adamw"),
+    "Muon",
+    {"lr": 2e-2, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "variant": "quintic",
+     "weight_decay": 0.0, **_ADAMW_PART},  # fmt: skip
+    lambda g: {"lr": g["lr"], "beta": g["momentum"], "nesterov": g["nesterov"],
+               "steps": g["ns_steps"], "variant": g["variant"], "wd": g["weight_decay"],
+               **_adamw_part(g)},  # fmt: skip
+    doc="Muon on matrices (Eqs. 42–44, 52), AdamW on the rest (``adamw_*``; its lr follows "
+    "the group's schedule).",
+)
+M3 = compile_optimizer(
+    _library("m3_adamw"),
+    "M3",
+    {"lr": 1e-3, "betas": (0.9, 0.999, 0.9), "alpha": 1.0, "eps": 1e-8, "slow_every": 8,
+     "ns_steps": 5, "variant": "quintic", "momenta": "sum", **_ADAMW_PART},  # fmt: skip
+    lambda g: {"lr": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1], "b3": g["betas"][2],
+               "alpha": g["alpha"], "eps": g["eps"], "f": g["slow_every"],
+               "steps": g["ns_steps"], "variant": g["variant"], "momenta": g["momenta"],
+               **_adamw_part(g)},  # fmt: skip
+    doc="M3 (Algorithm 1) on matrices, AdamW on the rest (``adamw_*``; its lr follows the "
+    "group's schedule).",
+)
+DGD = compile_optimizer(
+    _library("dgd_update"),
+    "DGD",
+    {"lr": 1e-2},
+    doc="Delta gradient descent for ``nn.Linear`` weights (Eqs. 56–57); call "
+    "``opt.watch(model)`` so that the step sees each layer's inputs.",
+)

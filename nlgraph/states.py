@@ -39,13 +39,41 @@ Activation = Literal["silu", "gelu", "relu", "tanh", "sigmoid", "identity"]
 
 
 class Params(Spec):
-    """A parameter set bound at compile time (a model's weights, an optimizer's param group)."""
+    """A parameter set bound at compile time (a model's weights, an optimizer's param group).
+
+    ``min_ndim``/``max_ndim`` select parameters by their number of dimensions, so one optimizer
+    graph can treat matrices and the rest differently (Muon and M3 orthogonalise matrices and
+    leave biases and norms to AdamW, PAPER.md 2.8).
+    """
 
     kind: Literal["params"] = "params"
     select: str | None = None  # a name filter on the bound module's parameters (e.g. "*.weight")
+    min_ndim: Annotated[int, Field(ge=0)] | None = None
+    max_ndim: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _ndim_range(self) -> Params:
+        lo, hi = self.min_ndim, self.max_ndim
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(
+                f"min_ndim={lo} > max_ndim={hi} selects no parameter; e.g. params(min_ndim=2) "
+                "for matrices and params(max_ndim=1) for the rest"
+            )
+        return self
+
+    def selects_ndim(self, ndim: int) -> bool:
+        """Whether a parameter with ``ndim`` dimensions belongs to this set."""
+        return (self.min_ndim is None or ndim >= self.min_ndim) and (
+            self.max_ndim is None or ndim <= self.max_ndim
+        )
 
     def __str__(self) -> str:
-        return "params" + (f"[{self.select}]" if self.select else "")
+        sel = [self.select] if self.select else []
+        if self.min_ndim is not None:
+            sel.append(f"ndim>={self.min_ndim}")
+        if self.max_ndim is not None:
+            sel.append(f"ndim<={self.max_ndim}")
+        return "params" + (f"[{', '.join(sel)}]" if sel else "")
 
 
 class Like(Spec):
@@ -149,8 +177,10 @@ StateKind = Annotated[
 ]
 
 
-def params(select: str | None = None) -> Params:
-    return Params(select=select)
+def params(
+    select: str | None = None, min_ndim: int | None = None, max_ndim: int | None = None
+) -> Params:
+    return Params(select=select, min_ndim=min_ndim, max_ndim=max_ndim)
 
 
 def like(level: str) -> Like:

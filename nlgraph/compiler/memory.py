@@ -71,7 +71,7 @@ def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
     and the carried state is detached between them: gradients reach back at most that far.
     """
     T = args[0].shape[1]
-    if cfg.truncate is None or T <= cfg.truncate:
+    if cfg.truncate is None or cfg.truncate >= T:
         return _run_memory(learner, cfg, args, prev)
     outs: list[tuple] = []
     for s in range(0, T, cfg.truncate):

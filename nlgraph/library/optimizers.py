@@ -2,42 +2,78 @@
 
 Every definition has a weights level ``w`` (the parameters, updated every outer step) whose
 update follows the state of faster memory levels (momentum, moments) that compress its gradients.
+Options that torch's optimizers have (weight decay, AMSGrad, Nesterov, centering) add small
+levels or flows to the graph; with their defaults the graph is the paper's.
 """
 
 from __future__ import annotations
 
 import nlgraph as nl
+from nlgraph.flows import ticks
 from nlgraph.library import register
 
 
-def _weights(g: nl.Graph, update: object) -> nl.LevelHandle:
+def _weights(
+    g: nl.Graph,
+    update: object,
+    *,
+    name: str = "w",
+    decay: float | None = None,
+    select: nl.states.Params | None = None,
+) -> nl.LevelHandle:
+    """The parameters: ``W <- (1 - decay) W + update`` (decoupled decay only when given)."""
+    rules = (nl.weight_decay(decay),) if decay is not None else ()
     return g.level(
-        "w",
-        state=nl.params(),
+        name,
+        state=select or nl.params(),
         frequency=nl.per_step(),
         objective=nl.outer(),
-        optimizer=nl.follow(update),
+        optimizer=nl.chain(*rules, nl.follow(update)),
         doc="the parameters, trained on the outer loss",
     )
 
 
+def _gradient(g: nl.Graph, w: str, weight_decay: float, name: str = "grad") -> nl.flows.FlowBase:
+    """The gradient stream the memories compress: ``g + weight_decay W`` when the outer loss
+    carries an L2 penalty ``weight_decay/2 ||W||^2`` (torch's coupled ``weight_decay``)."""
+    grad = nl.grad_of(w)
+    if not weight_decay:
+        return grad
+    return g.let(name, grad + weight_decay * nl.state(w, at="prev"))
+
+
 @register("sgd", "optimizer")
-def sgd(lr: float = 1e-2) -> nl.Graph:
-    """SGD: a 1-level memory, one proximal step on <W x, ∇_y L> per step (Eqs. 8–9).
+def sgd(
+    lr: float = 1e-2, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0
+) -> nl.Graph:
+    """SGD: a 1-level memory, one proximal step on <W x, ∇_y L> per step (Eqs. 8–9, 33).
 
     With nlgraph's convention ``dot = -<M(k), v>`` the value is the negative gradient:
-    ``W <- W + lr * (-g)``.
+    ``W <- W + lr * (-g)``. With ``momentum`` the gradients are compressed by a second, faster
+    level in torch's form, ``b <- momentum b + g`` (one GD step of size 1, retention
+    ``momentum``, on ``-<b, g>``) and ``W <- W - lr b`` (``nesterov``: ``W <- W - lr (g +
+    momentum b)``). It is the paper's ``m <- momentum m - lr g`` (``momentum``) with ``m = -lr b``
+    for a constant ``lr``, and keeps torch's trajectory when a scheduler changes ``lr``.
+    ``weight_decay`` adds ``weight_decay/2 ||W||^2`` to the outer loss.
     """
+    if nesterov and not momentum:
+        raise nl.SpecError("sgd: nesterov=True needs momentum > 0 (the look-ahead reads it)")
     g = nl.Graph("sgd", doc=sgd.__doc__ or "")
-    g.level(
-        "w",
-        state=nl.params(),
-        frequency=nl.per_step(),
-        context=-nl.grad_of("w"),
-        objective=nl.dot(),
-        optimizer=nl.gd(lr=lr),
-        doc="W <- W - lr * grad",
-    )
+    grad = _gradient(g, "w", weight_decay)
+    if not momentum:
+        g.level(
+            "w",
+            state=nl.params(),
+            frequency=nl.per_step(),
+            context=-grad,
+            objective=nl.dot(),
+            optimizer=nl.gd(lr=lr),
+            doc="W <- W - lr * grad",
+        )
+        return g
+    b = nl.state("b")
+    _weights(g, -lr * (grad + momentum * b if nesterov else b))
+    _accumulator(g, "b", grad, 1.0, retain=momentum, doc="b <- momentum b + g", group="momentum")
     return g
 
 
@@ -50,24 +86,33 @@ def momentum(lr: float = 1e-2, beta: float = 0.9) -> nl.Graph:
     """
     g = nl.Graph("momentum", doc=momentum.__doc__ or "")
     w = _weights(g, nl.state("m"))
-    g.level(
-        "m",
-        state=nl.like("w"),
-        frequency=nl.per_step(),
-        context=-w.grad(),
-        objective=nl.dot(),
-        optimizer=nl.gd(lr=lr, retain=beta),
-        group="momentum",
-        doc="m <- beta m - lr g",
-    )
+    _momentum(g, w, lr, beta)
     return g
 
 
-def _moments(g: nl.Graph, w: nl.LevelHandle, b1: float, b2: float) -> None:
-    grad = w.grad()
+def _adam(
+    g: nl.Graph,
+    lr: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    *,
+    weight_decay: float = 0.0,
+    decoupled: float | None = None,
+    amsgrad: bool = False,
+    prefix: str = "",
+    select: nl.states.Params | None = None,
+) -> None:
+    """Adam's levels, named ``{prefix}w``, ``{prefix}m``, ``{prefix}v`` (``{prefix}vmax``)."""
+    w, m, v = f"{prefix}w", f"{prefix}m", f"{prefix}v"
+    grad = _gradient(g, w, weight_decay, name=f"{prefix}grad")
+    denom = f"{prefix}vmax" if amsgrad else v
+    step = -lr * nl.debias(nl.state(m), b1) / (nl.debias(nl.state(denom), b2).sqrt() + eps)
+    decay = None if decoupled is None else lr * decoupled
+    _weights(g, step, name=w, decay=decay, select=select)
     g.level(
-        "m",
-        state=nl.like("w"),
+        m,
+        state=nl.like(w),
         frequency=nl.per_step(),
         objective=nl.l2_to(grad),
         optimizer=nl.ema(b1),
@@ -75,57 +120,69 @@ def _moments(g: nl.Graph, w: nl.LevelHandle, b1: float, b2: float) -> None:
         doc="first moment: EMA of gradients",
     )
     g.level(
-        "v",
-        state=nl.like("w"),
+        v,
+        state=nl.like(w),
         frequency=nl.per_step(),
         objective=nl.l2_to(grad.square()),
         optimizer=nl.ema(b2),
         group="moments",
         doc="second moment: EMA of squared gradients",
     )
+    if amsgrad:
+        g.level(
+            denom,
+            state=nl.like(w),
+            frequency=nl.per_step(),
+            optimizer=nl.follow((nl.state(v) - nl.state(denom, at="prev")).apply("relu")),
+            group="moments",
+            doc="AMSGrad: the running maximum of v, vmax <- vmax + relu(v - vmax)",
+        )
 
 
 @register("adam", "optimizer")
-def adam(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> nl.Graph:
+def adam(
+    lr: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+) -> nl.Graph:
     """Adam: two memories of the gradient stream in one level (App. B, Eqs. 100–105).
 
     ``m`` and ``v`` are EMAs, i.e. one GD step of size ``1 - beta`` on ``1/2 ||S - target||^2``;
     they share a frequency and are independent, so they sit in the same tier (Def. 2).
-    ``W <- W - lr * debias(m) / (sqrt(debias(v)) + eps)``.
+    ``W <- W - lr * debias(m) / (sqrt(debias(v)) + eps)``. ``weight_decay`` is an L2 penalty on
+    the outer loss (the memories see ``g + weight_decay W``); ``amsgrad`` adds a third memory,
+    the running maximum of ``v``, read instead of ``v``.
     """
     g = nl.Graph("adam", doc=adam.__doc__ or "")
-    step = -lr * nl.debias(nl.state("m"), b1) / (nl.debias(nl.state("v"), b2).sqrt() + eps)
-    w = _weights(g, step)
-    _moments(g, w, b1, b2)
+    _adam(g, lr, b1, b2, eps, weight_decay=weight_decay, amsgrad=amsgrad)
     return g
 
 
 @register("adamw", "optimizer")
 def adamw(
-    lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, wd: float = 1e-2
+    lr: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    wd: float = 1e-2,
+    amsgrad: bool = False,
 ) -> nl.Graph:
     """AdamW: Adam's memories plus decoupled weight decay (App. B, Eqs. 100–105).
 
     ``W <- (1 - lr wd) W - lr * debias(m) / (sqrt(debias(v)) + eps)``.
     """
     g = nl.Graph("adamw", doc=adamw.__doc__ or "")
-    step = -lr * nl.debias(nl.state("m"), b1) / (nl.debias(nl.state("v"), b2).sqrt() + eps)
-    w = g.level(
-        "w",
-        state=nl.params(),
-        frequency=nl.per_step(),
-        objective=nl.outer(),
-        optimizer=nl.chain(nl.weight_decay(lr * wd), nl.follow(step)),
-        doc="the parameters, trained on the outer loss",
-    )
-    _moments(g, w, b1, b2)
+    _adam(g, lr, b1, b2, eps, decoupled=wd, amsgrad=amsgrad)
     return g
 
 
 def _momentum(g: nl.Graph, w: nl.LevelHandle, lr: float, beta: float) -> None:
     g.level(
         "m",
-        state=nl.like("w"),
+        state=nl.like(w.name),
         frequency=nl.per_step(),
         context=-w.grad(),
         objective=nl.dot(),
@@ -143,16 +200,18 @@ def _accumulator(
     retain: float | None = None,
     frequency: nl.Frequency | None = None,
     doc: str = "",
+    group: str = "moments",
+    like: str = "w",
 ) -> None:
     """A key-less memory ``S <- retain S + lr * stream``: one GD step on ``-<S, stream>``."""
     g.level(
         name,
-        state=nl.like("w"),
+        state=nl.like(like),
         frequency=frequency or nl.per_step(),
         context=stream,
         objective=nl.dot(),
         optimizer=nl.gd(lr=lr, retain=retain),
-        group="moments",
+        group=group,
         doc=doc,
     )
 
@@ -172,37 +231,73 @@ def nesterov(lr: float = 1e-2, beta: float = 0.9) -> nl.Graph:
 
 
 @register("adagrad", "optimizer")
-def adagrad(lr: float = 1e-2, eps: float = 1e-10) -> nl.Graph:
+def adagrad(
+    lr: float = 1e-2,
+    eps: float = 1e-10,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+) -> nl.Graph:
     """AdaGrad: a memory of summed squared gradients preconditions GD (App. B, Eqs. 100–105).
 
     ``v <- v + g^2`` (one GD step, lr 1, on ``-<v, g^2>``: the cumulative sums of App. B, no
-    decay); ``W <- W - lr g / (sqrt(v) + eps)``. Equals ``torch.optim.Adagrad(lr, eps=eps)``.
+    decay); ``W <- W - lr_t g / (sqrt(v + v0) + eps)`` with ``lr_t = lr / (1 + (t - 1)
+    lr_decay)`` at the weights' ``t``-th update and ``v0 = initial_accumulator_value`` (torch
+    keeps ``v + v0`` in its state; here ``v`` starts at zero). Equals ``torch.optim.Adagrad``.
     """
     g = nl.Graph("adagrad", doc=adagrad.__doc__ or "")
-    w = _weights(g, -lr * nl.grad_of("w") / (nl.state("v").sqrt() + eps))
-    _accumulator(g, "v", w.grad().square(), 1.0, doc="v <- v + g^2")
+    grad = _gradient(g, "w", weight_decay)
+    v = nl.state("v") + initial_accumulator_value if initial_accumulator_value else nl.state("v")
+    scale = -lr / (1 + (ticks() - 1) * lr_decay) if lr_decay else -lr
+    _weights(g, scale * grad / (v.sqrt() + eps))
+    _accumulator(g, "v", grad.square(), 1.0, doc="v <- v + g^2")
     return g
 
 
 @register("rmsprop", "optimizer")
-def rmsprop(lr: float = 1e-2, beta: float = 0.99, eps: float = 1e-8) -> nl.Graph:
+def rmsprop(
+    lr: float = 1e-2,
+    beta: float = 0.99,
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+    centered: bool = False,
+    weight_decay: float = 0.0,
+) -> nl.Graph:
     """RMSProp: AdaGrad's memory of squared gradients with forgetting (App. B, Eqs. 100–105).
 
     ``v <- beta v + (1 - beta) g^2`` (an EMA: one GD step of size ``1 - beta`` on
-    ``1/2 ||v - g^2||^2``); ``W <- W - lr g / (sqrt(v) + eps)``. Equals
-    ``torch.optim.RMSprop(lr, alpha=beta, eps=eps)``.
+    ``1/2 ||v - g^2||^2``); ``W <- W - lr g / (sqrt(v) + eps)``. ``centered`` adds a memory
+    ``a`` of the gradients (an EMA too) and divides by ``sqrt(v - a^2) + eps``; ``momentum``
+    compresses the preconditioned gradients once more, ``b <- momentum b + g / (...)``,
+    ``W <- W - lr b``. Equals ``torch.optim.RMSprop(lr, alpha=beta, eps=eps, ...)``.
     """
     g = nl.Graph("rmsprop", doc=rmsprop.__doc__ or "")
-    w = _weights(g, -lr * nl.grad_of("w") / (nl.state("v").sqrt() + eps))
+    grad = _gradient(g, "w", weight_decay)
+    v = nl.state("v")
+    denom = ((v - nl.state("a").square()) if centered else v).sqrt() + eps
+    _weights(g, -lr * nl.state("b") if momentum else -lr * grad / denom)
     g.level(
         "v",
         state=nl.like("w"),
         frequency=nl.per_step(),
-        objective=nl.l2_to(w.grad().square()),
+        objective=nl.l2_to(grad.square()),
         optimizer=nl.ema(beta),
         group="moments",
         doc="second moment: EMA of squared gradients",
     )
+    if centered:
+        g.level(
+            "a",
+            state=nl.like("w"),
+            frequency=nl.per_step(),
+            objective=nl.l2_to(grad),
+            optimizer=nl.ema(beta),
+            group="moments",
+            doc="first moment: EMA of gradients (centering)",
+        )
+    if momentum:
+        _accumulator(g, "b", grad / denom, 1.0, retain=momentum, group="momentum",
+                     doc="b <- momentum b + g / (sqrt(v) + eps)")  # fmt: skip
     return g
 
 
@@ -324,6 +419,14 @@ def dmgd(lr: float = 1e-2, inner_lr: float = 1e-2, decay: float = 1.0, width: in
     return g
 
 
+def _adamw_for_the_rest(
+    g: nl.Graph, lr: float, b1: float, b2: float, eps: float, wd: float
+) -> None:
+    """AdamW levels ``adamw.*`` for the parameters with fewer than 2 dimensions (biases,
+    norms): Muon's convention for what it does not orthogonalise (PAPER.md 2.8)."""
+    _adam(g, lr, b1, b2, eps, decoupled=wd, prefix="adamw.", select=nl.params(max_ndim=1))
+
+
 @register("muon", "optimizer")
 def muon(
     lr: float = 2e-2,
@@ -331,18 +434,57 @@ def muon(
     steps: int = 5,
     variant: str = "quintic",
     nesterov: bool = False,
+    wd: float = 0.0,
 ) -> nl.Graph:
     """Muon: momentum with a Newton–Schulz output, W <- W + lr NS_k(m) (Eqs. 42–44, 52).
 
     ``m <- beta m - g`` (the momentum memory; its scale is irrelevant, NS normalises);
-    ``W <- W + lr NS_steps(m)`` (``nesterov``: ``NS_steps(beta m - g)``). ``variant="cubic"`` is
-    one inner GD step per iteration on ``1/2||O-g||^2 + 1/2||O^T O - I||^2`` (Eq. 44);
-    ``"quintic"`` is production Muon's polynomial. Matrix parameters only (Muon's convention).
+    ``W <- (1 - lr wd) W + lr NS_steps(m)`` (``nesterov``: ``NS_steps(beta m - g)``).
+    ``variant="cubic"`` is one inner GD step per iteration on ``1/2||O-g||^2 +
+    1/2||O^T O - I||^2`` (Eq. 44); ``"quintic"`` is production Muon's polynomial. Matrix
+    parameters only (``params(min_ndim=2)``, Muon's convention; ``muon_adamw`` adds AdamW for
+    the rest).
     """
     g = nl.Graph("muon", doc=muon.__doc__ or "", variant=variant, nesterov=nesterov)
+    _muon(g, lr, beta, steps, variant, nesterov, wd)
+    return g
+
+
+def _muon(
+    g: nl.Graph, lr: float, beta: float, steps: int, variant: str, nesterov: bool, wd: float
+) -> None:
     m = beta * nl.state("m") - nl.grad_of("w") if nesterov else nl.state("m")
-    w = _weights(g, lr * nl.newton_schulz(m, steps=steps, variant=variant))
+    w = _weights(
+        g,
+        lr * nl.newton_schulz(m, steps=steps, variant=variant),
+        decay=lr * wd if wd else None,
+        select=nl.params(min_ndim=2),
+    )
     _momentum(g, w, 1.0, beta)
+
+
+@register("muon_adamw", "optimizer")
+def muon_adamw(
+    lr: float = 2e-2,
+    beta: float = 0.95,
+    steps: int = 5,
+    variant: str = "quintic",
+    nesterov: bool = False,
+    wd: float = 0.0,
+    adamw_lr: float = 1e-3,
+    adamw_b1: float = 0.9,
+    adamw_b2: float = 0.999,
+    adamw_eps: float = 1e-8,
+    adamw_wd: float = 1e-2,
+) -> nl.Graph:
+    """Muon on matrices, AdamW on the other parameters (Eqs. 42–44, 52; App. B).
+
+    The levels of ``muon`` for ``params(min_ndim=2)`` and of ``adamw`` (named ``adamw.*``) for
+    ``params(max_ndim=1)``: each parameter is trained by the part that selects it.
+    """
+    g = nl.Graph("muon_adamw", doc=muon_adamw.__doc__ or "", variant=variant, nesterov=nesterov)
+    _muon(g, lr, beta, steps, variant, nesterov, wd)
+    _adamw_for_the_rest(g, adamw_lr, adamw_b1, adamw_b2, adamw_eps, adamw_wd)
     return g
 
 
@@ -366,15 +508,33 @@ def m3(
     period, as CMS does, Eq. 71). ``W <- W - lr (NS(M1) + alpha NS(M2)) / (sqrt(V) + eps)``,
     reading M2 as it was before this step (``at="prev"``), so a chunk uses the previous chunk's
     M2. ``momenta="ema"`` makes all three EMAs, ``S <- b S + (1 - b) x``, and debiases V [I].
+    Matrix parameters only (``params(min_ndim=2)``; ``m3_adamw`` adds AdamW for the rest).
     """
+    g = nl.Graph("m3", doc=m3.__doc__ or "", momenta=momenta, variant=variant, f=f)
+    _m3(g, lr, b1, b2, b3, alpha, eps, f, steps, variant, momenta)
+    return g
+
+
+def _m3(
+    g: nl.Graph,
+    lr: float,
+    b1: float,
+    b2: float,
+    b3: float,
+    alpha: float,
+    eps: float,
+    f: int,
+    steps: int,
+    variant: str,
+    momenta: str,
+) -> None:
     if momenta not in ("sum", "ema"):
         raise nl.SpecError(f"m3: momenta={momenta!r}; expected 'sum' (Algorithm 1) or 'ema'")
-    g = nl.Graph("m3", doc=m3.__doc__ or "", momenta=momenta, variant=variant, f=f)
     ema = momenta == "ema"
     ns1 = nl.newton_schulz(nl.state("M1"), steps=steps, variant=variant)
     ns2 = nl.newton_schulz(nl.state("M2", at="prev"), steps=steps, variant=variant)
     v = nl.debias(nl.state("V"), b2) if ema else nl.state("V")
-    w = _weights(g, -lr * (ns1 + alpha * ns2) / (v.sqrt() + eps))
+    w = _weights(g, -lr * (ns1 + alpha * ns2) / (v.sqrt() + eps), select=nl.params(min_ndim=2))
     grad = w.grad()
     for name, stream, b, every in (
         ("M1", grad, b1, 1),
@@ -390,6 +550,35 @@ def m3(
             frequency=nl.per_step(every),
             doc=f"{name} <- " + (f"{b:g} {name} + {1 - b:g} x" if ema else f"{name} + {b:g} x"),
         )
+
+
+@register("m3_adamw", "optimizer")
+def m3_adamw(
+    lr: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9,
+    alpha: float = 1.0,
+    eps: float = 1e-8,
+    f: int = 8,
+    steps: int = 5,
+    variant: str = "quintic",
+    momenta: str = "sum",
+    adamw_lr: float = 1e-3,
+    adamw_b1: float = 0.9,
+    adamw_b2: float = 0.999,
+    adamw_eps: float = 1e-8,
+    adamw_wd: float = 1e-2,
+) -> nl.Graph:
+    """M3 on matrices, AdamW on the other parameters (Algorithm 1, PAPER.md 2.8).
+
+    The levels of ``m3`` for ``params(min_ndim=2)`` and of ``adamw`` (named ``adamw.*``) for
+    ``params(max_ndim=1)`` (biases, norms: the treatment the paper leaves open [U], Muon's
+    convention [I]).
+    """
+    g = nl.Graph("m3_adamw", doc=m3_adamw.__doc__ or "", momenta=momenta, variant=variant, f=f)
+    _m3(g, lr, b1, b2, b3, alpha, eps, f, steps, variant, momenta)
+    _adamw_for_the_rest(g, adamw_lr, adamw_b1, adamw_b2, adamw_eps, adamw_wd)
     return g
 
 
