@@ -101,8 +101,7 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
         for n in c.names:
             for slot, node in enumerate(c.reads[n]):
                 pieces[n][slot].append(vals[node])
-        for n, mem in members.items():
-            _update(learner, mem, tuple(vals[i] for i in c.member_args[n]), backend, e - s)
+        _update_all(learner, members, c, vals, backend, e - s)
         for mem in members.values():
             if mem.state["phase"] % mem.chunk == 0:
                 mem.state["visible"] = list(mem.state["running"])
@@ -137,8 +136,9 @@ def _window(learner: Any, c: Any, members: dict, window_inputs: tuple, s: int, e
     return vals
 
 
-def _update(learner: Any, mem: _Member, args: tuple, backend: str, n_tokens: int) -> None:
-    """One window of the member's inner optimizer, from its running state."""
+def _jobs(learner: Any, mem: _Member, args: tuple) -> list[dict]:
+    """One window of the member's inner optimizer as one job per layer: its inputs ``x`` and
+    errors ``delta`` at the chunk-start state, its gates, and its running weights."""
     cfg = mem.cfg
     H = cfg.heads
     k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
@@ -153,20 +153,45 @@ def _update(learner: Any, mem: _Member, args: tuple, backend: str, n_tokens: int
         up = torch.einsum("bhoi,bcho->bchi", visible[i], deltas[0])
         deltas.insert(0, up * _act_grad(cfg.activation, pre[i - 1]))
     is_dgd = cfg.rule == "dgd"
-    running = list(mem.state["running"])
-    momentum = mem.state["momentum"]
+    jobs = []
     for i, (x, d) in enumerate(zip(inputs, deltas, strict=True)):
         step = lr / (1.0 + lr * (x * x).sum(-1)) if is_dgd and cfg.exact else lr
-        decay = step if is_dgd else None
-        if momentum is None:
-            _, running[i] = linear_memory(
-                x, x, -d, retain, decay, step, initial_state=running[i], read="after",
+        momentum = mem.state["momentum"]
+        jobs.append({
+            "mem": mem, "layer": i, "x": x, "d": d, "step": step, "decay": step if is_dgd else None,
+            "retain": retain, "mu": mu, "w": mem.state["running"][i],
+            "s": None if momentum is None else momentum[i],
+        })  # fmt: skip
+    return jobs
+
+
+def _run_jobs(jobs: list[dict], backend: str) -> None:
+    """Run the layer recurrences of a window, batched: jobs of the same shape and gates are
+    stacked along the head axis, so one kernel call (or one token loop) serves them all."""
+    groups: dict[tuple, list[dict]] = {}
+    for j in jobs:
+        sig = (j["x"].shape[-1], j["d"].shape[-1], j["mu"] is None, j["decay"] is None,
+               j["retain"] is None)  # fmt: skip
+        groups.setdefault(sig, []).append(j)
+    for group in groups.values():
+
+        def cat(name: str, dim: int, group: list[dict] = group) -> torch.Tensor:
+            return torch.cat([j[name] for j in group], dim=dim)
+
+        sizes = [j["x"].shape[2] for j in group]
+        x, d, step, w = cat("x", 2), cat("d", 2), cat("step", 2), cat("w", 1)
+        decay = None if group[0]["decay"] is None else cat("decay", 2)
+        retain = None if group[0]["retain"] is None else cat("retain", 2)
+        if group[0]["mu"] is None:
+            _, w = linear_memory(
+                x, x, -d, retain, decay, step, initial_state=w, read="after",
                 chunk_size=max(1, x.shape[1]), backend=backend,
             )  # fmt: skip
+            s_buf = None
         else:
-            s_buf = momentum[i]
+            mu, s_buf = cat("mu", 2), cat("s", 1)
             for t in range(x.shape[1]):  # token by token: the momentum makes it non-rank-1
-                xt, w_prev = x[:, t], running[i]
+                xt, w_prev = x[:, t], w
                 g = torch.einsum("bho,bhi->bhoi", d[:, t], xt)
                 s_buf = mu[:, t, :, None, None] * s_buf - step[:, t, :, None, None] * g
                 a = 1.0 if retain is None else retain[:, t, :, None, None]
@@ -174,8 +199,18 @@ def _update(learner: Any, mem: _Member, args: tuple, backend: str, n_tokens: int
                 if decay is not None:
                     wx = torch.einsum("bhoi,bhi->bho", w_prev, xt)
                     w = w - decay[:, t, :, None, None] * torch.einsum("bho,bhi->bhoi", wx, xt)
-                running[i] = w
-            momentum = list(momentum)
-            momentum[i] = s_buf
-    mem.state = {**mem.state, "running": running, "momentum": momentum,
-                 "phase": mem.state["phase"] + n_tokens}  # fmt: skip
+        for j, w_j, s_j in zip(group, w.split(sizes, dim=1),
+                               [None] * len(group) if s_buf is None else s_buf.split(sizes, dim=1),
+                               strict=True):  # fmt: skip
+            j["w_new"], j["s_new"] = w_j, s_j
+
+
+def _update_all(learner: Any, members: dict, c: Any, vals: list, backend: str, n: int) -> None:
+    jobs = [j for name, mem in members.items()
+            for j in _jobs(learner, mem, tuple(vals[i] for i in c.member_args[name]))]  # fmt: skip
+    _run_jobs(jobs, backend)
+    for mem in members.values():
+        mine = sorted((j for j in jobs if j["mem"] is mem), key=lambda j: j["layer"])
+        momentum = None if mem.state["momentum"] is None else [j["s_new"] for j in mine]
+        mem.state = {**mem.state, "running": [j["w_new"] for j in mine], "momentum": momentum,
+                     "phase": mem.state["phase"] + n}  # fmt: skip
