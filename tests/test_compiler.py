@@ -245,3 +245,23 @@ def test_truncated_edge_limits_how_far_gradients_reach():
     assert gx[0, :8].abs().sum() == 0 and gx[0, 8].abs().sum() > 0  # last window: token 8 only
     (gx,) = torch.autograd.grad(learner(x)[0]["y"][0, 7].sum(), x)
     assert gx[0, :4].abs().sum() == 0 and gx[0, 4:8].abs().sum() > 0
+
+
+PARAMETRIC = [m for m in MEMORIES if m[0] not in ("softmax_attention", "sliding_window_attention")]
+
+
+@pytest.mark.parametrize("name,kw", PARAMETRIC, ids=[m[0] for m in PARAMETRIC])
+def test_read_only_pass_reads_the_initial_state(name, kw):
+    """writes=False: no memory updates — outputs equal a read of the initial state, and the
+    returned state is the one passed in."""
+    learner = build(name, kw)
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    _, state = learner(x)
+    y1, st1 = learner(x, state, writes=False)
+    y2, st2 = learner(x, state, writes=False)
+    assert torch.equal(y1["y"], y2["y"])
+    y_first = learner(x[:, :1], state, writes=False)[0]["y"]
+    assert torch.allclose(y1["y"][:, :1], y_first)
+    for n in state:
+        if n == "M":
+            assert st1[n] is state[n]

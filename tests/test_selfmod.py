@@ -168,3 +168,12 @@ def test_hope_compiles_and_trains_a_step():
     assert out["logits"].shape == (2, 12, 32)
     assert state["block0.cms.mlp0"]["updates"] == 3
     assert all(p.grad is not None for p in learner.meta.parameters())
+
+
+def test_read_only_pass_updates_nothing():
+    learner = smt(2, 4)
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    y, state = learner(x, writes=False)
+    for t in range(6):  # each token alone gives the same output: no state carries over
+        assert torch.allclose(learner(x[:, t : t + 1], writes=False)[0]["y"][:, 0], y["y"][:, t])
+    assert torch.allclose(learner(x)[0]["y"][:, :2], y["y"][:, :2])  # first chunk: same reads

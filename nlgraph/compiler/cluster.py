@@ -89,6 +89,11 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
     # Windows end at every member's chunk boundary (phases carry over from earlier segments),
     # or at every token with the reference backend.
     backend = backend_of(learner)
+    if not learner.writes:  # read-only: every read at the current state, one window
+        vals = _window(learner, c, members, window_inputs, 0, T)
+        for n, mem in members.items():
+            new_state[n] = mem.state
+        return {n: tuple(vals[node] for node in c.reads[n]) for n in c.names}
     cuts = cut_points(
         T,
         {n: m.chunk for n, m in members.items()},

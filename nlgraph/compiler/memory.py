@@ -71,6 +71,8 @@ def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
     and the carried state is detached between them: gradients reach back at most that far.
     """
     T = args[0].shape[1]
+    if not learner.writes and cfg.lowering != "attention":
+        return _read_only(learner, cfg, args, prev)
     if cfg.truncate is None or cfg.truncate >= T:
         return _run_memory(learner, cfg, args, prev)
     outs: list[tuple] = []
@@ -81,6 +83,28 @@ def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
         o, prev = _run_memory(learner, cfg, window, prev)
         outs.append(o)
     return tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True)), prev
+
+
+def _read_only(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
+    """Every read at the memory's current state, no update: the model as a fixed network."""
+    H = cfg.heads
+    queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]
+    B, T = args[0].shape[0], args[0].shape[1]
+    if cfg.lowering == "linear_memory":
+        m = prev if prev is not None else learner._initial(cfg.name, "M").expand(B, -1, -1, -1)
+        outs = tuple(torch.einsum("bhvk,bthk->bthv", m, q).reshape(B, T, -1) for q in queries)
+        return outs, prev
+    from nlgraph.compiler.cluster import mlp_forward
+
+    if prev is not None:
+        ws = [prev["params"][f"W{cfg.depth - i}"] for i in range(cfg.depth)]
+    else:
+        ws = [learner._initial(cfg.name, f"W{cfg.depth - i}") for i in range(cfg.depth)]
+        ws = [w.unsqueeze(0).expand(B, *w.shape) for w in ws]
+    outs = tuple(
+        mlp_forward(ws, q, cfg.activation, cfg.residual)[0].reshape(B, T, -1) for q in queries
+    )
+    return outs, prev
 
 
 def _detach(state: Any) -> Any:

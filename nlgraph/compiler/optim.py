@@ -122,6 +122,8 @@ class _Env:
     _lists: dict[str, Tensors] = field(default_factory=dict)
 
     def tensors(self, key: str) -> Tensors:
+        if key == self.part.weights.name:
+            return self.params
         out = self._lists.get(key)
         if out is None:
             out = self._lists[key] = [s[key] for s in self.states]
@@ -361,7 +363,7 @@ class OptimizerProgram:
         for lv in part.levels:
             updating = lv.frequency.updates_at(step)
             if updating and lv.name in part.snapshot:  # its held state, not its buffers
-                held = part.keys[lv.name] if lv.state.kind == "mlp" else part.keys[lv.name][:1]
+                held = part.keys[lv.name] if lv.state.kind == "mlp" else [self.key(lv.name)]
                 for k in held:
                     env.prev[k] = torch._foreach_mul(env.tensors(k), 1.0)
             if lv.state.kind == "mlp":
@@ -440,7 +442,7 @@ class OptimizerProgram:
         return ops.add(ops.lazy(s), ops.neg(d[1])) if isinstance(d, tuple) else d
 
     def _update(self, lv: Level, env: _Env, updating: bool) -> None:
-        s = env.tensors(self.key(lv.name)) if lv.state.kind != "params" else env.params
+        s = env.tensors(self.key(lv.name))
         d = self._direction(lv, s, env)
         if self._slow(lv):  # sum the period's directions at the held state (CMS, Eq. 71)
             acc = env.tensors(self.key(f"{lv.name}.acc"))

@@ -69,6 +69,7 @@ class CompiledLearner(nn.Module):
         exec(compile(self.program.source, f"<nlgraph {self.spec.name}>", "exec"), namespace)  # noqa: S102
         self._program = namespace["forward_program"]
         self._compiled: Any = None  # torch.compile of the program, when asked for
+        self.writes = True  # False: read every memory at its state, update none
 
     def compile_program(self, **options: Any) -> None:
         """Run the generated program under ``torch.compile`` (``options`` are passed on)."""
@@ -158,6 +159,7 @@ class CompiledLearner(nn.Module):
         inputs: dict[str, torch.Tensor] | torch.Tensor,
         state: dict[str, Any] | None = None,
         loss_fn: Any = None,
+        writes: bool = True,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Run the learner over ``[B, T, ...]`` inputs from ``state`` (``None``: initial).
 
@@ -166,7 +168,12 @@ class CompiledLearner(nn.Module):
         every C tokens (CMS, Eq. 71), which then learn within the sequence, and it is returned
         as ``outputs["loss"]`` (summed over the pieces). Without it those blocks hold their
         parameters, as at test time without feedback.
+
+        ``writes=False`` is the read-only pass: every memory is read at the state it starts
+        from and nothing updates (the same model as a fixed network; the baseline of the
+        write-cost benchmark).
         """
+        self.writes = writes
         if isinstance(inputs, torch.Tensor):
             if len(self.spec.inputs) != 1:
                 raise CompileError(
@@ -185,7 +192,7 @@ class CompiledLearner(nn.Module):
         for lv in blocks:
             if lv.name not in state:
                 state[lv.name] = boundary.initial(self.blocks[_key(lv.name)], B)
-        if not blocks or loss_fn is None:
+        if not blocks or loss_fn is None or not writes:
             outputs, state = self._piece(inputs, state)
             if loss_fn is not None:
                 outputs["loss"] = loss_fn(outputs, 0, T)
