@@ -102,19 +102,61 @@ def _scalar(lv: Level, name: str, value: Any, add_arg) -> ScalarCfg:
     raise CompileError(f"level {lv.name!r}: unsupported scalar {value!r}")  # pragma: no cover
 
 
-class _Builder:
-    def __init__(self, plan: Plan, slow_kinds: dict[str, str]) -> None:
-        self.plan, self.spec = plan, plan.spec
-        self.slow_kinds = slow_kinds  # level -> "module" | "conv" | "param"
+class _Lowering:
+    """Flows to nodes, each distinct computation once (shared subexpressions, named flows)."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
         self.nodes: list[Node] = []
         self.memo: dict[tuple, int] = {}
-        self.flow_memo: dict[FlowBase, int] = {}
+        self.flow_memo: dict[tuple, int] = {}
+        self.detach: frozenset[str] = frozenset()  # levels read without gradient here
+
+    def add(self, op: str, args: tuple[int, ...] = (), attrs: tuple = ()) -> int:
+        sig = (op, args, attrs)
+        hit = self.memo.get(sig)
+        if hit is None:
+            hit = self.memo[sig] = len(self.nodes)
+            self.nodes.append(Node(hit, op, args, attrs))
+        return hit
+
+    def flow(self, flow: FlowBase) -> int:
+        memo = (flow, self.detach)
+        hit = self.flow_memo.get(memo)
+        if hit is None:
+            hit = self.flow_memo[memo] = self._flow(flow)
+            if flow.op in ("read", "state") and flow.level in self.detach:
+                hit = self.flow_memo[memo] = self.add("detach", (hit,))
+        return hit
+
+    def _flow(self, f: FlowBase) -> int:
+        op = f.op
+        if op == "ref":
+            return self.flow(self.spec.flows[f.name])
+        if op == "const":
+            return self.add("const", (), (f.value,))
+        if op == "unary":
+            normalize = f.fn == "normalize"
+            return self.add("normalize" if normalize else "unary", (self.flow(f.x),),
+                            () if normalize else (f.fn,))  # fmt: skip
+        if op == "binary":
+            return self.add("binary", (self.flow(f.a), self.flow(f.b)), (f.fn,))
+        return self._level_flow(f)
+
+    def _level_flow(self, f: FlowBase) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class _Builder(_Lowering):
+    def __init__(self, plan: Plan, slow_kinds: dict[str, str]) -> None:
+        super().__init__(plan.spec)
+        self.plan = plan
+        self.slow_kinds = slow_kinds  # level -> "slow" | "conv" | "param"
         self.memories: dict[str, MemoryCfg] = {}
         self.memory_args: dict[str, tuple[int, ...]] = {}
         self.mem_nodes: dict[str, int] = {}
         self.clusters: dict[int, ClusterCfg] = {}
         self.cluster_of = {n: i for i, c in enumerate(plan.clusters) for n in c}
-        self.detach: frozenset[str] = frozenset()  # levels read without gradient here
         self.stop_grad: dict[str, frozenset[str]] = {}
         self.truncated: dict[str, int] = {}
         for d in self.spec.diff:
@@ -134,23 +176,6 @@ class _Builder:
                     "supported yet; they apply to linear and deep memories"
                 )
 
-    def add(self, op: str, args: tuple[int, ...] = (), attrs: tuple = ()) -> int:
-        sig = (op, args, attrs)
-        hit = self.memo.get(sig)
-        if hit is None:
-            hit = self.memo[sig] = len(self.nodes)
-            self.nodes.append(Node(hit, op, args, attrs))
-        return hit
-
-    def flow(self, flow: FlowBase) -> int:
-        memo = (flow, self.detach)
-        hit = self.flow_memo.get(memo)
-        if hit is None:
-            hit = self.flow_memo[memo] = self._flow(flow)
-            if flow.op in ("read", "state") and flow.level in self.detach:
-                hit = self.flow_memo[memo] = self.add("detach", (hit,))
-        return hit
-
     def flow_for(self, dst: str, flow: FlowBase) -> int:
         """``flow`` as level ``dst`` reads it: levels on its stop_grad edges are detached."""
         outer, self.detach = self.detach, self.stop_grad.get(dst, frozenset())
@@ -159,19 +184,10 @@ class _Builder:
         finally:
             self.detach = outer
 
-    def _flow(self, f: FlowBase) -> int:
+    def _level_flow(self, f: FlowBase) -> int:
         op = f.op
         if op == "input":
             return self.add("input", (), (f.name,))
-        if op == "ref":
-            return self.flow(self.spec.flows[f.name])
-        if op == "const":
-            return self.add("const", (), (f.value,))
-        if op == "unary":
-            return self.add("normalize" if f.fn == "normalize" else "unary", (self.flow(f.x),),
-                            () if f.fn == "normalize" else (f.fn,))  # fmt: skip
-        if op == "binary":
-            return self.add("binary", (self.flow(f.a), self.flow(f.b)), (f.fn,))
         if op == "state" and self.slow_kinds.get(f.level) == "param":
             return self.add("param", (), (key(f.level),))
         if op == "read":
@@ -295,24 +311,14 @@ class _Builder:
         self.mem_nodes[f"cluster{cid}"] = self.add("cluster", tuple(c.inputs), (cid,))
 
 
-class _WindowBuilder:
+class _WindowBuilder(_Lowering):
     """The window program of a cluster: flows that read a member are recomputed per window;
     the others are computed once over the sequence and sliced (``window_input``)."""
 
     def __init__(self, outer: _Builder, cluster: ClusterCfg, members: set[str]) -> None:
+        super().__init__(outer.spec)
         self.outer, self.c, self.members = outer, cluster, members
-        self.nodes: list[Node] = []
         self.inputs: list[int] = []
-        self.memo: dict[tuple, int] = {}
-        self.flow_memo: dict[FlowBase, int] = {}
-
-    def add(self, op: str, args: tuple[int, ...] = (), attrs: tuple = ()) -> int:
-        sig = (op, args, attrs)
-        hit = self.memo.get(sig)
-        if hit is None:
-            hit = self.memo[sig] = len(self.nodes)
-            self.nodes.append(Node(hit, op, args, attrs))
-        return hit
 
     def depends(self, f: FlowBase) -> bool:
         from nlgraph.flows import references
@@ -322,21 +328,16 @@ class _WindowBuilder:
             for k, r, _ in references(f, self.outer.spec.flows)
         )
 
-    def flow(self, f: FlowBase) -> int:
-        hit = self.flow_memo.get(f)
-        if hit is None:
-            hit = self.flow_memo[f] = self._flow(f)
-        return hit
-
     def _flow(self, f: FlowBase) -> int:
         if not self.depends(f):
             full = self.outer.flow(f)
             if full not in self.inputs:
                 self.inputs.append(full)
             return self.add("window_input", (), (self.inputs.index(full),))
+        return super()._flow(f)
+
+    def _level_flow(self, f: FlowBase) -> int:
         op = f.op
-        if op == "ref":
-            return self.flow(self.outer.spec.flows[f.name])
         if op == "read" and f.level in self.members:
             arg, norm = (f.arg.x, True) if isinstance(f.arg, Unary) and f.arg.fn == "normalize" \
                 else (f.arg, False)  # fmt: skip
@@ -349,11 +350,6 @@ class _WindowBuilder:
                     "cluster; only slow modules (not convolutions) can sit between its memories"
                 )
             return self.add("slow", (self.flow(f.arg),), (f.level,))
-        if op == "unary":
-            return self.add("normalize" if f.fn == "normalize" else "unary", (self.flow(f.x),),
-                            () if f.fn == "normalize" else (f.fn,))  # fmt: skip
-        if op == "binary":
-            return self.add("binary", (self.flow(f.a), self.flow(f.b)), (f.fn,))
         raise CompileError(f"flow {f} cannot be evaluated inside a recurrent cluster")
 
 
