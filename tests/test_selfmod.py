@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import nlgraph as nl
 from nlgraph.compiler import compile
 from nlgraph.compiler.cluster import mlp_forward
 from nlgraph.library import get
@@ -177,3 +178,36 @@ def test_read_only_pass_updates_nothing():
     for t in range(6):  # each token alone gives the same output: no state carries over
         assert torch.allclose(learner(x[:, t : t + 1], writes=False)[0]["y"][:, 0], y["y"][:, t])
     assert torch.allclose(learner(x)[0]["y"][:, :2], y["y"][:, :2])  # first chunk: same reads
+
+
+def huber(pred, target):  # a custom inner objective, named by import path in the test below
+    return torch.nn.functional.huber_loss(pred, target, reduction="none", delta=0.5).sum(-1)
+
+
+@pytest.mark.parametrize("objective", ["lp", "custom"])
+def test_other_objectives_run_as_clusters(objective):
+    """lp and custom objectives: the compiled step equals autograd of the objective."""
+    obj = nl.lp(3.0) if objective == "lp" else nl.custom("test_selfmod:huber")
+    g = nl.Graph("other")
+    x = g.input("x", dim=D)
+    mem = g.level("M", state=nl.mlp(D, D, width=3), frequency=nl.per_token(), chunk=1,
+                  context=nl.kv(key=x, value=x.square()), objective=obj,
+                  optimizer=nl.gd(lr=0.3), init=nl.meta())  # fmt: skip
+    g.output("y", mem(x))
+    learner = compile(g, dtype=torch.float64)
+    assert learner.plan.levels["M"].lowering == "cluster"
+    xs = torch.randn(1, 3, D, dtype=torch.float64)
+    y = learner(xs)[0]["y"]
+    ws = [learner.meta["M__W2"][0], learner.meta["M__W1"][0]]
+
+    def M(w, z):
+        return w[1] @ F.silu(w[0] @ z)
+
+    def loss(w, z, t):
+        r = M(w, z) - t
+        return (r.abs() ** 3).sum() / 3 if objective == "lp" else huber(M(w, z), t)
+
+    for t in range(3):  # chunk 1: y_t = M_{t-1}(x_t), then one GD step
+        assert torch.allclose(y[0, t], M(ws, xs[0, t]), atol=1e-12)
+        grads = torch.func.grad(loss)(ws, xs[0, t], xs[0, t] ** 2)
+        ws = [w - 0.3 * gr for w, gr in zip(ws, grads, strict=True)]

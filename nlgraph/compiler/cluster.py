@@ -141,6 +141,25 @@ def _window(learner: Any, c: Any, members: dict, window_inputs: tuple, s: int, e
     return vals
 
 
+def output_error(cfg: Any, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``d objective / d output`` per token: ``out - v`` (l2), ``-v`` (dot),
+    ``sign(out - v) |out - v|^(p-1)`` (lp), or autograd of a custom objective."""
+    if cfg.objective == "l2":
+        return out - v
+    if cfg.objective == "dot":
+        return -v
+    if cfg.objective == "lp":
+        r = out - v
+        return torch.sign(r) * r.abs() ** (cfg.p - 1)
+    from nlgraph.library import resolve
+
+    fn = resolve(cfg.custom)
+    with torch.enable_grad():
+        o = out if out.requires_grad else out.detach().requires_grad_()
+        (g,) = torch.autograd.grad(fn(o, v).sum(), o, create_graph=torch.is_grad_enabled())
+    return g
+
+
 def _jobs(learner: Any, mem: _Member, args: tuple) -> list[dict]:
     """One window of the member's inner optimizer as one job per layer: its inputs ``x`` and
     errors ``delta`` at the chunk-start state, its gates, and its running weights."""
@@ -152,7 +171,7 @@ def _jobs(learner: Any, mem: _Member, args: tuple) -> list[dict]:
     mu = gate(learner, cfg, "momentum", args, k)
     visible = mem.state["visible"]
     out, inputs, pre = mlp_forward(visible, k, cfg.activation, cfg.residual)
-    delta = out - v if cfg.objective == "l2" else -v  # d objective / d output
+    delta = output_error(cfg, out, v)
     deltas = [delta]
     for i in range(len(visible) - 1, 0, -1):  # backprop to every layer's output
         up = torch.einsum("bhoi,bcho->bchi", visible[i], deltas[0])

@@ -24,7 +24,7 @@ and the list of its numbers, so a program compiled once serves every spec with t
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -170,6 +170,7 @@ class OptimizerProgram:
             self.parts.append(part)
         self._by_ndim: dict[int, Part] = {}
         self._static = {n for n in spec.flows if self._is_static(spec.flows[n])}
+        self._fns: dict[tuple[int, str], Callable[[_Env], ops.Value]] = {}
 
     # ---------------------------------------------------------------------------- planning
     def key(self, name: str) -> str:
@@ -374,44 +375,62 @@ class OptimizerProgram:
     def _c(self, node: Any, name: str, env: _Env) -> float:
         return env.consts[self._slot[(id(node), name)]]
 
-    def _ticks(self, level: str, env: _Env) -> int:
-        return _count(self.spec.level(level).frequency, env.step)
-
     def _eval(self, flow: FlowBase, env: _Env, lv: Level) -> ops.Value:
+        fn = self._fns.get((id(flow), lv.name))
+        if fn is None:
+            fn = self._fns[(id(flow), lv.name)] = self._lower(flow, lv)
+        return fn(env)
+
+    def _lower(self, flow: FlowBase, lv: Level) -> Callable[[_Env], ops.Value]:
+        """A flow as a closure over a step's environment (lowered once, called every step)."""
         op = flow.op
         if op == "const":
-            return self._c(flow, "value", env)
+            i = self._slot[(id(flow), "value")]
+            return lambda env: env.consts[i]
         if op == "grad":
-            return ops.lazy(env.grads)
+            return lambda env: ops.lazy(env.grads)
         if op == "state":
-            return ops.lazy(env.held(self.key(flow.level), flow.at))
+            key, at = self.key(flow.level), flow.at
+            return lambda env: ops.lazy(env.held(key, at))
         if op == "ref":
-            if flow.name not in self._static:
-                return self._eval(self.spec.flows[flow.name], env, lv)
-            if flow.name not in env.memo:
-                v = self._eval(self.spec.flows[flow.name], env, lv)
-                env.memo[flow.name] = v if isinstance(v, float) else replace(v, owned=False)
-            return env.memo[flow.name]
+            name, inner = flow.name, self._lower(self.spec.flows[flow.name], lv)
+            if name not in self._static:
+                return inner
+
+            def shared(env: _Env) -> ops.Value:  # one value per step, never overwritten
+                if name not in env.memo:
+                    v = inner(env)
+                    env.memo[name] = v if isinstance(v, float) else replace(v, owned=False)
+                return env.memo[name]
+
+            return shared
         if op == "unary":
-            return ops.unary(flow.fn, self._eval(flow.x, env, lv))
+            fn, x = flow.fn, self._lower(flow.x, lv)
+            return lambda env: ops.unary(fn, x(env))
         if op == "binary":
-            a, b = self._eval(flow.a, env, lv), self._eval(flow.b, env, lv)
+            a, b = self._lower(flow.a, lv), self._lower(flow.b, lv)
             if flow.fn == "sub":
-                return ops.add(a, ops.neg(b))
+                return lambda env: ops.add(a(env), ops.neg(b(env)))
             fn = {"add": ops.add, "mul": ops.mul, "div": ops.div, "pow": ops.power}[flow.fn]
-            return fn(a, b)
+            return lambda env: fn(a(env), b(env))
         if op == "debias":
-            level = flow.x.level if isinstance(flow.x, State) else lv.name
-            beta = self._c(flow, "beta", env)
-            return ops.div(self._eval(flow.x, env, lv), 1.0 - beta ** self._ticks(level, env))
+            freq = self.spec.level(flow.x.level if isinstance(flow.x, State) else lv.name).frequency
+            i, x = self._slot[(id(flow), "beta")], self._lower(flow.x, lv)
+            return lambda env: ops.div(x(env), 1.0 - env.consts[i] ** _count(freq, env.step))
         if op == "newton_schulz":
-            x = ops.materialize(self._as_tensors(self._eval(flow.x, env, lv), env))
-            ns = [ops.newton_schulz(t, flow.steps, flow.variant, flow.prenorm) for t in x]
-            return ops.lazy(ns, owned=True)
+            x, args = self._lower(flow.x, lv), (flow.steps, flow.variant, flow.prenorm)
+            return lambda env: ops.lazy(
+                [
+                    ops.newton_schulz(t, *args)
+                    for t in ops.materialize(self._as_tensors(x(env), env))
+                ],
+                owned=True,
+            )
         if op == "ticks":
-            return float(self._ticks(lv.name, env))
+            freq = lv.frequency
+            return lambda env: float(_count(freq, env.step))
         if op == "read":
-            return self._mlp_read(flow, env, lv)
+            return lambda env: self._mlp_read(flow, env, lv)
         raise CompileError(f"{self.spec.name!r}: flow {flow} has no optimizer lowering")
 
     @staticmethod

@@ -13,7 +13,7 @@ and the delta-gradient solve are the matrix work per tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -57,6 +57,10 @@ class Lazy:
 Value = float | Lazy
 
 
+def _scaled(x: Lazy, scale: float) -> Lazy:
+    return Lazy(x.kind, x.a, x.b, scale, x.owned)
+
+
 def lazy(tensors: Tensors, scale: float = 1.0, owned: bool = False) -> Lazy:
     return Lazy("list", tensors, None, scale, owned)
 
@@ -90,16 +94,16 @@ def _own(x: Lazy) -> Lazy:
 
 
 def neg(x: Value) -> Value:
-    return -x if isinstance(x, float) else replace(x, scale=-x.scale)
+    return -x if isinstance(x, float) else _scaled(x, -x.scale)
 
 
 def mul(x: Value, y: Value) -> Value:
     if isinstance(x, float) and isinstance(y, float):
         return x * y
     if isinstance(x, float):
-        return replace(y, scale=x * y.scale)
+        return _scaled(y, x * y.scale)
     if isinstance(y, float):
-        return replace(x, scale=x.scale * y)
+        return _scaled(x, x.scale * y)
     (a, sa, _), (b, sb, _) = plain(x), plain(y)
     return Lazy("mul", a, b, sa * sb)
 
@@ -108,7 +112,7 @@ def div(x: Value, y: Value) -> Value:
     if isinstance(x, float) and isinstance(y, float):
         return x / y
     if isinstance(y, float):
-        return replace(x, scale=x.scale / y)
+        return _scaled(x, x.scale / y)
     b, sb, owned = plain(y)
     if isinstance(x, float):
         if owned:

@@ -150,9 +150,15 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
             f"{where}: inner optimizer {describe(rules)} has no lowering yet "
             "(supported: one gd or dgd rule)"
         )
-    if obj is None or obj.kind not in ("dot", "l2"):
-        raise CompileError(f"{where}: objective {obj} has no lowering yet (supported: dot, l2)")
+    if obj is None or obj.kind not in ("dot", "l2", "lp", "custom"):
+        raise CompileError(
+            f"{where}: objective {obj} has no lowering yet (supported: dot, l2, lp, custom)"
+        )
     rule = rules[0]
+    if obj.kind in ("lp", "custom") and st.kind in ("linear", "mlp"):
+        # Any objective of the read-out runs in the cluster form: only its error at the output
+        # differs, the per-layer updates are the same.
+        return "fast", "cluster", _CLUSTER_DETAIL
     if st.kind == "linear" and rule.momentum is None:
         if isinstance(rule, DGD):
             e = "e = lr/(1+lr|k|^2)" if rule.exact else "e = lr"

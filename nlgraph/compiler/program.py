@@ -64,6 +64,8 @@ class MemoryCfg:
     window: int | None = None
     temperature: float | None = None
     truncate: int | None = None  # tokens between detached states (truncated(k) edges)
+    p: float | None = None  # the lp objective's exponent
+    custom: str | None = None  # the custom objective's import path
 
 
 @dataclass
@@ -246,6 +248,8 @@ class _Builder(_Lowering):
             rule=rule.rule,
             exact=getattr(rule, "exact", False),
             objective=lv.objective.kind,
+            p=getattr(lv.objective, "p", None),
+            custom=getattr(lv.objective, "path", None),
             lr=_scalar(lv, "lr", getattr(rule, "lr", None), lambda f: arg(f)),
             retain=_scalar(lv, "retain", getattr(rule, "retain", None), lambda f: arg(f)),
             momentum=_scalar(lv, "momentum", getattr(rule, "momentum", None), lambda f: arg(f)),
