@@ -172,3 +172,32 @@ def test_blocks_learn_at_test_time_under_no_grad():
     with torch.no_grad():
         out, state = learner(x, None, loss_fn=mse(target))
     assert state["b0"]["updates"] == 3 and not out["y"].requires_grad
+
+
+def test_gradcheck_through_memories_and_a_chunk_updated_block():
+    """Meta-gradients through a deep memory, a delta-rule memory and a CMS block's in-sequence
+    updates (float64 gradcheck)."""
+    g = nl.Graph("mixed", chunk=2)
+    x = g.input("x", dim=D)
+    deep = g.level("deep", state=nl.mlp(D, D, width=4, residual=True), frequency=nl.per_token(),
+                   context=nl.kv(key=x, value=x), objective=nl.l2(),
+                   optimizer=nl.gd(lr=0.5, momentum=0.5), init=nl.meta())  # fmt: skip
+    delta = g.level("delta", state=nl.linear(D, D), frequency=nl.per_token(),
+                    context=nl.kv(key=x, value=deep(x, at="new")), objective=nl.l2(),
+                    optimizer=nl.gd(lr=0.7), init=nl.meta())  # fmt: skip
+    block = g.level("block", state=nl.mlp(D, D, width=4), frequency=nl.every(2, "token"),
+                    objective=nl.outer(), optimizer=nl.gd(lr=0.2), init=nl.meta())  # fmt: skip
+    g.output("y", block(delta(x, at="new")))
+    learner = compile(g, dtype=torch.float64)
+    xs, target = data(B=1, T=5)
+    names = [n for n, _ in learner.named_parameters()]
+    assert any(n.startswith("blocks.block") for n in names)
+    params = tuple(p.detach().clone().requires_grad_() for _, p in learner.named_parameters())
+
+    def fn(*ps):
+        out, _ = torch.func.functional_call(
+            learner, dict(zip(names, ps, strict=True)), (xs,), {"loss_fn": mse(target)}
+        )
+        return out["loss"]
+
+    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-5)

@@ -174,7 +174,7 @@ def test_unsupported_patterns_name_the_level():
     g = nl.Graph("lp")
     x = g.input("x", dim=2)
     g.level("M", state=nl.linear(2, 2), frequency=nl.per_token(), context=nl.kv(key=x, value=x),
-            objective=nl.lp(3), optimizer=nl.gd(lr=0.1))  # fmt: skip
+            objective=nl.l2(), optimizer=nl.chain(nl.orthogonalize(5), nl.gd(lr=0.1)))  # fmt: skip
     with pytest.raises(nl.CompileError, match="level 'M'.*no lowering"):
         compile(g)
     g = get("adam")

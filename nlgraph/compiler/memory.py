@@ -7,7 +7,6 @@ flows of its data-dependent gates.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -125,10 +124,10 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
     if cfg.lowering == "attention":
         outs, final = [], prev
         for q in queries:
-            o, final = attention(cfg, q, k, v, prev)
+            o, final = attention(cfg, q, k, v, prev, learner.backend)
             outs.append(o.reshape(B, T, -1))
         if not queries:
-            final = attention(cfg, k, k, v, prev)[1]
+            final = attention(cfg, k, k, v, prev, learner.backend)[1]
         return tuple(outs), final
     lr = gate(learner, cfg, "lr", args, k)
     retain = gate(learner, cfg, "retain", args, k)
@@ -171,21 +170,9 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
     return tuple(outs[: len(queries)]), final
 
 
-def attention(cfg: MemoryCfg, q, k, v, cache) -> tuple[torch.Tensor, dict]:
-    """Causal softmax attention over the cached and current keys (Eq. 62; Eq. 63 with a
-    window); the key/value cache is the memory's state."""
-    if cache is not None:
-        k = torch.cat([cache["k"], k], dim=1)
-        v = torch.cat([cache["v"], v], dim=1)
-    T, S = q.shape[1], k.shape[1]
-    i = torch.arange(T, device=q.device).unsqueeze(1) + (S - T)
-    j = torch.arange(S, device=q.device).unsqueeze(0)
-    allowed = j <= i
-    if cfg.window is not None:
-        allowed &= j > i - cfg.window
-    scale = cfg.temperature if cfg.temperature is not None else 1.0 / math.sqrt(q.shape[-1])
-    # Written out rather than F.scaled_dot_product_attention: blocks that learn from the loss
-    # inside the forward (CMS) need second derivatives, which the fused CPU kernel lacks.
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("bhts,bshd->bthd", torch.softmax(scores, dim=-1), v), {"k": k, "v": v}
+def attention(cfg: MemoryCfg, q, k, v, cache, backend: str = "auto"):
+    """Causal softmax attention (Eq. 62; Eq. 63 with a window); the key/value cache is the
+    memory's state."""
+    from nlgraph.kernels.attention import attention as kernel
+
+    return kernel(q, k, v, cache=cache, window=cfg.window, scale=cfg.temperature, backend=backend)
