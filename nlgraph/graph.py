@@ -262,6 +262,15 @@ class Graph:
 
         return to_yaml(self)
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kw: Any) -> dict:
+        """Notebooks draw a graph as its nesting diagram (the drawing layer is imported only
+        here, when a notebook asks)."""
+        from nlgraph.visualize import Diagram
+
+        bundle = Diagram.of(self)._repr_mimebundle_(include, exclude)
+        bundle["text/plain"] = repr(self)
+        return bundle
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Graph) and self.spec == other.spec
 

@@ -429,3 +429,13 @@ def test_visualize_imports_neither_torch_nor_compiler() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_graphs_render_themselves_in_notebooks() -> None:
+    bundle = library.get("adam")._repr_mimebundle_()
+    assert bundle["text/plain"].startswith("Graph('adam'")
+    if shutil.which("dot"):
+        assert (
+            bundle["image/svg+xml"].lstrip().startswith("<?xml")
+            or "<svg" in bundle["image/svg+xml"]
+        )
