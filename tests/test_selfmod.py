@@ -184,19 +184,19 @@ def huber(pred, target):  # a custom inner objective, named by import path in th
     return torch.nn.functional.huber_loss(pred, target, reduction="none", delta=0.5).sum(-1)
 
 
-@pytest.mark.parametrize("objective", ["lp", "custom"])
-def test_other_objectives_run_as_clusters(objective):
+@pytest.mark.parametrize("objective,mom", [("lp", None), ("custom", None), ("lp", 0.7)])
+def test_other_objectives_run_as_clusters(objective, mom):
     """lp and custom objectives: the compiled step equals autograd of the objective."""
     obj = nl.lp(3.0) if objective == "lp" else nl.custom("test_selfmod:huber")
     g = nl.Graph("other")
     x = g.input("x", dim=D)
     mem = g.level("M", state=nl.mlp(D, D, width=3), frequency=nl.per_token(), chunk=1,
                   context=nl.kv(key=x, value=x.square()), objective=obj,
-                  optimizer=nl.gd(lr=0.3), init=nl.meta())  # fmt: skip
+                  optimizer=nl.gd(lr=0.3, momentum=mom, retain=0.9), init=nl.meta())  # fmt: skip
     g.output("y", mem(x))
     learner = compile(g, dtype=torch.float64)
     assert learner.plan.levels["M"].lowering == "cluster"
-    xs = torch.randn(1, 3, D, dtype=torch.float64)
+    xs = torch.randn(1, 5, D, dtype=torch.float64)
     y = learner(xs)[0]["y"]
     ws = [learner.meta["M__W2"][0], learner.meta["M__W1"][0]]
 
@@ -207,7 +207,30 @@ def test_other_objectives_run_as_clusters(objective):
         r = M(w, z) - t
         return (r.abs() ** 3).sum() / 3 if objective == "lp" else huber(M(w, z), t)
 
-    for t in range(3):  # chunk 1: y_t = M_{t-1}(x_t), then one GD step
+    s = [torch.zeros_like(w) for w in ws]
+    for t in range(5):  # chunk 1: y_t = M_{t-1}(x_t), then one step of GD with momentum
         assert torch.allclose(y[0, t], M(ws, xs[0, t]), atol=1e-12)
         grads = torch.func.grad(loss)(ws, xs[0, t], xs[0, t] ** 2)
-        ws = [w - 0.3 * gr for w, gr in zip(ws, grads, strict=True)]
+        s = [(mom or 0.0) * si - 0.3 * gr for si, gr in zip(s, grads, strict=True)]
+        ws = [0.9 * w + si for w, si in zip(ws, s, strict=True)]
+
+
+@pytest.mark.parametrize("rule", ["gd", "dgd"])
+def test_momentum_windows_equal_token_windows(rule):
+    """Windows of 4 tokens (momentum summed in parallel) equal windows of one token."""
+    opt = (nl.gd if rule == "gd" else nl.dgd)(lr=0.3, momentum=0.6, retain=0.95)
+    g = nl.Graph("mom", chunk=4)
+    x = g.input("x", dim=D)
+    mem = g.level("M", state=nl.mlp(D, D, width=3), frequency=nl.per_token(),
+                  context=nl.kv(key=x, value=x.square()), objective=nl.lp(3.0),
+                  optimizer=opt, init=nl.meta())  # fmt: skip
+    g.output("y", mem(x))
+    learner = compile(g, dtype=torch.float64)
+    xs = torch.randn(2, 11, D, dtype=torch.float64)
+    out = {}
+    for backend in ("reference", "chunk"):
+        learner.backend = backend
+        y, state = learner(xs)
+        out[backend] = (y["y"], state["M"]["running"][0])
+    assert torch.allclose(out["chunk"][0], out["reference"][0], atol=1e-12)
+    assert torch.allclose(out["chunk"][1], out["reference"][1], atol=1e-12)

@@ -213,20 +213,52 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
             )  # fmt: skip
             s_buf = None
         else:
-            mu, s_buf = cat("mu", 2), cat("s", 1)
-            for t in range(x.shape[1]):  # token by token: the momentum makes it non-rank-1
-                xt, w_prev = x[:, t], w
-                g = torch.einsum("bho,bhi->bhoi", d[:, t], xt)
-                s_buf = mu[:, t, :, None, None] * s_buf - step[:, t, :, None, None] * g
-                a = 1.0 if retain is None else retain[:, t, :, None, None]
-                w = a * w_prev + s_buf
-                if decay is not None:
+            # The momentum S_t = mu_t S_{t-1} - step_t d_t x_t^T has a scalar decay: every S_t of
+            # the window at once. The weights then take W_t = W_{t-1}(a_t I - b_t x x^T) + S_t:
+            # in parallel too without the DGD term, token by token with it (S_t is full rank).
+            mu, s0 = cat("mu", 2), cat("s", 1)
+            u = -torch.einsum("bch,bcho,bchi->bchoi", step, d, x)
+            decays, carry = _decay_matrix(mu)  # [B, H, C, C], [B, C, H]
+            s_all = (
+                torch.einsum("bhtj,bjhoi->bthoi", decays, u) + carry[..., None, None] * s0[:, None]
+            )
+            s_buf = s_all[:, -1]
+            if decay is None:
+                a = torch.ones_like(mu) if retain is None else retain
+                weights, keep = _decay_matrix(a)
+                # W_t = a_t W_{t-1} + S_t  =>  W_C = (prod a) W_0 + sum_t (prod_{i>t} a_i) S_t
+                w = keep[:, -1, :, None, None] * w + torch.einsum(
+                    "bht,bthoi->bhoi", weights[:, :, -1], s_all
+                )
+            else:
+                for t in range(x.shape[1]):
+                    xt, w_prev = x[:, t], w
+                    a = 1.0 if retain is None else retain[:, t, :, None, None]
                     wx = torch.einsum("bhoi,bhi->bho", w_prev, xt)
-                    w = w - decay[:, t, :, None, None] * torch.einsum("bho,bhi->bhoi", wx, xt)
+                    w = (
+                        a * w_prev
+                        + s_all[:, t]
+                        - decay[:, t, :, None, None] * torch.einsum("bho,bhi->bhoi", wx, xt)
+                    )
         for j, w_j, s_j in zip(group, w.split(sizes, dim=1),
                                [None] * len(group) if s_buf is None else s_buf.split(sizes, dim=1),
                                strict=True):  # fmt: skip
             j["w_new"], j["s_new"] = w_j, s_j
+
+
+def _decay_matrix(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For gates ``g [B, C, H]``: ``D[b, h, t, j] = prod_{j < i <= t} g_i`` (``t >= j``, else 0)
+    and ``P[b, t, h] = prod_{i <= t} g_i``. Products of masked matrices, no division, so a gate
+    of exactly zero is exact."""
+    B, C, H = g.shape
+    gh = g.permute(0, 2, 1)  # [B, H, C]
+    t = torch.arange(C, device=g.device)
+    later = t[:, None] > t[None, :]  # i > j, indexed [i, j]
+    factors = torch.where(later, gh[..., :, None], torch.ones_like(gh[..., :, None]))
+    d = torch.cumprod(factors, dim=-2)  # [B, H, t, j] = prod over i <= t of factors[i, j]
+    d = d * (t[:, None] >= t[None, :])
+    p = torch.cumprod(g, dim=1)
+    return d, p
 
 
 def _update_all(learner: Any, members: dict, c: Any, vals: list, backend: str, n: int) -> None:
