@@ -201,3 +201,19 @@ def test_gradcheck_through_memories_and_a_chunk_updated_block():
         return out["loss"]
 
     assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["sequential", "nested"])
+def test_causality_of_learning_blocks(variant):
+    """9.10 for CMS levels: a token (input or target) after t never changes outputs up to t,
+    although the blocks learn inside the sequence."""
+    learner = compile(cms_graph(chunks=(2, 4), lrs=(0.1, 0.05), variant=variant),
+                      dtype=torch.float64)  # fmt: skip
+    x, target = data(B=2, T=10)
+    y0 = learner(x, None, loss_fn=mse(target))[0]["y"]
+    for t in (1, 4, 7):
+        x2, t2 = x.clone(), target.clone()
+        x2[:, t + 1 :] += 1.0
+        t2[:, t + 1 :] -= 1.0
+        y1 = learner(x2, None, loss_fn=mse(t2))[0]["y"]
+        assert torch.equal(y1[:, : t + 1], y0[:, : t + 1]), t
