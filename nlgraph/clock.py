@@ -30,6 +30,7 @@ __all__ = [
     "reset_every",
     "reset_with",
     "Init",
+    "Default",
     "Zeros",
     "Normal",
     "Identity",
@@ -185,6 +186,16 @@ def reset_with(level: str) -> Reset:
 # ------------------------------------------------------------------------------------------ init
 
 
+class Default(Spec):
+    """The state kind's natural start: zeros for memories and tensors (an empty memory), the
+    framework's own initialisation for modules (projections, MLPs, convolutions)."""
+
+    kind: Literal["default"] = "default"
+
+    def __str__(self) -> str:
+        return "default"
+
+
 class Zeros(Spec):
     kind: Literal["zeros"] = "zeros"
 
@@ -231,7 +242,7 @@ class FromPath(Spec):
         return f"from {self.path}"
 
 
-Init = Annotated[Zeros | Normal | Identity | Meta | FromPath, Field(discriminator="kind")]
+Init = Annotated[Default | Zeros | Normal | Identity | Meta | FromPath, Field(discriminator="kind")]
 
 
 def zeros() -> Zeros:

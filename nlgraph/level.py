@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from nlgraph._base import Spec
-from nlgraph.clock import Frequency, Init, Reset, Zeros
+from nlgraph.clock import Default, Frequency, Init, Reset
 from nlgraph.flows import Flow
 from nlgraph.objectives import Objective
 from nlgraph.optimizers import Rule
@@ -86,7 +86,8 @@ class Level(Spec):
         optimizer: its inner optimizer, a chain of rules (:mod:`nlgraph.optimizers`).
         chunk: chunk size in tokens for chunk-parallel training (``1`` = exact token recurrence);
             ``None`` takes the graph's default.
-        init: initial state (``zeros``, ``meta`` = learned by a slower level, ...).
+        init: initial state (``default``: zeros for memories, the framework's initialisation
+            for modules; ``zeros``, ``normal``, ``meta`` = learned by a slower level, ...).
         reset: when fast state returns to its initial value; ``None`` = per sequence for
             token/chunk levels, never for slower ones.
         heads: independent memories side by side (multi-head).
@@ -100,7 +101,7 @@ class Level(Spec):
     objective: Objective | None = None
     optimizer: tuple[Rule, ...] = ()
     chunk: Annotated[int, Field(ge=1)] | None = None
-    init: Init = Field(default_factory=Zeros)
+    init: Init = Field(default_factory=Default)
     reset: Reset | None = None
     heads: Annotated[int, Field(ge=1)] = 1
     group: str | None = None

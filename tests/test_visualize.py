@@ -322,7 +322,7 @@ def test_tree_nests_levels_with_their_annotations() -> None:
     w = next(ln for ln in lines if "── w:" in ln)
     m = next(ln for ln in lines if "── m:" in ln)
     for part in ("state params", "objective outer loss", "optimizer += ", "every step",
-                 "init zeros", "never reset"):  # fmt: skip
+                 "init default", "never reset"):  # fmt: skip
         assert part in w
     assert "optimizer EMA(β=0.9)" in m and "½‖S − ∇w‖²" in m and "state like(w)" in m
     indent = lambda s: len(s) - len(s.lstrip(" │├└─"))

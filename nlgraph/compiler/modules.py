@@ -114,7 +114,7 @@ def build_slow(lv: Level, dims: dict[str, int]) -> nn.Module:
         shape = [dim(d, dims, where) for d in st.shape]
         std = getattr(lv.init, "std", 1 / math.sqrt(shape[-1]))
         p = nn.Parameter(
-            torch.zeros(shape) if lv.init.kind == "zeros" else torch.randn(shape) * std
+            torch.zeros(shape) if lv.init.kind in ("zeros", "default") else torch.randn(shape) * std
         )
         holder = nn.Module()
         holder.value = p

@@ -226,7 +226,7 @@ class OptimizerProgram:
                 )
         if st.kind == "mlp":
             self._check_mlp(lv, where)
-        elif st.kind == "like" and lv.init.kind not in ("zeros", "normal"):
+        elif st.kind == "like" and lv.init.kind not in ("default", "zeros", "normal"):
             raise CompileError(f"{where}: init {lv.init} is not supported; use zeros or normal")
         for rule in lv.optimizer:
             for name, value in scalar_fields(rule).items():
@@ -284,7 +284,7 @@ class OptimizerProgram:
             raise CompileError(f"{where}: an MLP memory here is trained by gd (no momentum) on l2")
         if self._slow(lv):
             raise CompileError(f"{where}: an MLP memory updates every step")
-        if lv.init.kind not in ("normal", "zeros"):
+        if lv.init.kind not in ("default", "normal", "zeros"):
             raise CompileError(f"{where}: init {lv.init} is not supported; use normal or zeros")
 
     def _snapshots(self, part: Part) -> set[str]:

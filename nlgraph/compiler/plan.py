@@ -119,6 +119,8 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
                 f"{where}: a {lv.frequency} level with inner objective {lv.objective.kind!r} "
                 "has no lowering yet; only outer-loss levels run at step frequency"
             )
+        if unit == "never":
+            return "slow", "parameter", f"frozen: never updated ({lv.state})"
         return "slow", "parameter", f"trained by the outer optimizer ({lv.state})"
     st, obj, rules = lv.state, lv.objective, lv.optimizer
     kinds = [r.rule for r in rules]

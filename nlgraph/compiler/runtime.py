@@ -54,6 +54,8 @@ class CompiledLearner(nn.Module):
             lv = self.spec.level(name)
             if plan.levels[name].role == "slow":
                 self.slow[_key(name)] = build_slow(lv, plan.dims)
+                if lv.frequency.unit == "never":  # frozen: no optimizer ever moves it
+                    self.slow[_key(name)].requires_grad_(False)
             else:
                 self._build_fast(lv)
         kinds = {}
@@ -70,6 +72,21 @@ class CompiledLearner(nn.Module):
         self._program = namespace["forward_program"]
         self._compiled: Any = None  # torch.compile of the program, when asked for
         self.writes = True  # False: read every memory at its state, update none
+        # The outer clock: outer steps taken so far (saved with the state_dict).
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long))
+
+    def step_schedule(self) -> dict[str, tuple[int, int, list[nn.Parameter]]]:
+        """Levels trained by the outer optimizer at their own rate:
+        ``{level: (every, offset, parameters)}`` for step- and sequence-level levels."""
+        out = {}
+        for name, lp in self.plan.levels.items():
+            if lp.lowering != "parameter":
+                continue
+            f = self.spec.level(name).frequency
+            if f.unit in ("step", "sequence"):
+                params = [p for p in self.slow[_key(name)].parameters() if p.requires_grad]
+                out[name] = (f.every, f.offset, params)
+        return out
 
     def compile_program(self, **options: Any) -> None:
         """Run the generated program under ``torch.compile`` (``options`` are passed on)."""
@@ -92,7 +109,7 @@ class CompiledLearner(nn.Module):
         return lv.heads, d_in // lv.heads, d_out // lv.heads
 
     def _init_tensor(self, lv: Level, shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
-        if lv.init.kind == "zeros":
+        if lv.init.kind in ("zeros", "default"):  # an empty memory
             return torch.zeros(shape)
         if lv.init.kind == "identity":
             eye = torch.eye(shape[-2], shape[-1])

@@ -147,7 +147,7 @@ def level_facts(
         ("optimizer", optimizer),
         ("frequency", frequency_label(spec, level)),
     ]
-    if level.init.kind != "zeros":
+    if level.init.kind not in ("zeros", "default"):
         init = str(level.init)
         if level.init.kind == "meta" and not level.init.level:
             init += " (learned by the outermost level)"

@@ -1,0 +1,97 @@
+"""Whole-graph lowerings onto torch's fused optimizer kernels, for graphs that are one of them.
+
+A foreach step makes one pass over memory per op (about six for Adam); torch's fused kernels
+make one. When an optimizer graph has the skeleton of the library's ``adam`` or ``adamw`` (any
+numbers, with or without AMSGrad or L2 decay; see :func:`nlgraph.compiler.optim.scan`), its
+step can run as ``torch._fused_adam_`` / ``torch._fused_adamw_``: the same update, read off the
+graph's numbers. Any other graph — a delta-rule first moment, a third memory — keeps the foreach
+lowering. The naive reference and the foreach program stay the definition; tests check the
+fused lowering against both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from nlgraph.compiler.optim import scan
+
+__all__ = ["FusedLowering", "match"]
+
+# Distinct marker values: where each lands in a spec's numbers tells where to read it back.
+_LR, _B1, _B2, _EPS, _WD = 0.0123, 0.8765, 0.9876, 1.234e-5, 0.0456
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class FusedLowering:
+    """``torch._fused_{kernel}_`` for a graph whose numbers hold its hyperparameters at ``at``."""
+
+    kernel: str  # "adam" (L2 decay coupled to the gradient) or "adamw" (decoupled)
+    amsgrad: bool
+    at: Mapping[str, int]  # lr, beta1, beta2, eps[, decay] -> index into the numbers
+    keys: tuple[str, ...]  # storage keys of m, v[, vmax]
+
+    def eligible(self, params: list[torch.Tensor], steps: list[torch.Tensor]) -> bool:
+        p = params[0]
+        return (
+            p.dtype in _DTYPES
+            and p.device.type in ("cpu", "cuda")
+            and (steps[0].device == p.device)
+        )
+
+    def __call__(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, torch.Tensor]],
+        steps: list[torch.Tensor],
+        numbers: list[float],
+    ) -> None:
+        """One step (``steps`` already counts it), in place."""
+        lr = -numbers[self.at["lr"]]
+        decay = numbers[self.at["decay"]] if "decay" in self.at else 0.0
+        if self.kernel == "adamw":
+            decay = decay / lr if lr else 0.0  # the graph holds lr * wd
+        lists = [[s[k] for s in states] for k in self.keys]
+        fn = torch._fused_adamw_ if self.kernel == "adamw" else torch._fused_adam_
+        fn(params, grads, lists[0], lists[1], lists[2] if self.amsgrad else [], steps,
+           lr=lr, beta1=numbers[self.at["beta1"]], beta2=numbers[self.at["beta2"]],
+           weight_decay=decay, eps=numbers[self.at["eps"]], amsgrad=self.amsgrad,
+           maximize=False, grad_scale=None, found_inf=None)  # fmt: skip
+
+
+@cache
+def _patterns() -> tuple[tuple[Hashable, str, bool, dict[str, int]], ...]:
+    from nlgraph.library import get
+
+    out = []
+    for kernel, amsgrad, decay in (
+        ("adam", False, False), ("adam", True, False), ("adam", False, True),
+        ("adam", True, True), ("adamw", False, True), ("adamw", True, True),
+    ):  # fmt: skip
+        kw = {"lr": _LR, "b1": _B1, "b2": _B2, "eps": _EPS, "amsgrad": amsgrad}
+        if kernel == "adamw":
+            kw["wd"] = _WD
+        elif decay:
+            kw["weight_decay"] = _WD
+        skeleton, numbers, _ = scan(get(kernel, **kw).spec)
+        marks = {"lr": -_LR, "beta1": _B1, "beta2": _B2, "eps": _EPS}
+        if decay:
+            marks["decay"] = _LR * _WD if kernel == "adamw" else _WD
+        at = {name: numbers.index(value) for name, value in marks.items()}
+        out.append((skeleton, kernel, amsgrad, at))
+    return tuple(out)
+
+
+def match(skeleton: Hashable, key: callable) -> FusedLowering | None:
+    """The fused lowering of a graph with this skeleton, if there is one (``key``: a level's
+    storage key in the per-parameter state)."""
+    for sk, kernel, amsgrad, at in _patterns():
+        if sk == skeleton:
+            names = ("m", "v", "vmax") if amsgrad else ("m", "v")
+            return FusedLowering(kernel, amsgrad, at, tuple(key(n) for n in names))
+    return None
