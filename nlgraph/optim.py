@@ -21,15 +21,22 @@ compiled program (the graph is rebuilt, not re-validated or re-compiled; see
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from nlgraph._errors import SpecError
 from nlgraph.compiler.optim import OptimizerProgram, scan
+from nlgraph.compiler.optim_fused import match
+from nlgraph.compiler.optim_reference import reference_step
 from nlgraph.graph import Graph
 from nlgraph.library import builder as _library
+from nlgraph.validation import format_validation_error
 
 __all__ = [
     "GraphOptimizer",
@@ -49,10 +56,13 @@ __all__ = [
     "DGD",
 ]
 
+_log = logging.getLogger("nlgraph.optim")
 _CACHE = 64  # hyperparameter settings kept bound per optimizer (an LR schedule visits many)
 
 
 def _freeze(v: Any) -> Hashable:
+    if isinstance(v, float | int | str | bool | None):
+        return v
     if isinstance(v, torch.Tensor):
         return float(v)
     if isinstance(v, list | tuple):
@@ -66,6 +76,11 @@ class GraphOptimizer(torch.optim.Optimizer):
     ``state_names`` (level name -> key in the per-parameter state).
 
     ``compilations`` counts the programs compiled (one per graph structure, not per number).
+    ``backend``: ``"auto"`` (torch's fused kernel when the graph is one of them,
+    :mod:`nlgraph.compiler.optim_fused`; else the foreach program), ``"foreach"`` (always the
+    foreach program) or ``"reference"`` (the naive per-parameter interpreter,
+    :mod:`nlgraph.compiler.optim_reference`); the environment variable ``NLGRAPH_BACKEND``
+    (``foreach``/``reference``) sets it for every optimizer.
     """
 
     builder: Callable[..., Graph]
@@ -74,13 +89,17 @@ class GraphOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._programs: dict[Hashable, OptimizerProgram] = {}
         self._bound: OrderedDict[Hashable, tuple[OptimizerProgram, list[float]]] = OrderedDict()
+        self._hparams = tuple(defaults)  # torch adds its own keys to self.defaults later
         self._inputs: dict[torch.Tensor, list[torch.Tensor]] = {}
+        self._last: dict[int, OptimizerProgram] = {}
         self.compilations = 0
+        env = os.environ.get("NLGRAPH_BACKEND", "auto")
+        self.backend = env if env in ("reference", "foreach") else "auto"
         super().__init__(params, defaults)
 
     def graph_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         """The builder's keyword arguments for ``group`` (override to map torch-style names)."""
-        return {k: group[k] for k in self.defaults}
+        return {k: group[k] for k in self._hparams}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -88,22 +107,38 @@ class GraphOptimizer(torch.optim.Optimizer):
 
     def program(self, group: dict[str, Any]) -> tuple[OptimizerProgram, list[float]]:
         """The compiled program for ``group`` and the numbers its hyperparameters give."""
-        kwargs = self.graph_kwargs(group)
-        key = tuple(sorted((k, _freeze(v)) for k, v in kwargs.items()))
+        key = tuple(_freeze(group.get(k)) for k in (*self._hparams, "initial_lr"))
         hit = self._bound.get(key)
         if hit is not None:
             self._bound.move_to_end(key)
             return hit
-        spec = type(self).builder(**kwargs).spec
+        kwargs = {k: float(v) if isinstance(v, torch.Tensor) else v
+                  for k, v in self.graph_kwargs(group).items()}  # fmt: skip
+        try:
+            spec = type(self).builder(**kwargs).spec
+        except ValidationError as err:
+            raise SpecError(
+                f"{type(self).__name__}: hyperparameters {kwargs} give an invalid graph: "
+                f"{format_validation_error(err)}"
+            ) from None
         skeleton, numbers, _ = scan(spec)
         prog = self._programs.get(skeleton)
         if prog is None:
             prog = self._programs[skeleton] = OptimizerProgram(spec, self.state_names)
+            prog.fused = match(skeleton, prog.key)
             self.compilations += 1
+            _log.info(
+                "%s: graph %r lowers to %s", type(self).__name__, spec.name,
+                f"torch._fused_{prog.fused.kernel}_" if prog.fused else "a foreach program",
+            )  # fmt: skip
         hit = self._bound[key] = (prog, numbers)
         if len(self._bound) > _CACHE:
             self._bound.popitem(last=False)
         return hit
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._last.clear()  # check every state for the buffers its program needs
 
     def watch(self, module: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Record the inputs of every ``nn.Linear`` of ``module`` during training forwards: the
@@ -129,17 +164,22 @@ class GraphOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             prog, numbers = self.program(group)
-            buckets: dict[tuple, tuple[list, list, list]] = {}
+            fresh = self._last.get(i) is not prog  # a new structure: states may lack buffers
+            self._last[i] = prog
+            buckets: dict[tuple, tuple[list, list, list, Any]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad.is_sparse or p.is_complex():
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients or complex "
+                        f"parameters (got a {'sparse gradient' if p.grad.is_sparse else p.dtype})"
+                    )
                 part = prog.part_of(p)
                 state = self.state[p]
-                if "step" not in state or state.get("_program") is not prog:
+                if fresh or "step" not in state:
                     prog.init_state(part, p, state)
                 bucket = buckets.setdefault((id(part), p.device, p.dtype), ([], [], [], part))
                 bucket[0].append(p)
@@ -148,7 +188,10 @@ class GraphOptimizer(torch.optim.Optimizer):
             for params, grads, states, part in buckets.values():
                 if group.get("maximize", False):
                     grads = torch._foreach_neg(grads)
-                self._step_bucket(prog, part, params, grads, states, numbers)
+                if self.backend == "reference":
+                    self._step_reference(group, part, params, grads, states)
+                else:
+                    self._step_bucket(prog, part, params, grads, states, numbers)
         self._inputs.clear()
         return loss
 
@@ -163,18 +206,40 @@ class GraphOptimizer(torch.optim.Optimizer):
     ) -> None:
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
+        fused = prog.fused if self.backend == "auto" else None
+        if fused is not None and fused.eligible(params, steps):
+            fused(params, grads, states, steps, numbers)
+            return
         counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
         by_count: dict[int, list[int]] = {}
         for i, c in enumerate(counts):  # parameters whose grads were None have fewer steps
             by_count.setdefault(int(c), []).append(i)
         for count, idx in by_count.items():
-            pick = (lambda xs: xs) if len(idx) == len(params) else (lambda xs: [xs[i] for i in idx])
+            ps, gs, sts = (
+                (params, grads, states)
+                if len(idx) == len(params)
+                else ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx])
+            )
             keys = None
             if part.needs_inputs:
-                keys = [
-                    torch.cat(self._inputs[p]) if p in self._inputs else None for p in pick(params)
-                ]
-            prog.step(part, pick(params), pick(grads), pick(states), count, numbers, keys)
+                keys = [torch.cat(self._inputs[p]) if p in self._inputs else None for p in ps]
+            prog.step(part, ps, gs, sts, count, numbers, keys)
+
+    def _step_reference(
+        self,
+        group: dict[str, Any],
+        part: Any,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        """The naive reference: one parameter at a time, autograd on each declared objective."""
+        spec = type(self).builder(**self.graph_kwargs(group)).spec
+        for p, g, state in zip(params, grads, states, strict=True):
+            state["step"] += 1
+            key = torch.cat(self._inputs[p]) if p in self._inputs else None
+            reference_step(spec, part.weights.name, p, g, state, int(state["step"]),
+                           self.state_names, key)  # fmt: skip
 
 
 def compile_optimizer(
@@ -266,8 +331,14 @@ _ADAMW_PART = {"adamw_lr": 3e-4, "adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8,
 SGD = compile_optimizer(
     _library("sgd"),
     "SGD",
-    {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
-     **_TORCH},  # fmt: skip
+    {
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        **_TORCH,
+    },  # fmt: skip
     _sgd_kwargs,
     {"b": "momentum_buffer"},
     doc="``torch.optim.SGD`` compiled from the library's ``sgd`` graph (Eqs. 8–13, 33).",
@@ -275,30 +346,61 @@ SGD = compile_optimizer(
 Adam = compile_optimizer(
     _library("adam"),
     "Adam",
-    {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
-     **_TORCH},  # fmt: skip
-    lambda g: {"lr": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1], "eps": g["eps"],
-               "weight_decay": g["weight_decay"], "amsgrad": g["amsgrad"]},  # fmt: skip
+    {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        **_TORCH,
+    },  # fmt: skip
+    lambda g: {
+        "lr": g["lr"],
+        "b1": g["betas"][0],
+        "b2": g["betas"][1],
+        "eps": g["eps"],
+        "weight_decay": g["weight_decay"],
+        "amsgrad": g["amsgrad"],
+    },  # fmt: skip
     {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"},
     doc="``torch.optim.Adam`` compiled from the library's ``adam`` graph (App. B).",
 )
 AdamW = compile_optimizer(
     _library("adamw"),
     "AdamW",
-    {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False,
-     **_TORCH},  # fmt: skip
-    lambda g: {"lr": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1], "eps": g["eps"],
-               "wd": g["weight_decay"], "amsgrad": g["amsgrad"]},  # fmt: skip
+    {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+        "amsgrad": False,
+        **_TORCH,
+    },  # fmt: skip
+    lambda g: {
+        "lr": g["lr"],
+        "b1": g["betas"][0],
+        "b2": g["betas"][1],
+        "eps": g["eps"],
+        "wd": g["weight_decay"],
+        "amsgrad": g["amsgrad"],
+    },  # fmt: skip
     {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"},
     doc="``torch.optim.AdamW`` compiled from the library's ``adamw`` graph (App. B).",
 )
 Adagrad = compile_optimizer(
     _library("adagrad"),
     "Adagrad",
-    {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
-     "eps": 1e-10, **_TORCH},  # fmt: skip
-    lambda g: {k: g[k] for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value",
-                                 "eps")},  # fmt: skip
+    {
+        "lr": 1e-2,
+        "lr_decay": 0.0,
+        "weight_decay": 0.0,
+        "initial_accumulator_value": 0.0,
+        "eps": 1e-10,
+        **_TORCH,
+    },  # fmt: skip
+    lambda g: {
+        k: g[k] for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
+    },  # fmt: skip
     {"v": "sum"},
     doc="``torch.optim.Adagrad`` compiled from the library's ``adagrad`` graph (App. B); the "
     "state's ``sum`` excludes ``initial_accumulator_value``.",
@@ -306,10 +408,23 @@ Adagrad = compile_optimizer(
 RMSprop = compile_optimizer(
     _library("rmsprop"),
     "RMSprop",
-    {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
-     "centered": False, **_TORCH},  # fmt: skip
-    lambda g: {"lr": g["lr"], "beta": g["alpha"], "eps": g["eps"], "momentum": g["momentum"],
-               "centered": g["centered"], "weight_decay": g["weight_decay"]},  # fmt: skip
+    {
+        "lr": 1e-2,
+        "alpha": 0.99,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "momentum": 0.0,
+        "centered": False,
+        **_TORCH,
+    },  # fmt: skip
+    lambda g: {
+        "lr": g["lr"],
+        "beta": g["alpha"],
+        "eps": g["eps"],
+        "momentum": g["momentum"],
+        "centered": g["centered"],
+        "weight_decay": g["weight_decay"],
+    },  # fmt: skip
     {"v": "square_avg", "a": "grad_avg", "b": "momentum_buffer"},
     doc="``torch.optim.RMSprop`` compiled from the library's ``rmsprop`` graph (App. B).",
 )
@@ -338,8 +453,12 @@ DeltaMomentum = compile_optimizer(
     _library("delta_momentum"),
     "DeltaMomentum",
     {"lr": 1e-2, "momentum": 0.9, "decay": 0.1, "normalize": False},
-    lambda g: {"lr": g["lr"], "beta": g["momentum"], "decay": g["decay"],
-               "normalize": g["normalize"]},  # fmt: skip
+    lambda g: {
+        "lr": g["lr"],
+        "beta": g["momentum"],
+        "decay": g["decay"],
+        "normalize": g["normalize"],
+    },  # fmt: skip
     doc="Delta momentum, ``m <- (momentum I - decay u u^T) m - lr u`` (Eqs. 48–49).",
 )
 DMGD = compile_optimizer(
@@ -351,23 +470,54 @@ DMGD = compile_optimizer(
 Muon = compile_optimizer(
     _library("muon_adamw"),
     "Muon",
-    {"lr": 2e-2, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "variant": "quintic",
-     "weight_decay": 0.0, **_ADAMW_PART},  # fmt: skip
-    lambda g: {"lr": g["lr"], "beta": g["momentum"], "nesterov": g["nesterov"],
-               "steps": g["ns_steps"], "variant": g["variant"], "wd": g["weight_decay"],
-               **_adamw_part(g)},  # fmt: skip
+    {
+        "lr": 2e-2,
+        "momentum": 0.95,
+        "nesterov": True,
+        "ns_steps": 5,
+        "variant": "quintic",
+        "weight_decay": 0.0,
+        **_ADAMW_PART,
+    },  # fmt: skip
+    lambda g: {
+        "lr": g["lr"],
+        "beta": g["momentum"],
+        "nesterov": g["nesterov"],
+        "steps": g["ns_steps"],
+        "variant": g["variant"],
+        "wd": g["weight_decay"],
+        **_adamw_part(g),
+    },  # fmt: skip
     doc="Muon on matrices (Eqs. 42–44, 52), AdamW on the rest (``adamw_*``; its lr follows "
     "the group's schedule).",
 )
 M3 = compile_optimizer(
     _library("m3_adamw"),
     "M3",
-    {"lr": 1e-3, "betas": (0.9, 0.999, 0.9), "alpha": 1.0, "eps": 1e-8, "slow_every": 8,
-     "ns_steps": 5, "variant": "quintic", "momenta": "sum", **_ADAMW_PART},  # fmt: skip
-    lambda g: {"lr": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1], "b3": g["betas"][2],
-               "alpha": g["alpha"], "eps": g["eps"], "f": g["slow_every"],
-               "steps": g["ns_steps"], "variant": g["variant"], "momenta": g["momenta"],
-               **_adamw_part(g)},  # fmt: skip
+    {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999, 0.9),
+        "alpha": 1.0,
+        "eps": 1e-8,
+        "slow_every": 8,
+        "ns_steps": 5,
+        "variant": "quintic",
+        "momenta": "sum",
+        **_ADAMW_PART,
+    },  # fmt: skip
+    lambda g: {
+        "lr": g["lr"],
+        "b1": g["betas"][0],
+        "b2": g["betas"][1],
+        "b3": g["betas"][2],
+        "alpha": g["alpha"],
+        "eps": g["eps"],
+        "f": g["slow_every"],
+        "steps": g["ns_steps"],
+        "variant": g["variant"],
+        "momenta": g["momenta"],
+        **_adamw_part(g),
+    },  # fmt: skip
     doc="M3 (Algorithm 1) on matrices, AdamW on the rest (``adamw_*``; its lr follows the "
     "group's schedule).",
 )

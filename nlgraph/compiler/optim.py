@@ -37,7 +37,6 @@ from nlgraph.compiler import optim_ops as ops
 from nlgraph.flows import KV, FlowBase, Grad, Read, State, Ticks, references, walk
 from nlgraph.level import GraphSpec, Level
 from nlgraph.optimizers import Learned, Signal, scalar_fields
-from nlgraph.states import ACTIVATIONS
 from nlgraph.topology import tiers
 from nlgraph.validation import _flows as _level_flows
 from nlgraph.validation import validate
@@ -46,15 +45,6 @@ __all__ = ["OptimizerProgram", "Part", "scan"]
 
 Tensors = list[torch.Tensor]
 _ELEMENTWISE_RULES = ("gd", "ema", "precondition", "newton_schulz", "weight_decay", "follow")
-_ACT = {
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "identity": lambda z: z,
-}
-assert set(_ACT) == set(ACTIVATIONS)
 
 
 def scan(spec: GraphSpec) -> tuple[Hashable, list[float], list[tuple[int, str]]]:
@@ -168,6 +158,7 @@ class OptimizerProgram:
             part.needs_inputs = any(r.rule == "dgd" for lv in levels for r in lv.optimizer)
             part.snapshot = self._snapshots(part)
             self.parts.append(part)
+        self.fused: Any = None  # a whole-graph kernel, set by the dispatcher (optim_fused)
         self._by_ndim: dict[int, Part] = {}
         self._static = {n for n in spec.flows if self._is_static(spec.flows[n])}
         self._fns: dict[tuple[int, str], Callable[[_Env], ops.Value]] = {}
@@ -285,7 +276,7 @@ class OptimizerProgram:
         if self._slow(lv):
             raise CompileError(f"{where}: an MLP memory updates every step")
         if lv.init.kind not in ("default", "normal", "zeros"):
-            raise CompileError(f"{where}: init {lv.init} is not supported; use normal or zeros")
+            raise CompileError(f"{where}: init {lv.init} is not supported; use default or normal")
 
     def _snapshots(self, part: Part) -> set[str]:
         """Levels read at ``prev`` by a level that runs after their update (or by themselves
@@ -339,7 +330,11 @@ class OptimizerProgram:
                 shapes = shapes if st.depth > 1 else [(st.d_out, st.d_in)]
                 for key, shape in zip(part.keys[lv.name], shapes, strict=True):
                     if state.get(key) is None:
-                        state[key] = torch.randn(shape, dtype=p.dtype, device=p.device) * std
+                        w = torch.empty(shape, dtype=p.dtype, device=p.device)
+                        if lv.init.kind == "default":  # nn.Linear's: U(+-1/sqrt(fan_in))
+                            state[key] = w.uniform_(-1, 1) / shape[1] ** 0.5
+                        else:
+                            state[key] = w.normal_(0.0, std) if std else w.zero_()
                 continue
             for i, key in enumerate(part.keys[lv.name]):
                 if state.get(key) is None:
@@ -543,24 +538,12 @@ class OptimizerProgram:
         keys = env.part.keys[name]
         return [torch.stack(env.held(k, at)) for k in keys]
 
-    def _mlp_apply(self, lv: Level, layers: list[torch.Tensor], xs: Tensors) -> torch.Tensor:
-        """``M(x)`` for every entry of every tensor, each tensor with its own MLP (Eq. 89:
-        ``M(z) = z + W1 s(W2 z)``); returns the entries flattened and concatenated."""
-        flat = torch.cat([x.reshape(-1) for x in xs])
-        sizes = torch.tensor([x.numel() for x in xs], device=flat.device)
-        seg = torch.repeat_interleave(torch.arange(len(xs), device=flat.device), sizes)
-        act = _ACT[lv.state.activation]
-        h = flat[:, None]
-        for i, w in enumerate(reversed(layers)):  # W_L first, W1 last
-            h = torch.einsum("noi,ni->no", w[seg], h)
-            if i < len(layers) - 1:
-                h = act(h)
-        return h[:, 0] + flat if lv.state.residual else h[:, 0]
-
     def _mlp_read(self, flow: Read, env: _Env, lv: Level) -> ops.Lazy:
         mem = self.spec.level(flow.level)
         xs = ops.materialize(self._as_tensors(self._eval(flow.arg, env, lv), env))
-        out = self._mlp_apply(mem, self._mlp_layers(mem.name, env, flow.at), xs)
+        st = mem.state
+        out = ops.elementwise_mlp(self._mlp_layers(mem.name, env, flow.at), xs, st.activation,
+                                  st.residual)  # fmt: skip
         parts = out.split([x.numel() for x in xs])
         return ops.lazy([o.view_as(x) for o, x in zip(parts, xs, strict=True)], owned=True)
 
@@ -573,12 +556,7 @@ class OptimizerProgram:
         ctx = lv.context
         k = ops.materialize(self._as_tensors(self._eval(ctx.key, env, lv), env))
         v = ops.materialize(self._as_tensors(self._eval(ctx.value, env, lv), env))
-        sizes = [x.numel() for x in k]
-        layers = [w.detach().requires_grad_() for w in self._mlp_layers(lv.name, env, "new")]
-        with torch.enable_grad():
-            r = self._mlp_apply(lv, layers, k) - torch.cat([x.reshape(-1) for x in v])
-            weight = torch.cat([torch.full((n,), 0.5 / n, dtype=r.dtype) for n in sizes])
-            grads = torch.autograd.grad((weight.to(r.device) * r * r).sum(), layers)
-        for key, w, g in zip(env.part.keys[lv.name], layers, grads, strict=True):
-            new = w.detach() * retain - lr * g
-            torch._foreach_copy_(env.tensors(key), list(new.unbind(0)))
+        layers = self._mlp_layers(lv.name, env, "new")
+        new = ops.mlp_gd_step(layers, k, v, lv.state.activation, lv.state.residual, lr, retain)
+        for key, w in zip(env.part.keys[lv.name], new, strict=True):
+            torch._foreach_copy_(env.tensors(key), list(w.unbind(0)))

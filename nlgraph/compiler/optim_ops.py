@@ -37,6 +37,9 @@ __all__ = [
     "inner",
     "newton_schulz",
     "dgd_step",
+    "ACTIVATIONS",
+    "elementwise_mlp",
+    "mlp_gd_step",
 ]
 
 Tensors = list[Tensor]
@@ -82,15 +85,6 @@ def materialize(x: Lazy) -> Tensors:
         torch._foreach_mul_(t, s)
         return t
     return torch._foreach_mul(t, s)
-
-
-def _own(x: Lazy) -> Lazy:
-    """A copy of ``x`` whose tensors may be overwritten (materialising the scale too)."""
-    t, s, owned = plain(x)
-    if not owned:
-        t = torch._foreach_mul(t, s)
-        s = 1.0
-    return lazy(t, s, owned=True)
 
 
 def neg(x: Value) -> Value:
@@ -300,3 +294,51 @@ def dgd_step(w: Tensor, b: Tensor, keys: Tensor, lr: float, exact: bool) -> None
     else:
         big = torch.eye(d_in, dtype=w.dtype, device=w.device) + c * (x.T @ x)
         w.copy_(torch.linalg.solve(big, b.T).T)
+
+
+# ----------------------------------------------------------- MLP memories of gradient entries
+
+ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda z: z,
+}
+
+
+def elementwise_mlp(layers: Tensors, xs: Tensors, activation: str, residual: bool) -> Tensor:
+    """``M_i(x)`` for every entry of every tensor ``x_i``, each tensor with its own MLP (Eq. 89,
+    ``M(z) = [z +] W1 s(W2 ... s(WL z))``; ``layers[j]: [P, out, in]`` stacks tensor i's
+    ``W{j+1}``). Returns the entries flattened and concatenated: one batched pass, no loop."""
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    sizes = torch.tensor([x.numel() for x in xs], device=flat.device)
+    seg = torch.repeat_interleave(torch.arange(len(xs), device=flat.device), sizes)
+    h = flat[:, None]
+    for i, w in enumerate(reversed(layers)):  # W_L first, W1 last
+        h = torch.einsum("noi,ni->no", w[seg], h)
+        if i < len(layers) - 1:
+            h = ACTIVATIONS[activation](h)
+    return h[:, 0] + flat if residual else h[:, 0]
+
+
+def mlp_gd_step(
+    layers: Tensors,
+    keys: Tensors,
+    values: Tensors,
+    activation: str,
+    residual: bool,
+    lr: float,
+    retain: float,
+) -> Tensors:
+    """One GD step with retention on ``1/2 mean ||M_i(k) - v||^2`` over each tensor's entries
+    (a mean, so that ``lr`` does not grow with the tensor's size); returns the new layers."""
+    leaves = [w.detach().requires_grad_() for w in layers]
+    sizes = [k.numel() for k in keys]
+    with torch.enable_grad():
+        r = elementwise_mlp(leaves, keys, activation, residual)
+        r = r - torch.cat([v.reshape(-1) for v in values])
+        weight = torch.cat([torch.full((n,), 0.5 / n, dtype=r.dtype) for n in sizes])
+        grads = torch.autograd.grad((weight.to(r.device) * r * r).sum(), leaves)
+    return [w.detach() * retain - lr * g for w, g in zip(leaves, grads, strict=True)]
