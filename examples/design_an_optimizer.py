@@ -95,6 +95,7 @@ def main() -> None:
     ax.legend()
     fig.tight_layout()
     path = Path(args.out) / "design_an_optimizer.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 
