@@ -131,13 +131,16 @@ class DGD(Spec):
     retain: Scalar | None = None
     momentum: Scalar | None = None
     exact: bool = True
+    # With momentum: S <- mu S - (1 - mu) lr' grad (an average of recent gradient terms, the
+    # same step size as without momentum) instead of S <- mu S - lr' grad.
+    dampen: bool = False
 
     def __str__(self) -> str:
         parts = [f"lr={_s(self.lr)}"]
         if self.retain is not None:
             parts.append(f"retain={_s(self.retain)}")
         if self.momentum is not None:
-            parts.append(f"momentum={_s(self.momentum)}")
+            parts.append(f"momentum={_s(self.momentum)}" + (", dampened" if self.dampen else ""))
         if not self.exact:
             parts.append("literal")
         return "DGD(" + ", ".join(parts) + ")"
@@ -221,9 +224,13 @@ def gd(
 
 
 def dgd(
-    lr: Scalar, retain: Scalar | None = None, momentum: Scalar | None = None, exact: bool = True
+    lr: Scalar,
+    retain: Scalar | None = None,
+    momentum: Scalar | None = None,
+    exact: bool = True,
+    dampen: bool = False,
 ) -> DGD:
-    return DGD(lr=lr, retain=retain, momentum=momentum, exact=exact)
+    return DGD(lr=lr, retain=retain, momentum=momentum, exact=exact, dampen=dampen)
 
 
 def ema(beta: Scalar) -> EMA:

@@ -144,8 +144,9 @@ def test_self_modifying_titans_memories_share_a_tier(adaptive_q: bool) -> None:
         assert lv.init == nl.meta() and lv.objective == nl.l2()
         assert lv.optimizer[0].rule == "dgd" and lv.state.residual
         assert spec.chunk_of(lv) == (32 if n == "M_mem" else 8)
-        # the value is self-generated from the previous state: hat v = M(v)
-        assert lv.context.value.level == n and lv.context.value.at == "prev"
+        # the value is self-generated from the previous state, l2-normalised: hat v = M(v)
+        value = lv.context.value
+        assert value.fn == "normalize" and value.x.level == n and value.x.at == "prev"
     assert g.meta["adaptive_q"] is adaptive_q and g.meta["eta_act"] == "softplus"
 
 

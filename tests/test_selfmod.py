@@ -44,18 +44,18 @@ def naive(learner, x, chunk, chunk_mem, momentum, exact):
         k = F.normalize(M(vis["k"], xt), dim=-1)
         v = M(vis["v"], xt)
         eta = F.softplus(Weta @ M(vis["eta"], xt))[0]
-        alpha = torch.sigmoid(Walpha @ M(vis["alpha"], xt))[0]
+        alpha = torch.sigmoid(Walpha @ M(vis["alpha"], xt) + 6.0)[0]
         q = F.normalize(Wq @ xt, dim=-1)
         ys.append(M(vis["mem"], q))
         for n in names:
-            target = M(vis[n], v)  # self-generated value at the chunk-start state
+            target = F.normalize(M(vis[n], v), dim=-1)  # self-generated value, chunk-start state
             loss = lambda ws, k=k, target=target: 0.5 * ((M(ws, k) - target) ** 2).sum()  # noqa: E731
             grads = torch.func.grad(loss)(vis[n])
             h = F.silu(vis[n][0] @ k)
             for i, (g, xin) in enumerate(zip(grads, (k, h), strict=True)):
                 step = eta / (1 + eta * xin @ xin) if exact else eta
                 w = run[n][i]
-                mom[n][i] = momentum * mom[n][i] - step * g
+                mom[n][i] = momentum * mom[n][i] - (1 - momentum) * step * g  # dampened
                 run[n][i] = alpha * w - step * torch.outer(w @ xin, xin) + mom[n][i]
         for n in names:
             c = chunk_mem if n == "mem" else chunk
@@ -234,3 +234,16 @@ def test_momentum_windows_equal_token_windows(rule):
         out[backend] = (y["y"], state["M"]["running"][0])
     assert torch.allclose(out["chunk"][0], out["reference"][0], atol=1e-12)
     assert torch.allclose(out["chunk"][1], out["reference"][1], atol=1e-12)
+
+
+def test_default_self_modifying_titans_stays_finite_over_long_sequences():
+    """Regression: undampened momentum and un-normalised self-generated values diverged to NaN
+    within 200 tokens; the library defaults keep every state finite."""
+    torch.manual_seed(0)
+    learner = compile(get("self_modifying_titans", d=16, heads=2, chunk=8, chunk_mem=16))
+    with torch.no_grad():
+        y, state = learner(torch.randn(2, 384, 16) * 3)
+    assert torch.isfinite(y["y"]).all()
+    for name, s in state.items():
+        if isinstance(s, dict) and "running" in s:
+            assert all(torch.isfinite(w).all() for w in s["running"]), name

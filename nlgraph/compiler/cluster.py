@@ -122,6 +122,8 @@ def _window(learner: Any, c: Any, members: dict, window_inputs: tuple, s: int, e
         op, a = n.op, [vals[i] for i in n.args]
         if op == "window_input":
             v = window_inputs[n.attrs[0]][:, s:e]
+        elif op == "const":
+            v = n.attrs[0]
         elif op == "visible":
             mem = members[n.attrs[0]]
             x = heads(a[0], mem.cfg.heads, n.attrs[1])
@@ -181,8 +183,11 @@ def _jobs(learner: Any, mem: _Member, args: tuple) -> list[dict]:
     for i, (x, d) in enumerate(zip(inputs, deltas, strict=True)):
         step = lr / (1.0 + lr * (x * x).sum(-1)) if is_dgd and cfg.exact else lr
         momentum = mem.state["momentum"]
+        # a dampened momentum writes (1 - mu) of each gradient term into its buffer
+        grad_step = step * (1.0 - mu) if cfg.dampen and mu is not None else step
         jobs.append({
-            "mem": mem, "layer": i, "x": x, "d": d, "step": step, "decay": step if is_dgd else None,
+            "mem": mem, "layer": i, "x": x, "d": d, "step": step, "grad_step": grad_step,
+            "decay": step if is_dgd else None,
             "retain": retain, "mu": mu, "w": mem.state["running"][i],
             "s": None if momentum is None else momentum[i],
         })  # fmt: skip
@@ -217,7 +222,7 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
             # the window at once. The weights then take W_t = W_{t-1}(a_t I - b_t x x^T) + S_t:
             # in parallel too without the DGD term, token by token with it (S_t is full rank).
             mu, s0 = cat("mu", 2), cat("s", 1)
-            u = -torch.einsum("bch,bcho,bchi->bchoi", step, d, x)
+            u = -torch.einsum("bch,bcho,bchi->bchoi", cat("grad_step", 2), d, x)
             decays, carry = _decay_matrix(mu)  # [B, H, C, C], [B, C, H]
             s_all = (
                 torch.einsum("bhtj,bjhoi->bthoi", decays, u) + carry[..., None, None] * s0[:, None]

@@ -64,6 +64,7 @@ class MemoryCfg:
     window: int | None = None
     temperature: float | None = None
     truncate: int | None = None  # tokens between detached states (truncated(k) edges)
+    dampen: bool = False  # DGD momentum averages gradient terms (S <- mu S - (1-mu) lr' g)
     p: float | None = None  # the lp objective's exponent
     custom: str | None = None  # the custom objective's import path
 
@@ -247,6 +248,7 @@ class _Builder(_Lowering):
             read_after=not reads or reads[0].at == "new",
             rule=rule.rule,
             exact=getattr(rule, "exact", False),
+            dampen=getattr(rule, "dampen", False),
             objective=lv.objective.kind,
             p=getattr(lv.objective, "p", None),
             custom=getattr(lv.objective, "path", None),
@@ -333,6 +335,8 @@ class _WindowBuilder(_Lowering):
         )
 
     def _flow(self, f: FlowBase) -> int:
+        if f.op == "const":  # a number, not a sequence to slice
+            return self.add("const", (), (f.value,))
         if not self.depends(f):
             full = self.outer.flow(f)
             if full not in self.inputs:

@@ -255,6 +255,8 @@ def self_modifying_titans(
     conv_window: int = 4,
     activation: str = "silu",
     output_gate: bool = True,
+    value_norm: bool = True,
+    retain_bias: float = 6.0,
 ) -> nl.Graph:
     """Self-modifying Titans: MLP memories that make their own keys, values and rates (Eqs. 83–93).
 
@@ -279,6 +281,16 @@ def self_modifying_titans(
         conv_window: the local convolution (window 4) on ``x``; ``0`` removes it.
         activation: the MLP's σ (not given; SiLU).
         output_gate: ``y = norm(y) * sigmoid(W_g x)``, inherited from Titans [S].
+        value_norm: l2-normalise the self-generated values ``hat v = M(v)`` (per head). The
+            paper normalises q and k only; without this, ``hat v = M_v(M_v(x))`` feeds each
+            memory's gain back into its own targets and the states grow without bound within a
+            few hundred tokens (measured: weights of 1e8 by token 128, NaN with momentum) [I].
+        retain_bias: ``alpha = sigmoid(W_alpha M_alpha(xc) + retain_bias)``: the retention
+            starts near ``sigmoid(6) = 0.9975`` per token instead of 0.5, which erased every
+            memory within a few tokens (not given in the paper; gates start near keep) [I].
+
+    The momentum is dampened (``S <- mu S - (1 - mu) lr' grad``): undampened, momentum 0.9 on top
+    of DGD's exact step diverged to NaN within 200 tokens in our runs [I].
 
     Fixed choices, recorded in ``meta``: gradients flow through ``hat v`` (``value_grad``);
     reads and gradients use the previous chunk's final state (``chunk_index="causal"``); DGD on
@@ -301,6 +313,8 @@ def self_modifying_titans(
         activation=activation,
         chunk_mem=chunk_mem,
         output_gate=output_gate,
+        value_norm=value_norm,
+        retain_bias=retain_bias,
         value_grad="full",
         chunk_index="causal",
         dgd_mlp="per_layer",
@@ -324,16 +338,21 @@ def self_modifying_titans(
     (alpha,) = projections(g, nl.read("M_alpha", xc), d, heads, ("W_alpha",))
     rule = nl.dgd(
         lr=nl.signal(eta, "softplus", scale=eta_scale),
-        retain=nl.signal(alpha, "sigmoid"),
+        retain=nl.signal(alpha + retain_bias, "sigmoid"),
         momentum=momentum or None,
         exact=exact,
+        dampen=True,
     )
     for n in ("k", "v", *(("q",) if adaptive_q else ()), "eta", "alpha", "mem"):
         g.level(
             f"M_{n}",
             state=nl.mlp(d, d, width=width, activation=activation, residual=True),
             frequency=nl.per_token(),
-            context=nl.kv(key=k, value=nl.read(f"M_{n}", v), query=q if n == "mem" else None),
+            context=nl.kv(
+                key=k,
+                value=nl.read(f"M_{n}", v).normalize() if value_norm else nl.read(f"M_{n}", v),
+                query=q if n == "mem" else None,
+            ),
             objective=nl.l2(),
             optimizer=rule,
             chunk=chunk_mem if n == "mem" else chunk,
