@@ -271,3 +271,15 @@ def test_env_is_a_pasteable_block(capsys, monkeypatch):
     for op in ("linear_memory", "deep_memory"):
         assert "reference" in lines[f"kernel {op}"] and "auto picks" in lines[f"kernel {op}"]
     assert lines["NLGRAPH_DEBUG"] == "1" and lines["NLGRAPH_BACKEND"] == "(unset)"
+
+
+def test_train_verb_through_main(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", "transformer", "--steps", "2", "--no-baselines", "--seq", "16",
+            "--batch", "2", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]

@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="parameters and inputs (default 0)")
 
     verb("env", "print versions, devices and kernel backends for a bug report", _cmd_env)
+    # The trainer's verb imports only argparse-level code until it runs.
+    from nlgraph.train.cli import EXAMPLES as TRAIN_EXAMPLES
+    from nlgraph.train.cli import add_train_parser, cmd_train
+
+    EXAMPLES["train"] = TRAIN_EXAMPLES
+    add_train_parser(sub, lambda name, help: verb(name, help, cmd_train))
     return parser
 
 

@@ -1,0 +1,250 @@
+"""One ``nlgraph train`` run: the model, its matched baselines, one token budget, one table.
+
+Baselines get the main model's trainable-parameter count by choosing their MLP width (``hidden``;
+:func:`~nlgraph.train.models.match_hidden`) and the same steps x batch x seq. Without ``--steps``
+the step count is calibrated: a few timed steps of every model fix the most steps that fit the
+time budget, so every model still sees exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nlgraph.train import distributed as D
+from nlgraph.train.checkpoint import load
+from nlgraph.train.data import Corpus, load_corpus
+from nlgraph.train.errors import CheckpointError, TrainConfigError
+from nlgraph.train.metrics import MEMORY_METHOD, plot, table, write_csv, write_json
+from nlgraph.train.models import build_learner, build_optimizer, count_params, match_hidden
+from nlgraph.train.progress import format_duration
+from nlgraph.train.trainer import TrainConfig, Trainer
+
+__all__ = ["RunOptions", "RunLog", "train_run", "BASELINES"]
+
+BASELINES = ("transformer", "titans_lm")
+DEFAULT_BUDGET_MIN = 10.0
+MIN_STEPS, MAX_STEPS = 10, 5000
+OVERRUN = 2.0  # with calibrated steps, a model stops on time only past 2x its share
+SHARED_SIZES = ("d", "n_layers", "heads")  # given to baselines too; ``hidden`` is matched
+
+
+@dataclass
+class RunOptions:
+    """Everything ``nlgraph train`` takes (``None``: the default described in its help)."""
+
+    config: TrainConfig = field(default_factory=TrainConfig)
+    data: str | None = None
+    out: str = "nlgraph-train"
+    baselines: bool = True
+    budget_minutes: float | None = None  # default: 10 when steps are calibrated, else none
+    auto_steps: bool = True
+    resume: bool = False
+    progress: bool = True
+
+
+class RunLog:
+    """Messages to stderr (first process only) and to ``OUT/train.log``."""
+
+    def __init__(self, path: Path, world: D.World) -> None:
+        self.path, self.world = path, world
+        if world.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def __call__(self, msg: str) -> None:
+        if self.world.main:
+            print(msg, file=sys.stderr, flush=True)
+            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.world.main:
+            self.file.close()
+
+
+def _check(opts: RunOptions, world: D.World) -> None:
+    cfg = opts.config
+    if cfg.on_nan not in ("skip", "stop"):
+        raise TrainConfigError(f"--on-nan {cfg.on_nan!r}; expected 'skip' or 'stop'")
+    if cfg.batch % world.size:
+        raise TrainConfigError(
+            f"--batch {cfg.batch} is the global batch and must divide evenly over "
+            f"{world.size} processes"
+        )
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise TrainConfigError(f"--lr must be a positive number, got {cfg.lr}")
+    if opts.budget_minutes is not None and opts.budget_minutes <= 0:
+        raise TrainConfigError(f"--budget-minutes must be positive, got {opts.budget_minutes}")
+    if not cfg.device.startswith("cpu") and not cfg.device.startswith("cuda"):
+        raise TrainConfigError(f"--device {cfg.device!r}; expected cpu or cuda[:N]")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainConfigError(f"--device {cfg.device}: CUDA is not available here; use cpu")
+
+
+def _plan(opts: RunOptions, log: RunLog) -> list[TrainConfig]:
+    """The main model's config, then each baseline's with a matched ``hidden``."""
+    cfg = opts.config
+    main = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
+    target = count_params(main)
+    configs = [cfg]
+    log(f"{cfg.model}: {target:,} trainable parameters")
+    if opts.baselines:
+        for name in BASELINES:
+            if name == cfg.model:
+                continue
+            shared = {k: v for k, v in cfg.sizes.items() if k in SHARED_SIZES}
+            sizes, n = match_hidden(name, target, cfg.preset, shared, cfg.seed)
+            log(f"{name}: hidden={sizes['hidden']} gives {n:,} parameters "
+                f"({100 * (n - target) / target:+.1f}% of {cfg.model})")  # fmt: skip
+            configs.append(replace(cfg, model=name, sizes=sizes))
+    return configs
+
+
+def _calibrate(
+    configs: list[TrainConfig], corpus: Corpus, budget_s: float, log: RunLog
+) -> tuple[int, list[float]]:
+    """Steps that fit ``budget_s`` for all models, and each model's share of the budget.
+
+    Times 4 real trainer steps (after a first, slower call) and one validation pass of each
+    model on a throwaway copy; nothing is written.
+    """
+    per_step, per_eval = [], []
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as in training
+    try:
+        for cfg in configs:
+            learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
+            opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
+            t = Trainer(cfg, learner, opt, corpus, Path("."), log=log, progress=False)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                t._one_step()
+                times.append(time.perf_counter() - t0)
+                t.step += 1
+            t0 = time.perf_counter()
+            t.evaluate()
+            per_eval.append(time.perf_counter() - t0)
+            per_step.append(sorted(times[1:])[2])  # the upper median after the first call
+            log(f"{cfg.model}: {per_step[-1]:.2f} s/step, {per_eval[-1]:.2f} s/validation "
+                "(calibration)")  # fmt: skip
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    # 0.7: CPUs shared with other work make later steps slower than the calibration's
+    evals = 10 * sum(per_eval)
+    steps = max(MIN_STEPS, min(MAX_STEPS, int((0.7 * budget_s - evals) / sum(per_step))))
+    cost = [steps * s + 10 * e for s, e in zip(per_step, per_eval, strict=True)]
+    return steps, [c / sum(cost) for c in cost]
+
+
+def _train_one(
+    cfg: TrainConfig, corpus: Corpus, out: Path, opts: RunOptions, log: RunLog, world: D.World
+) -> tuple[dict[str, Any], dict[str, list]]:
+    run_dir = out / cfg.model.replace(":", "_").replace("/", "_")
+    learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
+    opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
+    trainer = Trainer(cfg, learner, opt, corpus, run_dir, log=log, world=world,
+                      progress=opts.progress)  # fmt: skip
+    if opts.resume and trainer.checkpoint_path.is_file():
+        payload = load(trainer.checkpoint_path)
+        trainer.resume(payload)
+        if payload["status"] == "done" and "summary" in payload:
+            log(f"{cfg.model}: finished earlier (step {trainer.step}); reusing its results")
+            return payload["summary"], trainer.history
+        log(f"{cfg.model}: resuming at step {trainer.step}/{cfg.steps}")
+    result = trainer.run()
+    if world.main and trainer.status == "done":  # keep the final numbers with the weights
+        from nlgraph.train.checkpoint import save_atomic
+
+        save_atomic({**trainer.state(), "summary": result}, trainer.checkpoint_path)
+    return result, trainer.history
+
+
+def _resumed_steps(opts: RunOptions, out: Path) -> int | None:
+    path = out / opts.config.model.replace(":", "_").replace("/", "_") / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {str(path)!r}; train without --resume")
+    return int(load(path)["config"]["steps"])
+
+
+def train_run(opts: RunOptions) -> dict[str, Any]:
+    """Run the whole experiment; returns ``{"results": [...], "histories": {...}, ...}``."""
+    world = D.world_from_env()
+    out = Path(opts.out)
+    log = RunLog(out / "train.log", world)
+    created = False
+    try:
+        _check(opts, world)
+        corpus = load_corpus(opts.data, opts.config.seq)
+        log(f"data: {corpus.describe()}")
+        started = time.perf_counter()  # the budget covers planning and calibration too
+        created = D.setup(world, opts.config.device)
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world.size)))
+        configs = _plan(opts, log)
+        budget = opts.budget_minutes
+        shares = [1.0 / len(configs)] * len(configs)
+        if opts.auto_steps:
+            budget = DEFAULT_BUDGET_MIN if budget is None else budget
+            steps = _resumed_steps(opts, out) if opts.resume else None
+            if steps is None:
+                steps, shares = _calibrate(configs, corpus, budget * 60, log)
+            configs = [replace(c, steps=steps) for c in configs]
+            log(f"token budget: {steps} steps x {configs[0].batch} x {configs[0].seq} = "
+                f"{steps * configs[0].batch * configs[0].seq:,} tokens per model")  # fmt: skip
+        results, histories = [], {}
+        for i, cfg in enumerate(configs):
+            if budget is not None:  # what is left, shared by expected time over those to train
+                # Calibrated steps are the contract (the same tokens for every model): the
+                # budget then only stops a model that takes twice its share.
+                slack = OVERRUN if opts.auto_steps else 1.0
+                left = budget * 60 * slack - (time.perf_counter() - started)
+                share = shares[i] / sum(shares[i:])
+                cfg = replace(cfg, budget_seconds=max(left * share, 1.0))
+            result, hist = _train_one(cfg, corpus, out, opts, log, world)
+            results.append(result)
+            histories[cfg.model] = hist
+            if result["status"] == "interrupted":
+                break
+        report = {
+            "results": results, "histories": histories, "corpus": corpus.describe(),
+            "configs": [asdict(c) for c in configs], "memory": MEMORY_METHOD,
+            "world_size": world.size, "machine": _machine(), "wall_seconds": round(
+                time.perf_counter() - started, 1),
+        }  # fmt: skip
+        if world.main:
+            _write(out, report, log)
+        return report
+    except Exception as err:
+        log(f"error: {type(err).__name__}: {err}")
+        raise
+    finally:
+        D.teardown(created)
+        log.close()
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def _write(out: Path, report: dict[str, Any], log: RunLog) -> None:
+    write_json(out / "metrics.json", report)
+    write_csv(out / "metrics.csv", report["histories"])
+    png = plot(out / "loss.png", report["histories"])
+    text = table(report["results"])
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+    log(f"wrote {out / 'metrics.json'}, {out / 'metrics.csv'}, "
+        f"{png or '(no matplotlib: no plot)'}, {out / 'results.md'} "
+        f"in {format_duration(report['wall_seconds'])}")  # fmt: skip

@@ -1,0 +1,323 @@
+"""The training loop: one language model, one corpus, checkpoints, faults, validation.
+
+Each step draws the step-indexed batch (:func:`~nlgraph.train.data.batch_at`), runs the learner
+with the next-byte loss as ``loss_fn`` (blocks updated every C tokens learn inside the forward
+from it, PAPER.md 5.1), takes one outer optimizer step, and checks loss, gradients and parameters
+for NaN/inf. Every sequence starts from the initial fast state (the per-sequence reset), so no fast
+state outlives a step and a checkpoint's ``fast_state`` is empty for the library's models.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from nlgraph._errors import NumericalFaultError
+from nlgraph.train import checkpoint as ckpt
+from nlgraph.train import distributed as D
+from nlgraph.train.data import VOCAB, Corpus, batch_at, val_windows
+from nlgraph.train.faults import bad_state_levels, describe, first_nonfinite, nonfinite_in_state
+from nlgraph.train.metrics import PeakMemory
+from nlgraph.train.progress import Progress
+
+__all__ = ["TrainConfig", "Trainer", "lm_loss"]
+
+MAX_SKIPS = 10  # consecutive non-finite steps --on-nan skip tolerates before stopping
+COMPARED = ("model", "preset", "sizes", "steps", "batch", "seq", "optimizer", "lr", "seed")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "hope"
+    preset: str | None = "tiny"
+    sizes: dict[str, Any] = field(default_factory=dict)
+    steps: int = 100
+    batch: int = 8
+    seq: int = 32
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    warmup: int | None = None  # default: 10% of the steps
+    device: str = "cpu"
+    seed: int = 0
+    eval_every: int = 0  # 0: ten times per run
+    val_windows: int = 16
+    checkpoint_every: int = 0  # 0: at each validation
+    on_nan: str = "stop"
+    budget_seconds: float | None = None
+    deterministic: bool = True
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 10% of ``lr``."""
+        warm = self.warmup if self.warmup is not None else max(1, self.steps // 10)
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        frac = (step - warm) / max(1, self.steps - warm)
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def lm_loss(module: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean next-byte cross-entropy of ``tokens[B, T+1]`` (nats), and the final fast state."""
+    inputs, B, T = tokens[:, :-1], tokens.shape[0], tokens.shape[1] - 1
+
+    def loss_fn(outputs: dict[str, torch.Tensor], start: int, end: int) -> torch.Tensor:
+        target = tokens[:, start + 1 : end + 1]
+        logits = outputs["logits"][:, : target.shape[1]]
+        return F.cross_entropy(
+            logits.reshape(-1, VOCAB).float(), target.reshape(-1), reduction="sum"
+        )
+
+    outputs, state = module({"tokens": inputs}, None, loss_fn=loss_fn)
+    return outputs["loss"] / (B * T), state
+
+
+class Trainer:
+    """Trains ``learner`` on ``corpus`` under ``config``; ``run()`` returns the metrics."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        learner: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        corpus: Corpus,
+        run_dir: Path,
+        label: str | None = None,
+        log: Callable[[str], None] = print,
+        world: D.World | None = None,
+        progress: bool = True,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> None:
+        self.cfg, self.learner, self.opt, self.corpus = config, learner, optimizer, corpus
+        self.run_dir, self.label, self.log = Path(run_dir), label or config.model, log
+        self.world = world or D.World()
+        self.module = D.wrap(learner, self.world, config.device)
+        spec = getattr(learner, "spec", None)  # declaration order is dataflow order
+        self.levels = [lv.name for lv in spec.levels] if spec is not None else []
+        self.step, self.skipped, self.streak, self.stop_requested = 0, 0, 0, False
+        self.history: dict[str, list] = {"train": [], "val": []}
+        self.train_seconds, self.tokens = 0.0, 0
+        self.status = "running"
+        self.show_progress, self.on_step = progress and self.world.main, on_step
+        self.val = val_windows(corpus.val, config.seq, config.val_windows)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT, "version": ckpt.VERSION, "label": self.label,
+            "config": asdict(self.cfg), "step": self.step, "tokens": self.tokens,
+            "train_seconds": self.train_seconds, "skipped": self.skipped, "status": self.status,
+            "model": self.learner.state_dict(), "optimizer": self.opt.state_dict(),
+            "rng": ckpt.capture_rng(), "history": self.history, "fast_state": None,
+        }  # fmt: skip
+
+    def save(self) -> None:
+        """Write the checkpoint (first process), never over a good one with a non-finite model."""
+        hit = first_nonfinite(self.learner.named_parameters(), self.levels)
+        if hit:
+            self.status = "nan"
+            raise NumericalFaultError(
+                f"{self.label}: step {self.step}: {describe(hit, 'parameters')}; not saved, "
+                "the last good checkpoint is kept"
+            )
+        if self.world.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.save_atomic(self.state(), self.checkpoint_path)
+        D.barrier(self.world)
+
+    def resume(self, payload: dict[str, Any]) -> None:
+        from nlgraph.train.errors import CheckpointError
+
+        saved = payload["config"]
+        for key in COMPARED:
+            if saved.get(key) != getattr(self.cfg, key):
+                raise CheckpointError(
+                    f"{self.checkpoint_path} was written with {key}={saved.get(key)!r}, "
+                    f"not {getattr(self.cfg, key)!r}; resume with the same settings"
+                )
+        self.learner.load_state_dict(payload["model"])
+        self.opt.load_state_dict(payload["optimizer"])
+        ckpt.restore_rng(payload["rng"])
+        self.step, self.tokens = int(payload["step"]), int(payload["tokens"])
+        self.train_seconds, self.skipped = float(payload["train_seconds"]), payload["skipped"]
+        self.history = payload["history"]
+        self.status = payload["status"]
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Validation loss in bits per byte over the fixed held-out windows."""
+        self.learner.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(self.val), self.cfg.batch):
+            chunk = self.val[i : i + self.cfg.batch].to(self.cfg.device)
+            loss, _ = lm_loss(self.learner, chunk)
+            total += float(loss) * chunk.shape[0] * (chunk.shape[1] - 1)
+            count += chunk.shape[0] * (chunk.shape[1] - 1)
+        self.learner.train()
+        return total / count / math.log(2)
+
+    # ------------------------------------------------------------------ faults
+    def _fault(self, message: str, can_skip: bool = True) -> bool:
+        """Handle a non-finite step: ``True`` to skip it, else raise (checkpoint untouched)."""
+        text = f"{self.label}: step {self.step + 1}: {message}"
+        if self.cfg.on_nan == "skip" and can_skip and self.streak < MAX_SKIPS:
+            self.skipped += 1
+            self.streak += 1
+            self.log(f"warning: {text}; skipping the step (--on-nan skip)")
+            return True
+        self.status = "nan"
+        hint = "" if self.cfg.on_nan == "skip" else "; --on-nan skip skips such steps"
+        if self.cfg.on_nan == "skip" and can_skip:
+            hint = f" ({MAX_SKIPS} steps skipped in a row)"
+        kept = (
+            "the last good checkpoint is kept"
+            if self.checkpoint_path.is_file()
+            else "no checkpoint was written"
+        )
+        raise NumericalFaultError(f"{text}; stopped, {kept} (lower --lr?){hint}")
+
+    def _loss_fault(self, loss: torch.Tensor, state: dict[str, Any]) -> str:
+        kind = "nan" if bool(torch.isnan(loss)) else "inf"
+        hit = nonfinite_in_state(state, self.levels)
+        if hit:
+            others = bad_state_levels(state, self.levels)[1:]
+            also = f" (also in {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+            return f"{kind} loss; first {describe(hit, 'fast state')}" + (also if others else "")
+        hit = first_nonfinite(self.learner.named_parameters(), self.levels)
+        return f"{kind} loss" + (f"; first {describe(hit, 'parameters')}" if hit else "")
+
+    # ------------------------------------------------------------------ the loop
+    def _one_step(self) -> float | None:
+        cfg = self.cfg
+        tokens = batch_at(
+            self.corpus.train, self.step, cfg.batch, cfg.seq, cfg.seed, *self._rank_world()
+        ).to(cfg.device)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
+        loss, state = lm_loss(self.module, tokens)
+        bad = not bool(torch.isfinite(loss.detach()))
+        (bad_any,) = D.any_flag([bad], self.world)
+        if bad_any:
+            msg = self._loss_fault(loss, state) if bad else "non-finite loss on another process"
+            if self._fault(msg):
+                return None
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.learner.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+        if not bool(torch.isfinite(norm)):
+            grads = ((n, p.grad) for n, p in self.learner.named_parameters())
+            hit = first_nonfinite(grads, self.levels)
+            if self._fault(describe(hit, "gradients") if hit else "non-finite gradient norm"):
+                self.opt.zero_grad(set_to_none=True)
+                return None
+        self.opt.step()
+        hit = first_nonfinite(self.learner.named_parameters(), self.levels)
+        if hit:
+            self._fault(describe(hit, "parameters") + " after the update", can_skip=False)
+        self.streak = 0
+        return D.mean(loss, self.world)
+
+    def _rank_world(self) -> tuple[int, int]:
+        return self.world.rank, self.world.size
+
+    def _sigint(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is immediate
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``config.steps`` (or the budget, or Ctrl-C); save; return the metrics."""
+        cfg = self.cfg
+        prev_det = torch.are_deterministic_algorithms_enabled()
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, self._sigint) if main_thread else None
+        every = cfg.eval_every or max(1, cfg.steps // 10)
+        save_every = cfg.checkpoint_every or every
+        bar = Progress(self.label, cfg.steps, self.step, enabled=self.show_progress)
+        memory = PeakMemory()
+        started = time.perf_counter()
+        step_tokens = cfg.batch * cfg.seq
+        try:
+            if self.status != "done":
+                self.status = "running"
+            while self.step < cfg.steps and self.status == "running":
+                over = cfg.budget_seconds is not None and (
+                    time.perf_counter() - started >= cfg.budget_seconds
+                )
+                stop, over = D.any_flag([self.stop_requested, over], self.world)
+                if stop or over:
+                    self.status = "interrupted" if stop else "budget"
+                    break
+                t0 = time.perf_counter()
+                loss = self._one_step()
+                self.train_seconds += time.perf_counter() - t0
+                self.step += 1
+                self.tokens += step_tokens
+                self.history["train"].append(
+                    {"step": self.step, "tokens": self.tokens, "loss": loss,
+                     "lr": cfg.lr_at(self.step - 1), "seconds": round(self.train_seconds, 4)}
+                )  # fmt: skip
+                bar.update(self.step, loss, self.tokens / max(self.train_seconds, 1e-9))
+                if self.step % every == 0 or self.step == cfg.steps:
+                    self._validate(bar)
+                if self.step % save_every == 0 and self.step < cfg.steps:
+                    self.save()
+                if self.on_step is not None:
+                    self.on_step(self)
+            if self.status == "running":
+                self.status = "done"
+            last_val = self.history["val"][-1]["step"] if self.history["val"] else None
+            if self.status != "interrupted" and last_val != self.step:  # Ctrl-C: exit fast
+                self._validate(bar)
+            bar.update(self.step, self._last_loss(), self._rate(), force=True)
+            self.save()
+        finally:
+            bar.close()
+            if main_thread and old is not None:
+                signal.signal(signal.SIGINT, old)
+            torch.use_deterministic_algorithms(prev_det)
+        if self.status == "interrupted":
+            self.log(f"{self.label}: interrupted at step {self.step}; saved {self.checkpoint_path}")
+        return {**self.summary(memory.peak_mb()), "rss_at_start_mb": memory.start_mb}
+
+    def _validate(self, bar: Progress) -> None:
+        bpb = self.evaluate()
+        bar.val = bpb
+        self.history["val"].append({"step": self.step, "tokens": self.tokens, "bpb": bpb})
+        bar.message(f"{self.label}: step {self.step}/{self.cfg.steps}  val {bpb:.4f} bits/byte")
+
+    def _last_loss(self) -> float | None:
+        return self.history["train"][-1]["loss"] if self.history["train"] else None
+
+    def _rate(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+    def summary(self, peak_mb: float | None) -> dict[str, Any]:
+        from nlgraph.train.models import count_params
+
+        vals = [v["bpb"] for v in self.history["val"]]
+        return {
+            "model": self.label, "status": self.status, "steps": self.step,
+            "tokens": self.tokens, "params": count_params(self.learner),
+            "val_bpb": vals[-1] if vals else None,
+            "best_val_bpb": min(vals) if vals else None,
+            "train_loss": self._last_loss(), "train_seconds": round(self.train_seconds, 3),
+            "tokens_per_s": round(self._rate(), 1), "peak_rss_mb": peak_mb,
+            "skipped_steps": self.skipped,
+        }  # fmt: skip
