@@ -59,9 +59,10 @@ class RunLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
-    def __call__(self, msg: str) -> None:
+    def __call__(self, msg: str, echo: bool = True) -> None:
         if self.world.main:
-            print(msg, file=sys.stderr, flush=True)
+            if echo:
+                print(msg, file=sys.stderr, flush=True)
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
             self.file.flush()
 
@@ -223,7 +224,8 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
             _write(out, report, log)
         return report
     except Exception as err:
-        log(f"error: {type(err).__name__}: {err}")
+        # the command line prints the error as its one line; the log keeps it too
+        log(f"error: {type(err).__name__}: {err}", echo=False)
         raise
     finally:
         D.teardown(created)
