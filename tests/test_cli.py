@@ -283,3 +283,10 @@ def test_train_verb_through_main(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
+
+
+def test_bench_verb(capsys):
+    assert main(["bench", "deltanet", "--batch", "1", "--seq", "16", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "chunk" in out and "train step" in out
+    assert main(["bench", "deltanet", "--backends", "nope"]) == 2

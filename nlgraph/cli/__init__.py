@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nlgraph._errors import NLGraphError
+from nlgraph.cli._bench import _cmd_bench
 from nlgraph.cli._common import UsageError, _Parser, load_spec
 from nlgraph.cli._compile import _cmd_compile
 from nlgraph.cli._env import _cmd_env
@@ -38,6 +39,11 @@ EXAMPLES = {
         "  nlgraph compile spec.yaml --dim d=64 --dim vocab=1000 --verify"
     ),
     "env": "nlgraph env\n  nlgraph env > env.txt     # paste into a bug report",
+    "bench": (
+        "nlgraph bench titans --seq 256\n"
+        "  nlgraph bench deltanet --backends reference,chunk --batch 2 --seq 512\n"
+        "  nlgraph bench hope --backends chunk --seq 64 --repeats 1"
+    ),
 }
 
 SPEC_HELP = "a library name, a .json/.yaml file, module:function, or - for stdin"
@@ -199,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="parameters and inputs (default 0)")
 
     verb("env", "print versions, devices and kernel backends for a bug report", _cmd_env)
+    p = verb("bench", "time a graph's forward and training step per backend", _cmd_bench)
+    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--backends", default="reference,chunk", help="comma list, first = baseline")
+    p.add_argument("--batch", type=_positive, default=2)
+    p.add_argument("--seq", type=_positive, default=128)
+    p.add_argument("--repeats", type=_positive, default=3)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=INT")
     # The trainer's verb imports only argparse-level code until it runs.
     from nlgraph.train.cli import EXAMPLES as TRAIN_EXAMPLES
     from nlgraph.train.cli import add_train_parser, cmd_train
