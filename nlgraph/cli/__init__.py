@@ -7,11 +7,13 @@ Errors are one line on stderr with exit code 2 (``--debug`` shows the traceback)
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from nlgraph._argtypes import dim as _dim
+from nlgraph._argtypes import positive_int as _positive
+from nlgraph._argtypes import seed as _seed
 from nlgraph._errors import NLGraphError
 from nlgraph.cli._bench import _cmd_bench
 from nlgraph.cli._common import UsageError, _Parser, load_spec
@@ -97,36 +99,6 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     path = render(graph, args.output, kind=args.kind, ticks=args.ticks or 128)
     print(f"wrote {path}")
     return 0
-
-
-# ------------------------------------------------------------------------------ compile
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _dim(text: str) -> tuple[str, int]:
-    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)=(\d+)", text.strip())
-    if not m or int(m.group(2)) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=INT with a positive INT (e.g. d=64), got {text!r}"
-        )
-    return m.group(1), int(m.group(2))
 
 
 def build_parser() -> argparse.ArgumentParser:

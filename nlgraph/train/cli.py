@@ -17,6 +17,9 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from nlgraph._argtypes import positive_float as _positive_float
+from nlgraph._argtypes import positive_int as _positive_int
+from nlgraph._argtypes import seed as _seed
 from nlgraph.train.errors import TrainConfigError
 
 __all__ = ["add_train_parser", "cmd_train", "EXAMPLES", "options_from_args"]
@@ -28,36 +31,6 @@ EXAMPLES = (
     "  nlgraph train --out runs/a --resume      # continue after Ctrl-C\n"
     "  torchrun --nproc-per-node 2 -m nlgraph train --model transformer --no-baselines"
 )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.ArgumentParser]) -> Any:
