@@ -290,3 +290,14 @@ def test_bench_verb(capsys):
     out = capsys.readouterr().out
     assert "reference" in out and "chunk" in out and "train step" in out
     assert main(["bench", "deltanet", "--backends", "nope"]) == 2
+
+
+def test_eval_verb_through_main(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "formal", "--quick", "--languages", "parity", "--models", "linear_attention",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert any(out.rglob("*.json"))
+    capsys.readouterr()
+    assert main(["eval", "nosuchsuite"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     EXAMPLES["train"] = TRAIN_EXAMPLES
     add_train_parser(sub, lambda name, help: verb(name, help, cmd_train))
+    from nlgraph.evals.cli import EXAMPLES as EVAL_EXAMPLES
+    from nlgraph.evals.cli import add_eval_parser, cmd_eval
+
+    EXAMPLES["eval"] = EVAL_EXAMPLES
+    add_eval_parser(sub, lambda name, help: verb(name, help, cmd_eval))
     return parser
 
 
