@@ -197,6 +197,15 @@ def test_cli_parses_and_rejects():
         cmd_eval(_parse(["eval", "mqar", "--languages", "parity"]))
 
 
+def test_the_parser_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, nlgraph.evals.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -249,6 +258,16 @@ def test_quick_run_writes_the_json_schema(tmp_path, capsys):
             assert 0 <= row["bin0"] <= row["bin0_positions"] <= 1
 
 
+def test_sizes_given_win_over_per_model_defaults():
+    from nlgraph.evals.models import build_graph
+
+    assert suites.config("mqar")["sizes"]["titans_lm"] == {"chunk": 4}
+    sizes = suites.config("mqar", sizes={"chunk": 2})["sizes"]
+    levels = build_graph("titans_lm", 16, sizes).spec.levels
+    assert {lv.chunk for lv in levels if lv.name.endswith(".M")} == {2}
+    assert suites.config("mqar")["sizes"]["titans_lm"] == {"chunk": 4}  # defaults untouched
+
+
 def test_a_unit_is_a_pure_function_of_its_config():
     cfg = suites.config("mqar", quick=True)
     unit = suites.units("mqar", cfg, ["transformer"])[0]
@@ -262,6 +281,23 @@ def test_numbers_do_not_depend_on_the_pool():
     for m in ("transformer", "linear_attention"):
         a, b = serial["mqar"]["results"][m], pooled["mqar"]["results"][m]
         assert (a["final_loss"], a["accuracy"]) == (b["final_loss"], b["accuracy"])
+
+
+@pytest.mark.parametrize("suite", ["mqar", "niah", "formal"])
+@pytest.mark.parametrize("model", ["titans_lm", "hope"])
+def test_default_chunks_let_models_see_past_their_convolution(suite, model):
+    # a chunked memory reads its previous chunk's state: chunks as long as the sequence would
+    # hide the context from it (Hope with chunk_mem=16 on 16 tokens sees only its conv window)
+    from nlgraph.evals.models import build
+
+    learner = build(model, 40, suites.config(suite)["sizes"], seed=0)
+    tokens = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    moved = tokens.clone()
+    moved[:, 7] = (moved[:, 7] + 1) % 40
+    with torch.no_grad():
+        a = learner({"tokens": tokens})[0]["logits"][:, -1]
+        b = learner({"tokens": moved})[0]["logits"][:, -1]
+    assert (a - b).abs().max() > 1e-9
 
 
 @pytest.mark.slow

@@ -5,15 +5,16 @@ formal languages with length generalisation, and a continual-learning stream.
 fixed small budget and returns one report per suite; ``nlgraph eval`` is the command line.
 Generators (:mod:`nlgraph.evals.tasks`, :mod:`nlgraph.evals.languages`) are deterministic in
 their seed and document which positions are scored. See docs/evals.md.
+
+Names are imported on first use, so ``nlgraph.evals.cli`` (the parser) does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from nlgraph.evals.errors import EvalConfigError
-from nlgraph.evals.languages import LANGUAGES, formal, member, valid_next
-from nlgraph.evals.run import run_suites
-from nlgraph.evals.suites import SUITES, config
-from nlgraph.evals.tasks import IGNORE, Batch, kv_mapping, kv_segment, mqar, niah
 
 __all__ = [
     "Batch",
@@ -31,3 +32,20 @@ __all__ = [
     "run_suites",
     "valid_next",
 ]
+
+_WHERE = {
+    **dict.fromkeys(("Batch", "IGNORE", "kv_mapping", "kv_segment", "mqar", "niah"), "tasks"),
+    **dict.fromkeys(("LANGUAGES", "formal", "member", "valid_next"), "languages"),
+    **dict.fromkeys(("SUITES", "config"), "suites"),
+    "run_suites": "run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"nlgraph.evals.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'nlgraph.evals' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

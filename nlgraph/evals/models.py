@@ -109,10 +109,12 @@ def _accepted(builder: Any, sizes: dict[str, Any]) -> dict[str, Any]:
 
 def build_graph(name: str, vocab: int, sizes: dict[str, Any] | None = None) -> nl.Graph:
     """The graph of model ``name`` with ``vocab`` logits; ``sizes`` it does not take are
-    dropped (e.g. ``cms_chunks`` for the Transformer)."""
+    dropped (e.g. ``cms_chunks`` for the Transformer). A dict under a model's name holds
+    sizes for that model only (``{"chunk": 8, "titans_lm": {"chunk": 4}}``)."""
     from nlgraph import library
 
     sizes = dict(sizes or {})
+    sizes = {k: v for k, v in sizes.items() if not isinstance(v, dict)} | sizes.get(name, {})
     if name in library.names("model"):
         builder = library.builder(name)
         return library.get(name, **_accepted(builder, {"preset": "tiny", **sizes}), vocab=vocab)

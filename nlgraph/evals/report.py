@@ -229,7 +229,7 @@ def render(doc: dict[str, Any]) -> str:
 
 def _train_cols(r: dict[str, Any]) -> list[str]:
     flag = "" if r["status"] == "ok" else f" ({r['status']})"
-    flag += f" ({r['skipped']} NaN steps skipped)" if r.get("skipped") else ""
+    flag += f" ({r['skipped']} NaN skipped)" if r.get("skipped") else ""
     return [
         str(r["params"]),
         str(r["steps"]),

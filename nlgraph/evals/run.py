@@ -95,7 +95,7 @@ def run_suites(
     for s in names:
         mine = [r for u, r in zip(work, results, strict=True) if u["suite"] == s and r]
         doc = report.suite_report(s, cfgs[s], mine)
-        doc["seed"] = seed
+        doc["seed"], doc["jobs"] = seed, jobs  # with jobs > 1 each run has one thread
         docs[s] = doc
         log("\n" + report.render(doc))
         if out is not None:

@@ -8,6 +8,12 @@ Budgets are in outer steps of a fixed batch, the same for every model of a suite
 keep the whole of ``nlgraph eval`` near 10 minutes on 2 CPU cores; tiny Hope dominates (its
 self-modifying memories run chunk by chunk), so sequences are short and models are the tiny
 preset narrowed to d=32. These budgets are far below the paper's: see docs/evals.md.
+
+Chunk sizes: a chunked memory reads the state its previous chunk left (``chunk_index="causal"``),
+so a token sees nothing of its own chunk through the memory, only its 4-token convolution. With
+``chunk_mem`` as long as the sequence Hope sees no context at all; the suites keep Hope's
+``chunk_mem`` (the memory read by ``q``) at 4 and Titans' chunk at 4, and a test checks that
+every default model's last logits depend on a token 8 positions back.
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "mqar": dict(
         vocab=32,
         n_pairs=4,
-        steps=300,
+        steps=200,
         batch=32,
         eval_batch=256,
         lr=1e-2,
-        sizes=dict(chunk=8, chunk_mem=16, cms_chunks=[8, 16]),
+        sizes=dict(chunk=8, chunk_mem=4, cms_chunks=[8, 16], titans_lm=dict(chunk=4)),
     ),
     "niah": dict(
         vocab=32,
@@ -44,20 +50,20 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         train_needles=[1, 2, 4],
         eval_lengths=[16, 32, 64],
         tasks={"single": 1, "multikey": 4},
-        steps=300,
-        batch=32,
+        steps=200,
+        batch=16,
         eval_batch=128,
         lr=3e-3,
-        sizes=dict(chunk=8, chunk_mem=16, cms_chunks=[8, 32]),
+        sizes=dict(chunk=8, chunk_mem=4, cms_chunks=[8, 32], titans_lm=dict(chunk=4)),
     ),
     "formal": dict(
         languages=list(languages.LANGUAGES),
-        max_len=16,
+        max_len=12,
         steps=100,
         batch=16,
         eval_batch=128,
         lr=1e-2,
-        sizes=dict(chunk=8, chunk_mem=16, cms_chunks=[8, 16]),
+        sizes=dict(chunk=8, chunk_mem=4, cms_chunks=[4, 12], titans_lm=dict(chunk=4)),
     ),
     "continual": dict(
         models=["hope_attention"],
@@ -89,7 +95,12 @@ def config(suite: str, quick: bool = False, **override: Any) -> dict[str, Any]:
     unknown = sorted(set(override) - set(cfg))
     if unknown:
         raise EvalConfigError(f"suite {suite!r} has no setting {unknown}; it has {sorted(cfg)}")
-    sizes = {**SIZES, **cfg["sizes"], **override.pop("sizes", {})}
+    user = override.pop("sizes", {})
+    sizes = {k: dict(v) if isinstance(v, dict) else v for k, v in {**SIZES, **cfg["sizes"]}.items()}
+    for per_model in [v for v in sizes.values() if isinstance(v, dict)]:
+        for k in user:  # an explicit size wins over a default for one model
+            per_model.pop(k, None)
+    sizes.update(user)
     cfg.update(override, sizes=sizes)
     for key in ("steps", "batch", "eval_batch", "streams", "segments"):
         if key in cfg and (not isinstance(cfg[key], int) or cfg[key] < 1):
