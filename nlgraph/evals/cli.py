@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from nlgraph._argtypes import positive_int as _positive_int
+from nlgraph._argtypes import seed as _seed
 from nlgraph.evals.errors import EvalConfigError
 
 __all__ = ["add_eval_parser", "cmd_eval", "EXAMPLES"]
@@ -29,26 +31,6 @@ EXAMPLES = (
     "  nlgraph eval continual --size cms_lrs=1.0 --jobs 1"
 )
 SUITES = ("mqar", "niah", "formal", "continual")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _names(text: str) -> list[str]:
