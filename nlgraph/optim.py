@@ -343,50 +343,37 @@ SGD = compile_optimizer(
     {"b": "momentum_buffer"},
     doc="``torch.optim.SGD`` compiled from the library's ``sgd`` graph (Eqs. 8–13, 33).",
 )
-Adam = compile_optimizer(
-    _library("adam"),
-    "Adam",
-    {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-        "amsgrad": False,
-        **_TORCH,
-    },  # fmt: skip
-    lambda g: {
-        "lr": g["lr"],
-        "b1": g["betas"][0],
-        "b2": g["betas"][1],
-        "eps": g["eps"],
-        "weight_decay": g["weight_decay"],
-        "amsgrad": g["amsgrad"],
-    },  # fmt: skip
-    {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"},
-    doc="``torch.optim.Adam`` compiled from the library's ``adam`` graph (App. B).",
-)
-AdamW = compile_optimizer(
-    _library("adamw"),
-    "AdamW",
-    {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 1e-2,
-        "amsgrad": False,
-        **_TORCH,
-    },  # fmt: skip
-    lambda g: {
-        "lr": g["lr"],
-        "b1": g["betas"][0],
-        "b2": g["betas"][1],
-        "eps": g["eps"],
-        "wd": g["weight_decay"],
-        "amsgrad": g["amsgrad"],
-    },  # fmt: skip
-    {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"},
-    doc="``torch.optim.AdamW`` compiled from the library's ``adamw`` graph (App. B).",
-)
+
+
+def _adam_like(name: str, cls: str, weight_decay: float, wd_arg: str) -> type[GraphOptimizer]:
+    """Adam and AdamW share torch's signature; they differ in the decay's default and in which
+    builder argument it feeds (coupled L2 ``weight_decay`` vs decoupled ``wd``)."""
+    return compile_optimizer(
+        _library(name),
+        cls,
+        {
+            "lr": 1e-3,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": weight_decay,
+            "amsgrad": False,
+            **_TORCH,
+        },  # fmt: skip
+        lambda g: {
+            "lr": g["lr"],
+            "b1": g["betas"][0],
+            "b2": g["betas"][1],
+            "eps": g["eps"],
+            wd_arg: g["weight_decay"],
+            "amsgrad": g["amsgrad"],
+        },  # fmt: skip
+        {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"},
+        doc=f"``torch.optim.{cls}`` compiled from the library's ``{name}`` graph (App. B).",
+    )
+
+
+Adam = _adam_like("adam", "Adam", 0.0, "weight_decay")
+AdamW = _adam_like("adamw", "AdamW", 1e-2, "wd")
 Adagrad = compile_optimizer(
     _library("adagrad"),
     "Adagrad",
