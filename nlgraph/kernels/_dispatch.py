@@ -2,7 +2,9 @@
 
 Each op registers its implementations by backend name. ``get(op, backend)`` returns the callable;
 ``backend="auto"`` takes the fastest available and eligible one, in the order
-``triton > chunk > reference``. The environment variable ``NLGRAPH_BACKEND`` forces a backend for
+``triton > chunk > reference``; ``triton`` is eligible for ``auto`` only when the call's tensors
+live on a GPU (``device``), so CPU tensors never land in Triton's interpreter unless it is asked
+for by name. The environment variable ``NLGRAPH_BACKEND`` forces a backend for
 the whole process (``reference`` is the usual choice when debugging a mismatch). The choice is
 logged once per (op, backend).
 """
@@ -48,8 +50,15 @@ def available(op: str) -> list[str]:
     return [b for b in _AUTO_ORDER if b in impls and impls[b][1]()]
 
 
-def resolve_backend(op: str, backend: str = "auto") -> str:
-    """The backend name ``get`` would use for ``op``."""
+def _auto_eligible(backend: str, device: Any) -> bool:
+    if backend != "triton":
+        return True
+    return device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda"
+
+
+def resolve_backend(op: str, backend: str = "auto", device: Any = None) -> str:
+    """The backend name ``get`` would use for ``op`` on tensors living on ``device`` (a
+    ``torch.device``, a string, or None when unknown: then ``auto`` never picks ``triton``)."""
     forced = os.environ.get("NLGRAPH_BACKEND")
     if forced:
         backend = forced
@@ -58,7 +67,7 @@ def resolve_backend(op: str, backend: str = "auto") -> str:
             f"no kernel registered for op {op!r}; known: {sorted(_REGISTRY)}"
         )
     if backend == "auto":
-        choices = available(op)
+        choices = [b for b in available(op) if _auto_eligible(b, device)]
         if not choices:
             raise BackendUnavailableError(f"op {op!r} has no available backend")
         return choices[0]
@@ -85,9 +94,10 @@ def _compiling() -> bool:
     return torch is not None and torch.compiler.is_compiling()
 
 
-def get(op: str, backend: str = "auto") -> Callable[..., Any]:
-    """The implementation of ``op`` for ``backend``: auto, reference, chunk or triton."""
-    name = resolve_backend(op, backend)
+def get(op: str, backend: str = "auto", device: Any = None) -> Callable[..., Any]:
+    """The implementation of ``op`` for ``backend``: auto, reference, chunk or triton (see
+    :func:`resolve_backend` for ``device``)."""
+    name = resolve_backend(op, backend, device)
     if (op, name) not in _LOGGED and not _compiling():
         _LOGGED.add((op, name))
         log.info("nlgraph: op %s uses backend %s", op, name)

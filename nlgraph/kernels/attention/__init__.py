@@ -35,6 +35,6 @@ def attention(q, k, v, *, cache=None, window=None, scale=None, backend="auto"):
         )
     if window is not None and window < 1:
         raise ValueError(f"attention: window must be >= 1, got {window}")
-    fn = _dispatch.get("attention", backend)
+    fn = _dispatch.get("attention", backend, q.device)
     return fn(q, k, v, cache=cache, window=window,
               scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)  # fmt: skip

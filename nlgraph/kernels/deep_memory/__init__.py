@@ -85,7 +85,7 @@ def deep_memory(
         >>> y.shape, st["params"]["W1"].shape
         (torch.Size([1, 8, 2, 4]), torch.Size([1, 2, 4, 16]))
     """
-    fn = _dispatch.get("deep_memory", backend)
+    fn = _dispatch.get("deep_memory", backend, q.device)
     return fn(
         q, k, v, lr, momentum, forget, params0=params0, state=state, chunk_size=chunk_size,
         read=read, objective=objective, activation=activation, residual=residual,

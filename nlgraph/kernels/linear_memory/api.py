@@ -75,7 +75,7 @@ def linear_memory(
         (torch.Size([1, 8, 2, 3]), torch.Size([1, 2, 3, 4]))
     """
     check_inputs(q, k, v, alpha, b, c, initial_state, read, chunk_size)
-    name = _dispatch.resolve_backend(_OP, backend)
+    name = _dispatch.resolve_backend(_OP, backend, q.device)
     fn = _dispatch.get(_OP, name)
     kwargs = dict(
         initial_state=initial_state, scale=scale, read=read, output_final_state=output_final_state
