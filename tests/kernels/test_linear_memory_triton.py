@@ -1,0 +1,290 @@
+"""The Triton backend of linear_memory against the token loop: outputs, final state and every
+gradient, under Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+
+Tolerances, relative to the reference's largest magnitude per tensor: float32 1e-5 (fp32 sums of
+a few dozen terms; the observed error is ~2e-7). bfloat16 inputs are compared with the loop run in
+float32 on the same bf16-rounded values, so the only difference is that each result is rounded to
+bf16 once (half an ulp, 2^-9 relative); the bound is 2^-8.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nlgraph.kernels.linear_memory import (
+    delta_rule,
+    dgd,
+    gated_delta_rule,
+    linear_attention,
+    linear_memory,
+    linear_memory_naive,
+    linear_memory_triton,
+)
+
+pytest.importorskip("triton", reason="the triton backend needs triton installed")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8}
+
+
+def _close(got, want, tol, what):
+    err = (got.double() - want.double()).abs().max().item()
+    ref = max(want.abs().max().item(), 1e-30)
+    assert err <= tol * ref, f"{what}: max error {err:.3e} vs max |ref| {ref:.3e}"
+
+
+# Each instance goes through its api helper; its trainable inputs are the helper's own
+# (beta, eta, decay), so gradients flow through the gate construction too.
+def _instance(name, B, T, H, g):
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, T, H, generator=g)
+    if name == "linear_attention":
+        return linear_attention, {}
+    if name == "gated":
+        return linear_attention, {"decay": u(0.5, 1.0)}
+    if name == "deltanet":
+        return delta_rule, {"beta": u(0.0, 1.0)}
+    if name == "gated_deltanet":
+        return gated_delta_rule, {"alpha": u(0.5, 1.0), "beta": u(0.0, 1.0)}
+    if name == "dgd":
+        return dgd, {"eta": u(0.1, 2.0), "weight_decay": u(0.0, 0.1)}
+    raise AssertionError(name)
+
+
+def _compare(name, B, T, H, Dk, Dv, C, read, with_state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, Dk, generator=g)
+    k = torch.randn(B, T, H, Dk, generator=g)
+    if name != "dgd":  # DGD's eta' = eta / (1 + eta ||k||^2) keeps raw keys contractive
+        k = F.normalize(k, dim=-1)
+    v = torch.randn(B, T, H, Dv, generator=g)
+    fn, gates = _instance(name, B, T, H, g)
+    leaves = {"q": q, "k": k, "v": v, **gates}
+    if with_state:
+        leaves["initial_state"] = torch.randn(B, H, Dv, Dk, generator=g)
+    go = torch.randn(B, T, H, Dv, generator=g)
+    gs = torch.randn(B, H, Dv, Dk, generator=g)
+
+    results = []
+    for backend in ("reference", "triton"):
+        xs = {n: x.clone().requires_grad_() for n, x in leaves.items()}
+        args = {n: x for n, x in xs.items() if n not in ("q", "k", "v")}
+        o, s = fn(
+            xs["q"], xs["k"], xs["v"], **args, scale=0.5, read=read, chunk_size=C, backend=backend
+        )
+        grads = torch.autograd.grad((o * go).sum() + (s * gs).sum(), list(xs.values()))
+        results.append((o, s, dict(zip(xs, grads, strict=True))))
+    (o_ref, s_ref, g_ref), (o_tr, s_tr, g_tr) = results
+    assert o_tr.shape == (B, T, H, Dv) and s_tr.shape == (B, H, Dv, Dk)
+    assert o_tr.dtype == s_tr.dtype == torch.float32
+    _close(o_tr, o_ref, TOL[torch.float32], "output")
+    _close(s_tr, s_ref, TOL[torch.float32], "final state")
+    for n in g_ref:
+        _close(g_tr[n], g_ref[n], TOL[torch.float32], f"d/d{n}")
+
+
+INSTANCES = ["linear_attention", "gated", "deltanet", "gated_deltanet", "dgd"]
+
+
+@pytest.mark.parametrize(
+    "read,with_state",
+    [("after", True), ("before", True), ("after", False)],
+    ids=["after-M0", "before-M0", "after-M0=0"],
+)
+@pytest.mark.parametrize("name", INSTANCES)
+def test_instances_match_the_token_loop(name, read, with_state):
+    """Every instance, both read modes, with and without M_0 (the read mode does not touch the
+    M_0 path): B=2, H=2, T=9 in chunks of 4 (ragged), Dk=5 != Dv=3 (odd, padded to 16)."""
+    _compare(name, 2, 9, 2, 5, 3, 4, read, with_state)
+
+
+# (B, T, H, Dk, Dv, C, read, instance)
+SHAPES = [
+    pytest.param(1, 1, 1, 4, 4, 64, "after", "gated_deltanet", id="T1"),
+    pytest.param(1, 1, 2, 3, 5, 1, "before", "deltanet", id="T1-before"),
+    pytest.param(2, 16, 1, 8, 12, 8, "after", "gated", id="T16-C8-multiple"),
+    pytest.param(1, 7, 3, 6, 9, 16, "before", "dgd", id="C-gt-T"),
+    pytest.param(1, 11, 1, 7, 2, 1, "after", "gated_deltanet", id="C1-token-steps"),
+    # Dk = Dv = 70: two Dv blocks in the scans and two Dk blocks in the per-chunk gradients
+    pytest.param(1, 6, 1, 70, 70, 4, "after", "gated_deltanet", id="D70-split-blocks"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,Dk,Dv,C,read,name", SHAPES)
+def test_awkward_shapes_match_the_token_loop(B, T, H, Dk, Dv, C, read, name):
+    _compare(name, B, T, H, Dk, Dv, C, read, with_state=True, seed=1)
+
+
+def _gdn_inputs(B=1, T=10, H=2, Dk=6, Dv=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, Dk, generator=g)
+    k = F.normalize(torch.randn(B, T, H, Dk, generator=g), dim=-1)
+    v = torch.randn(B, T, H, Dv, generator=g)
+    alpha = 0.5 + 0.5 * torch.rand(B, T, H, generator=g)
+    beta = torch.rand(B, T, H, generator=g)
+    M0 = torch.randn(B, H, Dv, Dk, generator=g)
+    return q, k, v, alpha, alpha * beta, beta, M0
+
+
+def _grads(fn, inputs, loss, **kw):
+    xs = [x.clone().requires_grad_() for x in inputs]
+    q, k, v, a, b, c, M0 = xs
+    o, s = fn(q, k, v, a, b, c, initial_state=M0, **kw)
+    # q never reaches the final state: the loop leaves its gradient None, the scan gives zeros
+    grads = torch.autograd.grad(loss(o, s), xs, allow_unused=True)
+    return [torch.zeros_like(x) if d is None else d for x, d in zip(xs, grads, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "what", ["output-only", "state-only"], ids=["no-final-state", "final-state-only"]
+)
+def test_unused_results_carry_no_gradient(what):
+    """output_final_state=False (no state cotangent), and a loss on the final state alone (no
+    output cotangent): the gradients still match the loop."""
+    inputs = _gdn_inputs()
+    kw = dict(read="before", output_final_state=what != "output-only")
+    if what == "output-only":
+        loss = lambda o, s: o.square().sum()
+    else:
+        loss = lambda o, s: s.square().sum()
+    want = _grads(linear_memory_naive, inputs, loss, **kw)
+    got = _grads(linear_memory_triton, inputs, loss, chunk_size=4, **kw)
+    for name, a, b in zip(("q", "k", "v", "alpha", "b", "c", "M0"), got, want, strict=True):
+        _close(a, b, TOL[torch.float32], f"d/d{name}")
+    if what == "output-only":
+        assert linear_memory_triton(*inputs[:6], output_final_state=False)[1] is None
+
+
+def test_bf16_inputs_compute_in_float32():
+    q, k, v, a, b, c, M0 = _gdn_inputs(B=2, T=13, Dk=8, Dv=8)
+    lo = [x.bfloat16() for x in (q, k, v, M0)]  # gates stay float32, as a model passes them
+    g = torch.Generator().manual_seed(5)
+    # cotangents exactly representable in bf16, so the bf16 output's gradient is not rounded
+    go = torch.randn(2, 13, 2, 8, generator=g).bfloat16().float()
+    gs = torch.randn(2, 2, 8, 8, generator=g).bfloat16().float()
+    loss = lambda o, s: (o.float() * go).sum() + (s.float() * gs).sum()
+
+    def run(fn, qkvm, **kw):
+        xs = [x.clone().requires_grad_() for x in (*qkvm[:3], a, b, c, qkvm[3])]
+        o, s = fn(*xs[:6], initial_state=xs[6], **kw)
+        return (o, s, *torch.autograd.grad(loss(o, s), xs))
+
+    got = run(linear_memory_triton, lo, chunk_size=4)
+    want = run(linear_memory_naive, [x.float() for x in lo])
+    assert got[0].dtype == got[1].dtype == got[2].dtype == torch.bfloat16
+    names = ("o", "state", "dq", "dk", "dv", "dalpha", "db", "dc", "dM0")
+    for name, x, y in zip(names, got, want, strict=True):
+        _close(x.float(), y, TOL[torch.bfloat16], name)
+
+
+def test_hard_resets_and_tiny_decays_stay_exact():
+    """alpha = 0 and alpha = 1e-30 inside chunks (gC = 0 in the scan): finite, and equal to the
+    loop in outputs, state and the gradients of q, alpha and M_0."""
+    q, k, v, _, _, beta, M0 = _gdn_inputs(T=24, Dk=8, Dv=8, seed=3)
+    alpha = 0.2 * torch.rand(1, 24, 2, generator=torch.Generator().manual_seed(4))
+    alpha[:, 5] = 0.0
+    alpha[:, 13:16] = 1e-30
+    results = []
+    for fn, kw in ((linear_memory_naive, {}), (linear_memory_triton, {"chunk_size": 8})):
+        xs = [x.clone().requires_grad_() for x in (q, alpha, M0)]
+        o, s = fn(xs[0], k, v, xs[1], xs[1] * beta, beta, initial_state=xs[2], **kw)
+        results.append((o, s, *torch.autograd.grad(o.square().sum() + s.sum(), xs)))
+    for name, got, want in zip(("o", "state", "dq", "dalpha", "dM0"), *results[::-1], strict=True):
+        assert torch.isfinite(got).all(), name
+        _close(got, want, TOL[torch.float32], name)
+
+
+def test_float64_is_refused_with_a_way_out():
+    q, k, v, *_ = _gdn_inputs()
+    with pytest.raises(ValueError, match="float64.*backend='chunk'"):
+        linear_memory(q.double(), k.double(), v.double(), backend="triton")
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward through
+    the custom ops' fake implementations, then runs the real kernels."""
+    torch._dynamo.reset()
+    inputs = _gdn_inputs(T=7)
+
+    def f(q, k, v, alpha, beta, M0):
+        o, s = gated_delta_rule(
+            q, k, v, alpha, beta, initial_state=M0, chunk_size=4, backend="triton"
+        )
+        return o.square().sum() + (s * M0).sum()
+
+    q, k, v, alpha, _, beta, M0 = inputs
+    leaves = (q, k, v, alpha, beta, M0)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (f, compiled):
+        xs = [x.clone().requires_grad_() for x in leaves]
+        loss = fn(*xs)
+        results.append((loss, *torch.autograd.grad(loss, xs)))
+    names = ("loss", "q", "k", "v", "alpha", "beta", "M0")
+    for name, got, want in zip(names, *results[::-1], strict=True):
+        _close(got, want, 1e-6, f"compiled {name}")
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake implementation and autograd registration agree with
+    the real kernels (the aot_dispatch test re-traces the op through AOT autograd)."""
+    from nlgraph.kernels.linear_memory import triton as tr
+
+    q, k, v, a, b, c, M0 = _gdn_inputs(T=6)
+    summaries = tr._summaries(q, k, v, a, b, c, 0.5, "after", 4)
+    args = [x.detach().contiguous().requires_grad_() for x in summaries]
+    s0 = M0.reshape(2, 4, 6).clone().requires_grad_()  # [B*H, Dv, Dk]
+    torch.library.opcheck(tr.linear_memory_scan, (*args, s0))
+
+
+# --- GPU: the compiled (non-interpreted) kernels -------------------------------------------
+
+_GPU_SCRIPT = textwrap.dedent(
+    """
+    import torch, torch.nn.functional as F
+    from nlgraph.kernels.linear_memory import linear_memory_naive, linear_memory_triton
+    torch.manual_seed(0)
+    dev = "cuda"
+    B, T, H, Dk, Dv, C = 2, 300, 3, 64, 40, 64  # ragged T, Dv not a power of two
+    q = torch.randn(B, T, H, Dk, device=dev, dtype=torch.float64)
+    k = F.normalize(torch.randn(B, T, H, Dk, device=dev, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, Dv, device=dev, dtype=torch.float64)
+    alpha = 0.9 + 0.1 * torch.rand(B, T, H, device=dev, dtype=torch.float64)
+    beta = torch.rand(B, T, H, device=dev, dtype=torch.float64)
+    M0 = torch.randn(B, H, Dv, Dk, device=dev, dtype=torch.float64)
+    go = torch.randn(B, T, H, Dv, device=dev, dtype=torch.float64)
+    worst = 0.0
+    for read in ("after", "before"):
+        for gates in ((None, None, None), (alpha, alpha * beta, beta)):
+            res = []
+            pairs = ((linear_memory_naive, torch.float64), (linear_memory_triton, torch.float32))
+            for fn, dt in pairs:
+                xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v, M0)]
+                g = [None if x is None else x.to(dt) for x in gates]
+                o, s = fn(*xs[:3], *g, initial_state=xs[3], scale=Dk ** -0.5, read=read)
+                grads = torch.autograd.grad((o * go.to(dt)).sum() + s.square().sum(), xs)
+                res.append((o, s, *grads))
+            for got, want in zip(res[1], res[0]):
+                err = (got.double() - want).abs().max() / want.abs().max()
+                worst = max(worst, err.item())
+    print("WORST", worst)
+    assert worst < 1e-4, worst
+    """
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_compiled_kernels_match_the_token_loop():
+    """Runs in a fresh interpreter with TRITON_INTERPRET=0: this process's kernels were defined
+    under the interpreter (tests/conftest.py). float32 kernels vs the float64 loop, T=300."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", _GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
