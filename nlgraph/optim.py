@@ -35,6 +35,8 @@ from nlgraph.compiler.optim import OptimizerProgram, scan
 from nlgraph.compiler.optim_fused import match
 from nlgraph.compiler.optim_reference import reference_step
 from nlgraph.graph import Graph
+from nlgraph.kernels import _dispatch
+from nlgraph.kernels.optimizer import FlatParams
 from nlgraph.library import builder as _library
 from nlgraph.validation import format_validation_error
 
@@ -58,6 +60,7 @@ __all__ = [
 
 _log = logging.getLogger("nlgraph.optim")
 _CACHE = 64  # hyperparameter settings kept bound per optimizer (an LR schedule visits many)
+_TOLD: set[tuple[str, torch.dtype]] = set()  # graphs logged as running foreach under "triton"
 
 
 def _freeze(v: Any) -> Hashable:
@@ -76,11 +79,18 @@ class GraphOptimizer(torch.optim.Optimizer):
     ``state_names`` (level name -> key in the per-parameter state).
 
     ``compilations`` counts the programs compiled (one per graph structure, not per number).
-    ``backend``: ``"auto"`` (torch's fused kernel when the graph is one of them,
-    :mod:`nlgraph.compiler.optim_fused`; else the foreach program), ``"foreach"`` (always the
-    foreach program) or ``"reference"`` (the naive per-parameter interpreter,
-    :mod:`nlgraph.compiler.optim_reference`); the environment variable ``NLGRAPH_BACKEND``
-    (``foreach``/``reference``) sets it for every optimizer.
+    ``backend``: ``"auto"`` (when the graph is one of torch's fused kernels,
+    :mod:`nlgraph.compiler.optim_fused`: on CUDA nlgraph's Triton kernel over the group packed
+    flat, elsewhere torch's fused kernel; else the foreach program), ``"triton"`` (the Triton
+    kernel on any device, the interpreter on CPU; graphs it does not match keep the foreach
+    program), ``"foreach"`` (always the foreach program) or ``"reference"`` (the naive
+    per-parameter interpreter, :mod:`nlgraph.compiler.optim_reference`); the environment
+    variable ``NLGRAPH_BACKEND`` (``foreach``/``reference``/``triton``) sets it for every
+    optimizer.
+
+    On the Triton path a param group's parameters (per device and dtype) are packed into one
+    flat buffer the first time they step: their ``.data`` become views into it, and their state
+    entries views into flat moments (:class:`nlgraph.kernels.optimizer.FlatParams`).
     """
 
     builder: Callable[..., Graph]
@@ -93,8 +103,10 @@ class GraphOptimizer(torch.optim.Optimizer):
         self._inputs: dict[torch.Tensor, list[torch.Tensor]] = {}
         self._last: dict[int, OptimizerProgram] = {}
         self.compilations = 0
+        self._flat: dict[tuple, tuple[Any, FlatParams]] = {}  # (group, device, dtype) ->
+        # (part, its parameters packed); one per bucket, replaced when the structure changes
         env = os.environ.get("NLGRAPH_BACKEND", "auto")
-        self.backend = env if env in ("reference", "foreach") else "auto"
+        self.backend = env if env in ("reference", "foreach", "triton") else "auto"
         super().__init__(params, defaults)
 
     def graph_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +202,8 @@ class GraphOptimizer(torch.optim.Optimizer):
                     grads = torch._foreach_neg(grads)
                 if self.backend == "reference":
                     self._step_reference(group, part, params, grads, states)
+                elif self._flat_wanted(prog, params):
+                    self._step_flat((i, group), prog, part, params, grads, states, numbers)
                 else:
                     self._step_bucket(prog, part, params, grads, states, numbers)
         self._inputs.clear()
@@ -224,6 +238,58 @@ class GraphOptimizer(torch.optim.Optimizer):
             if part.needs_inputs:
                 keys = [torch.cat(self._inputs[p]) if p in self._inputs else None for p in ps]
             prog.step(part, ps, gs, sts, count, numbers, keys)
+
+    def _flat_wanted(self, prog: OptimizerProgram, params: list[torch.Tensor]) -> bool:
+        """Whether this bucket runs nlgraph's Triton kernel over a flat buffer."""
+        if self.backend == "triton":
+            _dispatch.resolve_backend("optimizer_update", "triton")  # a clear error if absent
+        elif self.backend != "auto" or params[0].device.type != "cuda":
+            return False
+        fused = prog.fused
+        if fused is None or not fused.flat_eligible(params):
+            if self.backend == "triton" and (prog.spec.name, params[0].dtype) not in _TOLD:
+                _TOLD.add((prog.spec.name, params[0].dtype))
+                _log.info("graph %r (%s) has no Triton lowering; it runs the foreach program",
+                          prog.spec.name, params[0].dtype)  # fmt: skip
+            return False
+        return (
+            self.backend == "triton"
+            or _dispatch.resolve_backend("optimizer_update", "auto", params[0].device) == "triton"
+        )
+
+    def _step_flat(
+        self,
+        where: tuple[int, dict[str, Any]],
+        prog: OptimizerProgram,
+        part: Any,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        numbers: list[float],
+    ) -> None:
+        """The bucket's step as one launch per distinct step count over the group packed flat
+        (the parameters of this part, device and dtype, with or without a gradient now)."""
+        i, group = where
+        p0 = params[0]
+        key = (i, p0.device, p0.dtype)
+        members = [
+            p for p in group["params"]
+            if p.device == p0.device and p.dtype == p0.dtype and prog.part_of(p) is part
+        ]  # fmt: skip
+        owner, flat = self._flat.get(key, (None, None))
+        if owner is not part or flat is None or not flat.holds(members):
+            flat = FlatParams(members, prog.fused.keys)  # states move over in adopt()
+            self._flat[key] = (part, flat)
+        idx = flat.indices(params)
+        flat.gather(idx, grads)
+        flat.adopt(idx, states)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        by_count: dict[int, list[int]] = {}
+        for j, s in zip(idx, steps, strict=True):  # a parameter that lacked grads lags behind
+            by_count.setdefault(int(s.item()), []).append(j)
+        for count, sub in by_count.items():
+            prog.fused.flat_step(flat, sub, count, numbers)
 
     def _step_reference(
         self,

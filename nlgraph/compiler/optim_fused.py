@@ -7,6 +7,11 @@ step can run as ``torch._fused_adam_`` / ``torch._fused_adamw_``: the same updat
 graph's numbers. Any other graph — a delta-rule first moment, a third memory — keeps the foreach
 lowering. The naive reference and the foreach program stay the definition; tests check the
 fused lowering against both.
+
+On CUDA (or when an optimizer's ``backend`` is ``"triton"``) the same match runs nlgraph's own
+kernel instead (:mod:`nlgraph.kernels.optimizer`): the group's parameters are packed into one
+flat buffer (:class:`~nlgraph.kernels.optimizer.FlatParams`) and one Triton launch per distinct
+step count updates them all (:meth:`FusedLowering.flat_step`).
 """
 
 from __future__ import annotations
@@ -14,16 +19,19 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 
 from nlgraph.compiler.optim import scan
+from nlgraph.kernels.optimizer import FlatParams, optimizer_update
 
 __all__ = ["FusedLowering", "match"]
 
 # Distinct marker values: where each lands in a spec's numbers tells where to read it back.
 _LR, _B1, _B2, _EPS, _WD = 0.0123, 0.8765, 0.9876, 1.234e-5, 0.0456
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton kernel's
 
 
 @dataclass(frozen=True)
@@ -52,16 +60,36 @@ class FusedLowering:
         numbers: list[float],
     ) -> None:
         """One step (``steps`` already counts it), in place."""
+        hp = self._hyper(numbers)
+        lists = [[s[k] for s in states] for k in self.keys]
+        fn = torch._fused_adamw_ if self.kernel == "adamw" else torch._fused_adam_
+        fn(params, grads, lists[0], lists[1], lists[2] if self.amsgrad else [], steps,
+           lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], weight_decay=hp["weight_decay"],
+           eps=hp["eps"], amsgrad=self.amsgrad, maximize=False, grad_scale=None,
+           found_inf=None)  # fmt: skip
+
+    def flat_eligible(self, params: list[torch.Tensor]) -> bool:
+        """Whether the Triton kernel takes these parameters (one bucket: one device, dtype)."""
+        return params[0].dtype in _FLAT_DTYPES
+
+    def _hyper(self, numbers: list[float]) -> dict[str, Any]:
+        """The update's hyperparameters, read off the graph's numbers."""
         lr = -numbers[self.at["lr"]]
         decay = numbers[self.at["decay"]] if "decay" in self.at else 0.0
         if self.kernel == "adamw":
             decay = decay / lr if lr else 0.0  # the graph holds lr * wd
-        lists = [[s[k] for s in states] for k in self.keys]
-        fn = torch._fused_adamw_ if self.kernel == "adamw" else torch._fused_adam_
-        fn(params, grads, lists[0], lists[1], lists[2] if self.amsgrad else [], steps,
-           lr=lr, beta1=numbers[self.at["beta1"]], beta2=numbers[self.at["beta2"]],
-           weight_decay=decay, eps=numbers[self.at["eps"]], amsgrad=self.amsgrad,
-           maximize=False, grad_scale=None, found_inf=None)  # fmt: skip
+        return dict(rule="adam", lr=lr, beta1=numbers[self.at["beta1"]],
+                    beta2=numbers[self.at["beta2"]], eps=numbers[self.at["eps"]],
+                    weight_decay=decay, decoupled=self.kernel == "adamw",
+                    amsgrad=self.amsgrad)  # fmt: skip
+
+    def flat_step(self, flat: FlatParams, idx: list[int], count: int, numbers: list[float]) -> None:
+        """Step ``count`` (1 at the first) of the packed parameters ``idx``, whose gradients
+        and states are in ``flat`` already: one launch of the Triton kernel."""
+        m, v, *vmax = (flat.state[k] for k in self.keys)
+        optimizer_update(flat.param, flat.grad, m, v, vmax[0] if vmax else None,
+                         flat.spans(idx), step=count,
+                         backend="triton", **self._hyper(numbers))  # fmt: skip
 
 
 @cache
