@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nlgraph.compiler.cluster import _momentum_tokens, momentum_window
+from nlgraph.kernels.momentum_memory import momentum_memory_chunk as momentum_window
+from nlgraph.kernels.momentum_memory import momentum_memory_naive as _momentum_tokens
 
 
 def _inputs(C, with_b, with_a, zero_gates=False, seed=0):

@@ -14,8 +14,8 @@ with ``lr' = lr / (1 + lr ||x||^2)`` for exact DGD (``lr`` otherwise) and ``b = 
 ``0`` (plain GD). Without momentum that is exactly the gated delta recurrence of
 :mod:`nlgraph.kernels.linear_memory` (keys ``x``, values ``-delta``), which runs it chunk-parallel;
 with momentum ``S_t = mu_t S_{t-1} - lr'_t delta_t x_t^T, W_t = W_{t-1}(alpha I - b x x^T) + S_t``
-is the same form extended by the momentum buffer (:func:`momentum_window`): one small triangular
-solve per window, no per-token weight matrices.
+is the same form extended by the momentum buffer (:mod:`nlgraph.kernels.momentum_memory`): one
+small triangular solve per window, no per-token weight matrices.
 
 The sequence is processed in windows of ``gcd`` of the members' chunk sizes (one token with the
 reference backend); a memory's visible state advances when its own chunk ends.
@@ -35,8 +35,8 @@ from nlgraph.compiler.memory import backend_of, gate, heads
 from nlgraph.compiler.modules import ACT
 from nlgraph.compiler.ops import BINARY, UNARY
 from nlgraph.compiler.program import key
-from nlgraph.kernels.deep_memory._scan import segprod
 from nlgraph.kernels.linear_memory import linear_memory
+from nlgraph.kernels.momentum_memory import momentum_memory, momentum_memory_naive
 
 __all__ = ["run_cluster", "mlp_forward"]
 
@@ -220,100 +220,16 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
             )  # fmt: skip
             s_buf = None
         else:
-            step_fn = _momentum_tokens if backend == "reference" else momentum_window
-            w, s_buf = step_fn(
-                x, -cat("grad_step", 2)[..., None] * d, decay, retain, cat("mu", 2), w, cat("s", 1)
-            )
+            args = (x, -cat("grad_step", 2)[..., None] * d, decay, retain, cat("mu", 2), w,
+                    cat("s", 1))  # fmt: skip
+            if backend == "reference":
+                w, s_buf = momentum_memory_naive(*args)
+            else:
+                w, s_buf = momentum_memory(*args, backend=backend)
         for j, w_j, s_j in zip(group, w.split(sizes, dim=1),
                                [None] * len(group) if s_buf is None else s_buf.split(sizes, dim=1),
                                strict=True):  # fmt: skip
             j["w_new"], j["s_new"] = w_j, s_j
-
-
-def _segments(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H]`` gates -> ``[B, H, C+1, C+1]``: P[t, j] = prod_{j < r <= t} g_r for t >= j
-    (index 0 is the window start), else 0. None (no gate) is all ones below the diagonal."""
-    B, C, H = like.shape[0], like.shape[1], like.shape[2]
-    if g is None:
-        g = like.new_ones(B, C, H)
-    return segprod(F.pad(g.permute(0, 2, 1), (1, 0), value=1.0))
-
-
-def _momentum_tokens(x, delta, b, a, mu, w, s):
-    """The reference of :func:`momentum_window`: its recurrence, token by token."""
-    for t in range(x.shape[1]):
-        xt, dt = x[:, t], delta[:, t]
-        s = mu[:, t, :, None, None] * s + torch.einsum("bho,bhi->bhoi", dt, xt)
-        keep = 1.0 if a is None else a[:, t, :, None, None]
-        w_next = keep * w + s
-        if b is not None:
-            wx = torch.einsum("bhoi,bhi->bho", w, xt)
-            w_next = w_next - b[:, t, :, None, None] * torch.einsum("bho,bhi->bhoi", wx, xt)
-        w = w_next
-    return w, s
-
-
-def momentum_window(
-    x: torch.Tensor,
-    delta: torch.Tensor,
-    b: torch.Tensor | None,
-    a: torch.Tensor | None,
-    mu: torch.Tensor,
-    w0: torch.Tensor,
-    s0: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights and momentum at the end of a window of C tokens, all tokens at once.
-
-    The recurrence (``x`` keys ``[B, C, H, I]``, ``delta`` the signed, scaled error terms
-    ``[B, C, H, O]``, gates ``[B, C, H]``; ``b`` None is plain GD, ``a`` None no retention):
-
-        S_t = mu_t S_{t-1} + delta_t x_t^T
-        W_t = W_{t-1} (a_t I - b_t x_t x_t^T) + S_t
-
-    Every W_t stays ``Gamma_t W_0 + rho_t S_0 + sum_{j <= t} c_t[j] x_j^T``. With segment
-    products F (of a) and D (of mu) over indices 0..C (0 the window start), Gamma_t = F[t, 0],
-    Q = F D - F (so rho_t = Q[t, 0]), the coefficients are c_t[j] = F[t, j] w_j + Q[t, j]
-    delta_j, where w_t = c_t[t] = delta_t - b_t W_{t-1} x_t. Substituting W_{t-1} gives one unit
-    lower-triangular system per window, (I + L) Wt = R, with G the keys' Gram matrix:
-
-        L[t, j] = b_t F[t-1, j] G[t, j]                                          (j < t)
-        R_t     = delta_t - b_t (Gamma_{t-1} W_0 x_t + rho_{t-1} S_0 x_t
-                                 + sum_{j < t} Q[t-1, j] G[t, j] delta_j)
-
-    and then W_C = Gamma_C W_0 + rho_C S_0 + sum_j (F[C, j] w_j + Q[C, j] delta_j) x_j^T,
-    S_C = D[C, 0] S_0 + sum_j D[C, j] delta_j x_j^T. This is the WY/UT form of the delta rule
-    (:mod:`nlgraph.kernels.linear_memory.chunk`) extended by a momentum buffer: no [O, I]
-    matrix per token is ever formed, and the only sequential work is the C x C solve.
-    """
-    fa, fm = _segments(a, mu), _segments(mu, mu)  # [B, H, C+1, C+1]
-    q = fa @ fm - fa
-    xh, dh = x.transpose(1, 2), delta.transpose(1, 2)  # [B, H, C, I], [B, H, C, O]
-    s_new = fm[..., -1, 0, None, None] * s0 + torch.einsum(
-        "bhj,bhjo,bhji->bhoi", fm[..., -1, 1:], dh, xh
-    )
-    if b is None:
-        coef = (fa[..., -1, 1:] + q[..., -1, 1:]).unsqueeze(-1) * dh
-    else:
-        bh = b.transpose(1, 2).unsqueeze(-1)  # [B, H, C, 1]
-        gram = xh @ xh.transpose(-1, -2)  # [B, H, C, C]
-        strict = torch.ones_like(gram, dtype=torch.bool).tril(-1)
-        low = bh * (fa[..., :-1, 1:] * gram).masked_fill(~strict, 0.0)
-        w0x = torch.einsum("bhoi,bhti->bhto", w0, xh)
-        s0x = torch.einsum("bhoi,bhti->bhto", s0, xh)
-        rhs = dh - bh * (
-            fa[..., :-1, 0, None] * w0x
-            + q[..., :-1, 0, None] * s0x
-            + (q[..., :-1, 1:] * gram).masked_fill(~strict, 0.0) @ dh
-        )
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        wt = torch.linalg.solve_triangular(eye + low, rhs, upper=False, unitriangular=True)
-        coef = fa[..., -1, 1:, None] * wt + q[..., -1, 1:, None] * dh
-    w_new = (
-        fa[..., -1, 0, None, None] * w0
-        + q[..., -1, 0, None, None] * s0
-        + torch.einsum("bhjo,bhji->bhoi", coef, xh)
-    )
-    return w_new, s_new
 
 
 def _update_all(learner: Any, members: dict, c: Any, vals: list, backend: str, n: int) -> None:

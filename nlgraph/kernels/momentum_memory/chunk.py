@@ -1,0 +1,88 @@
+"""The momentum memory's window in closed form: all C tokens at once, in batched PyTorch.
+
+One unit lower-triangular C x C solve per (batch, head) replaces the token loop of
+:mod:`.naive`; no ``[O, I]`` matrix per token is formed. Works on any device and dtype
+(float64 included); :mod:`.triton` runs the same algebra in one kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from nlgraph.kernels.deep_memory._scan import segprod
+
+__all__ = ["momentum_memory_chunk"]
+
+
+def _segments(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H]`` gates -> ``[B, H, C+1, C+1]``: P[t, j] = prod_{j < r <= t} g_r for t >= j
+    (index 0 is the window start), else 0. None (no gate) is all ones below the diagonal."""
+    B, C, H = like.shape[0], like.shape[1], like.shape[2]
+    if g is None:
+        g = like.new_ones(B, C, H)
+    return segprod(F.pad(g.permute(0, 2, 1), (1, 0), value=1.0))
+
+
+def momentum_memory_chunk(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    b: torch.Tensor | None,
+    a: torch.Tensor | None,
+    mu: torch.Tensor,
+    w0: torch.Tensor,
+    s0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and momentum at the end of a window of C tokens, all tokens at once (arguments
+    and results as :func:`~nlgraph.kernels.momentum_memory.naive.momentum_memory_naive`).
+
+    The recurrence (``x`` keys ``[B, C, H, I]``, ``delta`` the signed, scaled error terms
+    ``[B, C, H, O]``, gates ``[B, C, H]``; ``b`` None is plain GD, ``a`` None no retention):
+
+        S_t = mu_t S_{t-1} + delta_t x_t^T
+        W_t = W_{t-1} (a_t I - b_t x_t x_t^T) + S_t
+
+    Every W_t stays ``Gamma_t W_0 + rho_t S_0 + sum_{j <= t} c_t[j] x_j^T``. With segment
+    products F (of a) and D (of mu) over indices 0..C (0 the window start), Gamma_t = F[t, 0],
+    Q = F D - F (so rho_t = Q[t, 0]), the coefficients are c_t[j] = F[t, j] w_j + Q[t, j]
+    delta_j, where w_t = c_t[t] = delta_t - b_t W_{t-1} x_t. Substituting W_{t-1} gives one unit
+    lower-triangular system per window, (I + L) Wt = R, with G the keys' Gram matrix:
+
+        L[t, j] = b_t F[t-1, j] G[t, j]                                          (j < t)
+        R_t     = delta_t - b_t (Gamma_{t-1} W_0 x_t + rho_{t-1} S_0 x_t
+                                 + sum_{j < t} Q[t-1, j] G[t, j] delta_j)
+
+    and then W_C = Gamma_C W_0 + rho_C S_0 + sum_j (F[C, j] w_j + Q[C, j] delta_j) x_j^T,
+    S_C = D[C, 0] S_0 + sum_j D[C, j] delta_j x_j^T. This is the WY/UT form of the delta rule
+    (:mod:`nlgraph.kernels.linear_memory.chunk`) extended by a momentum buffer: no [O, I]
+    matrix per token is ever formed, and the only sequential work is the C x C solve.
+    """
+    fa, fm = _segments(a, mu), _segments(mu, mu)  # [B, H, C+1, C+1]
+    q = fa @ fm - fa
+    xh, dh = x.transpose(1, 2), delta.transpose(1, 2)  # [B, H, C, I], [B, H, C, O]
+    s_new = fm[..., -1, 0, None, None] * s0 + torch.einsum(
+        "bhj,bhjo,bhji->bhoi", fm[..., -1, 1:], dh, xh
+    )
+    if b is None:
+        coef = (fa[..., -1, 1:] + q[..., -1, 1:]).unsqueeze(-1) * dh
+    else:
+        bh = b.transpose(1, 2).unsqueeze(-1)  # [B, H, C, 1]
+        gram = xh @ xh.transpose(-1, -2)  # [B, H, C, C]
+        strict = torch.ones_like(gram, dtype=torch.bool).tril(-1)
+        low = bh * (fa[..., :-1, 1:] * gram).masked_fill(~strict, 0.0)
+        w0x = torch.einsum("bhoi,bhti->bhto", w0, xh)
+        s0x = torch.einsum("bhoi,bhti->bhto", s0, xh)
+        rhs = dh - bh * (
+            fa[..., :-1, 0, None] * w0x
+            + q[..., :-1, 0, None] * s0x
+            + (q[..., :-1, 1:] * gram).masked_fill(~strict, 0.0) @ dh
+        )
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        wt = torch.linalg.solve_triangular(eye + low, rhs, upper=False, unitriangular=True)
+        coef = fa[..., -1, 1:, None] * wt + q[..., -1, 1:, None] * dh
+    w_new = (
+        fa[..., -1, 0, None, None] * w0
+        + q[..., -1, 0, None, None] * s0
+        + torch.einsum("bhjo,bhji->bhoi", coef, xh)
+    )
+    return w_new, s_new

@@ -1,0 +1,172 @@
+"""Triton backend of the momentum memory, registered as a torch custom op.
+
+Same recurrence and results as :mod:`.naive` and :mod:`.chunk` (NL paper Eq. 88 with momentum,
+PAPER.md 3.1 and 4.5):
+
+    S_t = mu_t S_{t-1} + delta_t x_t^T,     W_t = W_{t-1} (a_t I - b_t x_t x_t^T) + S_t
+
+Forward, ``nlgraph::momentum_memory`` (:mod:`._triton_kernels`): one program per
+(batch, head, O block) computes the whole window in registers: the gate products by cumulative
+products, the Gram matrix, the C x C unit lower-triangular solve by forward substitution and the
+rank-C updates of W and S. Nothing is stored for backward but the inputs.
+
+Backward (``register_autograd``): **not a Triton kernel**. It recomputes the window in the
+closed form of :func:`~nlgraph.kernels.momentum_memory.chunk.momentum_memory_chunk` (batched
+PyTorch, float32) from the saved inputs and takes its vector-Jacobian product with
+``torch.func.vjp``. Under ``torch.compile`` AOT autograd traces that recomputation into the
+backward graph like any PyTorch code, so neither pass breaks the graph. Its cost is one
+chunk-form forward plus its backward (C x C matrices per head, no per-token ``[O, I]`` matrix).
+
+Precision: everything is computed in float32 (products in IEEE fp32, not tf32); float32,
+bfloat16 and float16 inputs are accepted and results and gradients come back in the input
+dtype. float64 is refused (the kernel has no fp64 path): use ``backend="chunk"`` for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from nlgraph._errors import BackendUnavailableError
+
+from ._validate import MAX_TRITON_WINDOW, check_inputs
+from .chunk import momentum_memory_chunk
+
+__all__ = ["momentum_memory_triton", "triton_available"]
+
+
+def triton_available() -> bool:
+    """True when Triton imports and can run here: a CUDA device, or the CPU interpreter
+    (``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels():
+    # Imported on first launch, not with this module: Triton is optional, and triton.jit reads
+    # TRITON_INTERPRET when the kernel is defined.
+    from . import _triton_kernels
+
+    return _triton_kernels
+
+
+def _contig(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("nlgraph::momentum_memory", mutates_args=())
+def momentum_memory_op(
+    x: Tensor,
+    delta: Tensor,
+    b: Tensor | None,
+    a: Tensor | None,
+    mu: Tensor,
+    w0: Tensor,
+    s0: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(W_C, S_C)`` of one window by the Triton kernel (shapes as
+    :func:`momentum_memory_triton`; one dtype for all inputs, the results' dtype)."""
+    return _kernels().window_forward(
+        x.contiguous(),
+        delta.contiguous(),
+        _contig(b),
+        _contig(a),
+        mu.contiguous(),
+        w0.contiguous(),
+        s0.contiguous(),
+    )
+
+
+@momentum_memory_op.register_fake
+def _(x, delta, b, a, mu, w0, s0):
+    return torch.empty_like(w0), torch.empty_like(s0)
+
+
+def _window_vjp(x, delta, b, a, mu, w0, s0, dw, ds):
+    """Gradients ``(dx, ddelta, db, da, dmu, dw0, ds0)`` of the window from the cotangents dw,
+    ds of (W_C, S_C): the chunk form recomputed in float32 and its VJP, in the inputs' dtypes
+    (db / da None when b / a are None)."""
+    f32 = torch.float32
+    gates = [g.to(f32) for g in (b, a) if g is not None]
+
+    def window(x, delta, mu, w0, s0, *gs):
+        it = iter(gs)
+        bb = next(it) if b is not None else None
+        aa = next(it) if a is not None else None
+        return momentum_memory_chunk(x, delta, bb, aa, mu, w0, s0)
+
+    prim = (x, delta, mu, w0, s0)
+    _, vjp = torch.func.vjp(window, *(t.to(f32) for t in prim), *gates)
+    grads = vjp((dw.to(f32), ds.to(f32)))
+    dx, dd, dmu, dw0, ds0 = (g.to(t.dtype) for g, t in zip(grads[:5], prim, strict=True))
+    rest = iter(grads[5:])
+    db = next(rest).to(b.dtype) if b is not None else None
+    da = next(rest).to(a.dtype) if a is not None else None
+    return dx, dd, db, da, dmu, dw0, ds0
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dw, ds):
+    x, delta, b, a, mu, w0, s0 = ctx.saved_tensors
+    # An unused result has no cotangent: it contributes nothing.
+    dw = torch.zeros_like(w0) if dw is None else dw
+    ds = torch.zeros_like(s0) if ds is None else ds
+    return _window_vjp(x, delta, b, a, mu, w0, s0, dw, ds)
+
+
+momentum_memory_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def momentum_memory_triton(
+    x: Tensor,
+    delta: Tensor,
+    b: Tensor | None,
+    a: Tensor | None,
+    mu: Tensor,
+    w0: Tensor,
+    s0: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(W_C, S_C)`` of one window by the Triton kernel; same arguments and results as
+    :func:`~nlgraph.kernels.momentum_memory.naive.momentum_memory_naive`.
+
+    Args:
+        x: ``[B, C, H, I]``, delta: ``[B, C, H, O]``, b, a: ``[B, C, H]`` or None, mu:
+            ``[B, C, H]``, w0, s0: ``[B, H, O, I]``; one dtype among float32, bfloat16 and
+            float16, on a CUDA device (or any device under ``TRITON_INTERPRET=1``); C <= 64.
+
+    Returns:
+        ``(W_C, S_C)``, ``[B, H, O, I]`` in the inputs' dtype.
+
+    Example:
+        >>> x = torch.nn.functional.normalize(torch.randn(2, 8, 3, 16, device="cuda"), dim=-1)
+        >>> delta = torch.randn(2, 8, 3, 12, device="cuda")
+        >>> gate = torch.full((2, 8, 3), 0.5, device="cuda")
+        >>> w0 = s0 = torch.zeros(2, 3, 12, 16, device="cuda")
+        >>> w, s = momentum_memory_triton(x, delta, gate, None, gate, w0, s0)
+    """
+    check_inputs(x, delta, b, a, mu, w0, s0)
+    if x.dtype == torch.float64:
+        raise ValueError(
+            "momentum_memory: the triton backend computes in float32 and does not take float64 "
+            "inputs; use backend='chunk' (or 'reference') for float64, or cast to float32."
+        )
+    if x.shape[1] > MAX_TRITON_WINDOW:
+        raise ValueError(
+            f"momentum_memory: the triton backend takes windows of at most {MAX_TRITON_WINDOW} "
+            f"tokens (it holds C x C matrices in registers), got C={x.shape[1]}; use "
+            "backend='chunk' for longer windows."
+        )
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError(
+            f"momentum_memory: the triton backend needs CUDA tensors, got device {x.device}; "
+            "move the inputs to a GPU, use backend='chunk', or set TRITON_INTERPRET=1 (slow)."
+        )
+    return momentum_memory_op(x, delta, b, a, mu, w0, s0)
