@@ -12,6 +12,7 @@ from nlgraph._errors import (
     CompileError,
     NLGraphError,
     NumericalFaultError,
+    ReferenceLoopWarning,
     SchemaVersionError,
     SpecError,
 )
@@ -60,7 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     # errors
     "NLGraphError", "SpecError", "SchemaVersionError", "CompileError",
-    "BackendUnavailableError", "NumericalFaultError",
+    "BackendUnavailableError", "NumericalFaultError", "ReferenceLoopWarning",
     # graph
     "Graph", "GraphSpec", "Level", "LevelHandle", "SCHEMA_VERSION", "validate",
     # clock, init, reset

@@ -1,7 +1,8 @@
 """The one exception tree of nlgraph.
 
 Every error nlgraph raises on purpose derives from :class:`NLGraphError`, so callers can catch the
-library's own failures without swallowing bugs.
+library's own failures without swallowing bugs. Warnings are ``UserWarning`` subclasses, so the
+usual ``warnings`` filters select them by class.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ __all__ = [
     "CompileError",
     "BackendUnavailableError",
     "NumericalFaultError",
+    "ReferenceLoopWarning",
 ]
 
 
@@ -39,3 +41,9 @@ class BackendUnavailableError(NLGraphError):
 
 class NumericalFaultError(NLGraphError, FloatingPointError):
     """A NaN or inf appeared in a loss or a level's state."""
+
+
+class ReferenceLoopWarning(UserWarning):
+    """A level has no fast lowering and runs as the reference loop (token by token, autograd for
+    its inner gradient): correct, but slow. The message names the level and says why; emitted
+    once per level when a graph is compiled."""

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC = {
     "NLGraphError", "SpecError", "SchemaVersionError", "CompileError", "BackendUnavailableError",
-    "NumericalFaultError", "Graph", "GraphSpec", "Level", "LevelHandle", "SCHEMA_VERSION",
+    "NumericalFaultError", "ReferenceLoopWarning", "Graph", "GraphSpec", "Level", "LevelHandle",
+    "SCHEMA_VERSION",
     "validate", "Frequency", "Reset", "every", "per_token", "per_chunk", "per_sequence",
     "per_step", "frozen", "reset_per_sequence", "reset_never", "reset_every", "reset_with",
     "zeros", "normal", "identity", "meta", "from_path", "params", "like", "tensor", "linear",

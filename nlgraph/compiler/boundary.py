@@ -24,13 +24,23 @@ from torch import nn
 from nlgraph.compiler.modules import MLPBlock
 from nlgraph.level import Level
 
-__all__ = ["initial", "apply", "cut_points", "accumulate_and_update"]
+__all__ = ["initial", "truncate", "apply", "cut_points", "accumulate_and_update"]
 
 
-def initial(module: nn.Module, batch: int) -> dict[str, Any]:
-    """Fresh per-sample state: parameters broadcast over the batch, empty accumulator."""
-    theta = [_live(p.unsqueeze(0).expand(batch, *p.shape)) for p in module.parameters()]
+def initial(module: nn.Module, batch: int, detach: bool = False) -> dict[str, Any]:
+    """Fresh per-sample state: parameters broadcast over the batch, empty accumulator.
+    ``detach``: the initial parameters take no gradient (a stop_grad edge from the level that
+    meta-learns them)."""
+    theta = [p.detach() if detach else p for p in module.parameters()]
+    theta = [_live(t.unsqueeze(0).expand(batch, *t.shape)) for t in theta]
     return {"theta": theta, "acc": [torch.zeros_like(t) for t in theta], "phase": 0, "updates": 0}
+
+
+def truncate(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with its parameters cut from the graph of the updates before (truncated(k)):
+    later gradients reach back no further than this point."""
+    return {**state, "theta": [_live(t.detach()) for t in state["theta"]],
+            "acc": [a.detach() for a in state["acc"]]}  # fmt: skip
 
 
 def _live(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,10 @@ from torch.nn import functional as F
 from nlgraph._errors import CompileError
 from nlgraph.compiler.program import MemoryCfg
 
-__all__ = ["heads", "gate", "bounded", "backend_of", "run_memory", "attention", "SIGNAL_ACT"]
+__all__ = [
+    "heads", "gate", "bounded", "backend_of", "run_memory", "attention", "detach_state",
+    "SIGNAL_ACT",
+]  # fmt: skip
 
 SIGNAL_ACT = {
     "identity": lambda x: x, "sigmoid": torch.sigmoid, "softplus": F.softplus, "exp": torch.exp,
@@ -70,6 +73,10 @@ def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
     and the carried state is detached between them: gradients reach back at most that far.
     """
     T = args[0].shape[1]
+    if cfg.lowering == "reference_loop" and not learner.writes:
+        from nlgraph.compiler.reference_loop import run_reference_loop
+
+        return run_reference_loop(learner, cfg, args, prev)
     if not learner.writes and cfg.lowering != "attention":
         return _read_only(learner, cfg, args, prev)
     if cfg.truncate is None or cfg.truncate >= T:
@@ -78,7 +85,7 @@ def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
     for s in range(0, T, cfg.truncate):
         window = tuple(a[:, s : s + cfg.truncate] for a in args)
         if s > 0:
-            prev = _detach(prev)
+            prev = detach_state(prev)
         o, prev = _run_memory(learner, cfg, window, prev)
         outs.append(o)
     return tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True)), prev
@@ -106,13 +113,14 @@ def _read_only(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
     return outs, prev
 
 
-def _detach(state: Any) -> Any:
+def detach_state(state: Any) -> Any:
+    """A fast state (tensors in dicts, lists, tuples) with every tensor detached."""
     if isinstance(state, torch.Tensor):
         return state.detach()
     if isinstance(state, dict):
-        return {k: _detach(v) for k, v in state.items()}
+        return {k: detach_state(v) for k, v in state.items()}
     if isinstance(state, list | tuple):
-        return type(state)(_detach(v) for v in state)
+        return type(state)(detach_state(v) for v in state)
     return state
 
 
@@ -121,6 +129,10 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
     k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
     queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]
     B, T = k.shape[0], k.shape[1]
+    if cfg.lowering == "reference_loop":
+        from nlgraph.compiler.reference_loop import run_reference_loop
+
+        return run_reference_loop(learner, cfg, args, prev)
     if cfg.lowering == "attention":
         outs, final = [], prev
         for q in queries:

@@ -9,7 +9,10 @@ A :class:`Plan` classifies every level of a validated, bound graph:
   ``deep_memory``: MLP (or momentum-carrying linear) memories under GD with momentum and
   forgetting; ``attention``: the exact non-parametric memory), or ``boundary``: a block on the
   outer loss updated every C tokens (CMS, Eq. 71) — frozen within a chunk, so the chunk runs in
-  parallel, then the chunk's accumulated gradient is applied at its end.
+  parallel, then the chunk's accumulated gradient is applied at its end; or ``reference_loop``:
+  a matrix or MLP memory whose rule or schedule no kernel covers (a chain of rules such as
+  Newton–Schulz or preconditioning, Nesterov momentum, a period longer than one token), run
+  token by token as the plain interpreter of its spec, with a :class:`ReferenceLoopWarning`.
 
 The plan is printable (``str(plan)``, ``NLGRAPH_DEBUG=2``) and checked by :meth:`Plan.check`
 after it is built (``NLGRAPH_DEBUG=1`` and always in tests).
@@ -18,21 +21,25 @@ after it is built (``NLGRAPH_DEBUG=1`` and always in tests).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from nlgraph._errors import CompileError
+from nlgraph._errors import CompileError, ReferenceLoopWarning
 from nlgraph.flows import Read, references
 from nlgraph.level import GraphSpec, Level
-from nlgraph.optimizers import DGD, GD, Signal, describe
+from nlgraph.optimizers import DGD, EMA, GD, Exact, Follow, Signal, describe
 from nlgraph.topology import frequency_key, tiers
 from nlgraph.validation import _flows as _level_flows
 
 __all__ = ["LevelPlan", "Plan", "make_plan", "LOWERINGS"]
 
-LOWERINGS = ("parameter", "linear_memory", "deep_memory", "attention", "boundary", "cluster")
+LOWERINGS = (
+    "parameter", "linear_memory", "deep_memory", "attention", "boundary", "cluster",
+    "reference_loop",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class LevelPlan:
     frequency: str
     reads: tuple[str, ...]  # levels whose state or output this level's update reads
     detail: str = ""  # the rule as lowered (coefficients), for the printed plan
+    why: str = ""  # reference_loop: why no fast lowering covers the level
 
 
 @dataclass
@@ -66,7 +74,7 @@ class Plan:
                 reads = f" reads {', '.join(lp.reads)}" if lp.reads else ""
                 chunk = f" chunk={lp.chunk}" if lp.role == "fast" else ""
                 lines.append(
-                    f"  tier {i}  {n:18s} {lp.role:4s} {lp.lowering:13s} {lp.frequency}"
+                    f"  tier {i}  {n:18s} {lp.role:4s} {lp.lowering:14s} {lp.frequency}"
                     f"{chunk}{reads}" + (f"\n{'':30s}{lp.detail}" if lp.detail else "")
                 )
         lines.append("  forward order: " + " -> ".join(self.order))
@@ -104,8 +112,9 @@ class Plan:
         return out
 
 
-def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
-    """(role, lowering, detail) for a level, or CompileError naming what is unsupported."""
+def _classify(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
+    """(role, lowering, detail, why) for a level, or CompileError naming what is unsupported;
+    ``why`` says why a reference_loop level has no fast lowering."""
     where = f"level {lv.name!r}"
     unit = lv.frequency.unit
     if unit in ("step", "sequence", "never"):
@@ -116,8 +125,12 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
             )
         if lv.objective is not None and lv.objective.kind != "outer":
             raise CompileError(
-                f"{where}: a {lv.frequency} level with inner objective {lv.objective.kind!r} "
-                "has no lowering yet; only outer-loss levels run at step frequency"
+                f"{where}: a level updated {lv.frequency} with inner objective "
+                f"{lv.objective.kind!r} has no meaning in a sequence learner: its state would "
+                "be shared across the sequences of a batch and change between forward calls, "
+                "on a clock the learner does not run. Use objective=outer() (trained by the "
+                "outer optimizer at that rate), or an in-context memory every(n, 'token') with "
+                "reset=reset_never() to persist across sequences"
             )
         if unit == "never":
             return "slow", "parameter", f"frozen: never updated ({lv.state})"
@@ -147,15 +160,19 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
                 "(sum of the chunk's outer-loss gradients at the chunk-start theta) (Eq. 71)"
             ),
         )
-    if len(rules) != 1 or not isinstance(rules[0], GD | DGD):
+    if st.kind not in ("linear", "mlp"):
         raise CompileError(
-            f"{where}: inner optimizer {describe(rules)} has no lowering yet "
-            "(supported: one gd or dgd rule)"
+            f"{where}: a {st} state cannot be an in-context memory of a sequence learner "
+            "(expected linear(...) or mlp(...) with kv context, or nonparametric() for attention)"
         )
     if obj is None or obj.kind not in ("dot", "l2", "lp", "custom"):
         raise CompileError(
-            f"{where}: objective {obj} has no lowering yet (supported: dot, l2, lp, custom)"
+            f"{where}: objective {obj} is not a key/value objective; a matrix or MLP memory "
+            "takes dot(), l2(), lp(p) or custom(path)"
         )
+    reasons = _loop_reasons(spec, lv)
+    if reasons:
+        return "fast", "reference_loop", _loop_detail(lv, reasons), "; ".join(reasons)
     rule = rules[0]
     if obj.kind in ("lp", "custom") and st.kind in ("linear", "mlp"):
         # Any objective of the read-out runs in the cluster form: only its error at the output
@@ -181,9 +198,45 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, str, str]:
             "deep_memory",
             ("u = grad l(M_chunk_start); S <- mu S - lr u; M <- a M + S (Titans, Sec. 4.1)"),
         )
-    if st.kind in ("linear", "mlp"):
-        return "fast", "cluster", _CLUSTER_DETAIL
-    raise CompileError(f"{where}: {st.kind} memory with {describe(rules)} has no lowering yet")
+    return "fast", "cluster", _CLUSTER_DETAIL
+
+
+def _loop_reasons(spec: GraphSpec, lv: Level) -> list[str]:
+    """Why a matrix/MLP memory has no fast lowering (empty: it has one); CompileError for a
+    rule chain with no meaning inside a sequence learner."""
+    where = f"level {lv.name!r}"
+    rules, f = lv.optimizer, lv.frequency
+    if not rules:
+        raise CompileError(f"{where}: a memory needs an inner optimizer, e.g. optimizer=gd(lr=0.1)")
+    for r in rules:
+        if isinstance(r, Follow | Exact):
+            raise CompileError(
+                f"{where}: the rule {r} has no meaning for an in-context memory (follow() reads "
+                "another level's state, which a sequence learner does not expose; exact() is "
+                "the non-parametric solution); use gd/dgd/ema, weight_decay, precondition or "
+                "orthogonalize"
+            )
+    reasons = []
+    period_one = f.period_tokens(spec.chunk_of(lv)) == 1 and f.offset == 0
+    if not period_one:
+        if any(isinstance(r, DGD) for r in rules):
+            raise CompileError(
+                f"{where}: dgd with an update every {f.period_tokens(spec.chunk_of(lv))} tokens "
+                "is ambiguous (whose input decays the state?); use gd, or update every token"
+            )
+        reasons.append(f"it updates {f} (the kernels update at every token)")
+    if len(rules) != 1 or not isinstance(rules[0], GD | DGD):
+        reasons.append(f"its inner optimizer {describe(rules)} is not one gd or dgd rule")
+    elif isinstance(rules[0], GD) and rules[0].nesterov:
+        reasons.append("the kernels have no Nesterov momentum")
+    return reasons
+
+
+def _loop_detail(lv: Level, reasons: list[str]) -> str:
+    steps = " -> ".join(
+        f"GD(lr=1-{r.beta})" if isinstance(r, EMA) else str(r) for r in lv.optimizer
+    )
+    return f"token loop: g = autograd of {lv.objective} at the chunk-start state; {steps}"
 
 
 _CLUSTER_DETAIL = (
@@ -205,12 +258,19 @@ def _reads(lv: Level, named: dict) -> tuple[str, ...]:
 def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> Plan:
     levels: dict[str, LevelPlan] = {}
     for lv in spec.levels:
-        role, lowering, detail = _classify(spec, lv)
+        role, lowering, detail, *why = _classify(spec, lv)
         chunk = spec.chunk_of(lv)
         if lowering == "boundary":
             chunk = lv.frequency.period_tokens(chunk) or chunk
         levels[lv.name] = LevelPlan(
-            lv.name, role, lowering, chunk, str(lv.frequency), _reads(lv, spec.flows), detail
+            lv.name,
+            role,
+            lowering,
+            chunk,
+            str(lv.frequency),
+            _reads(lv, spec.flows),
+            detail,
+            *why,
         )
     # A memory may consume another memory's read-outs: stacked memories run one after the other
     # over the whole sequence. Memories that read themselves or each other inside their updates
@@ -238,7 +298,8 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
             if lp.lowering not in ("cluster", "deep_memory", "linear_memory"):
                 raise CompileError(
                     f"level {n!r} ({lp.lowering}) reads the memories {members} inside its update; "
-                    "only matrix and MLP memories can run as one recurrent cluster"
+                    "only matrix and MLP memories with one gd or dgd rule, updated every token, "
+                    "can run as one recurrent cluster"
                 )
             levels[n] = LevelPlan(n, "fast", "cluster", lp.chunk, lp.frequency, lp.reads,
                                   _CLUSTER_DETAIL)  # fmt: skip
@@ -256,6 +317,16 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
     order = slow + ordered
     plan = Plan(spec, dims, levels, order, tiers(spec), backend, sorted(clusters))
     plan.check()
+    for n in plan.order:
+        lp = plan.levels[n]
+        if lp.lowering == "reference_loop":
+            warnings.warn(
+                ReferenceLoopWarning(
+                    f"level {n!r} has no fast lowering ({lp.why}); it runs as the reference loop, "
+                    "token by token with autograd for its inner gradient: exact, but slow"
+                ),
+                stacklevel=3,
+            )
     if os.environ.get("NLGRAPH_DEBUG", "0") >= "2":
         print(plan)
     return plan

@@ -67,6 +67,10 @@ class MemoryCfg:
     dampen: bool = False  # DGD momentum averages gradient terms (S <- mu S - (1-mu) lr' g)
     p: float | None = None  # the lp objective's exponent
     custom: str | None = None  # the custom objective's import path
+    # reference_loop only: the rule chain, one static tuple per rule (see _rule_cfg), and the
+    # update schedule (unit, every, offset) on the token clock
+    rules: tuple = ()
+    schedule: tuple = ("token", 1, 0)
 
 
 @dataclass
@@ -103,6 +107,29 @@ def _scalar(lv: Level, name: str, value: Any, add_arg) -> ScalarCfg:
     if isinstance(value, Signal):
         return ("signal", add_arg(value.flow), value.act, value.scale)
     raise CompileError(f"level {lv.name!r}: unsupported scalar {value!r}")  # pragma: no cover
+
+
+def _rule_cfg(lv: Level, rule: Any, arg) -> tuple:
+    """One rule of a reference-loop chain as static data; ``arg(flow)`` adds a per-token input
+    and returns its position. Learned scalars are keyed ``<level>__<field>``."""
+
+    def sc(name: str) -> ScalarCfg:
+        return _scalar(lv, name, getattr(rule, name), arg)
+
+    kind = rule.rule
+    if kind == "gd":
+        return ("gd", sc("lr"), sc("momentum"), sc("retain"), rule.nesterov)
+    if kind == "dgd":
+        return ("dgd", sc("lr"), sc("momentum"), sc("retain"), rule.exact, rule.dampen)
+    if kind == "ema":
+        return ("ema", sc("beta"))
+    if kind == "weight_decay":
+        return ("weight_decay", sc("rate"))
+    if kind == "precondition":
+        return ("precondition", arg(rule.by), rule.power, rule.eps)
+    if kind == "newton_schulz":
+        return ("newton_schulz", rule.steps, rule.variant)
+    raise CompileError(f"level {lv.name!r}: rule {rule} has no reference loop")  # pragma: no cover
 
 
 class _Lowering:
@@ -171,12 +198,12 @@ class _Builder(_Lowering):
                 self.truncated[d.dst] = d.mode.k
         for dst in (*self.stop_grad, *self.truncated):
             lowering = plan.levels[dst].lowering
-            if lowering not in ("linear_memory", "deep_memory", "attention") or (
-                dst in self.truncated and lowering == "attention"
-            ):
+            if lowering == "parameter":
                 raise CompileError(
-                    f"level {dst!r} ({lowering}): stop_grad/truncated edges into it are not "
-                    "supported yet; they apply to linear and deep memories"
+                    f"level {dst!r} (parameter): stop_grad/truncated edges declare how a "
+                    "faster level's inner updates are differentiated; a level trained by the "
+                    "outer optimizer has none (detach its input with a stop_grad edge into the "
+                    "memory that reads it instead)"
                 )
 
     def flow_for(self, dst: str, flow: FlowBase) -> int:
@@ -200,8 +227,8 @@ class _Builder(_Lowering):
                 if kind == "param":
                     raise CompileError(f"{f.level!r} is a tensor, not a module to read")
                 return self.add(kind, (self.flow(f.arg),), (f.level,))
-            if lp.lowering == "boundary":
-                return self.add("block", (self.flow(f.arg),), (f.level,))
+            if lp.lowering == "boundary":  # its input, detached along stop_grad edges into it
+                return self.add("block", (self.flow_for(f.level, f.arg),), (f.level,))
             if f.level in self.cluster_of:
                 return self._cluster_read(f)
             return self._memory_read(f)
@@ -236,17 +263,21 @@ class _Builder(_Lowering):
             qnorms.append(qn)
         if len({r.at for r in reads}) > 1:
             raise CompileError(f"level {lv.name!r} is read both before and after its update")
-        rule = lv.optimizer[0]
+        lowering = self.plan.levels[lv.name].lowering
+        loop = lowering == "reference_loop"
+        rule = None if loop else lv.optimizer[0]
+        rules = tuple(_rule_cfg(lv, r, arg) for r in lv.optimizer) if loop else ()
+        freq = lv.frequency
         st = lv.state
         cfg = MemoryCfg(
             name=lv.name,
-            lowering=self.plan.levels[lv.name].lowering,
+            lowering=lowering,
             heads=lv.heads,
             key_norm=kn,
             value_norm=vn,
             query_norms=tuple(qnorms),
             read_after=not reads or reads[0].at == "new",
-            rule=rule.rule,
+            rule="chain" if loop else rule.rule,
             exact=getattr(rule, "exact", False),
             dampen=getattr(rule, "dampen", False),
             objective=lv.objective.kind,
@@ -264,6 +295,8 @@ class _Builder(_Lowering):
             truncate=self.truncated[lv.name] * self.plan.levels[lv.name].chunk
             if lv.name in self.truncated
             else None,
+            rules=rules,
+            schedule=(freq.unit, freq.every, freq.offset),
         )
         return cfg, args
 
@@ -295,6 +328,7 @@ class _Builder(_Lowering):
         c = ClusterCfg(cid, names)
         members = set(names)
         w = _WindowBuilder(self, c, members)
+        memos: dict[frozenset[str], dict] = {}
         for n in names:
             lv = self.spec.level(n)
             reads = memory_reads(self.spec, n)
@@ -305,16 +339,48 @@ class _Builder(_Lowering):
                         "recurrent cluster, whose reads see the chunk-start state; read it "
                         "at='prev'"
                     )
-            args: list[int] = []
-            cfg, args = self._memory_cfg(lv, [], w.flow)
+            # stop_grad edges into a member detach their source in the flows computed over the
+            # whole sequence before the windows (projections of the input, ...); a source read
+            # inside the window program (another member, or a module applied to a member's
+            # read-out) would need a detach there, which the cluster runtime does not have.
+            cut = self.stop_grad.get(n, frozenset())
+            outer, self.detach = self.detach, cut
+            w.flow_memo = memos.setdefault(cut, {})  # a flow's node depends on what is cut
+            try:
+                cfg, args = self._memory_cfg(lv, [], w.flow)
+                c.reads[n] = [w.flow(r) for r in reads]
+            finally:
+                self.detach = outer
+            inside = _window_levels(w.nodes, [*args, *c.reads[n]])
+            if cut & (inside | members):
+                bad = sorted(cut & (inside | members))
+                raise CompileError(
+                    f"level {n!r} (cluster): stop_grad edges from {bad} into it are not "
+                    "supported: that source is evaluated inside the cluster's window program, "
+                    "at the chunk-start states of its memories; only sources computed before "
+                    "the windows (e.g. projections of the input) can be detached"
+                )
             c.members[n] = cfg
             c.member_args[n] = tuple(args)
-            c.reads[n] = [w.flow(r) for r in reads]
         c.read_flows = {n: memory_reads(self.spec, n) for n in names}  # type: ignore[attr-defined]
         c.nodes = w.nodes
         c.inputs = w.inputs
         self.clusters[cid] = c
         self.mem_nodes[f"cluster{cid}"] = self.add("cluster", tuple(c.inputs), (cid,))
+
+
+def _window_levels(nodes: list[Node], roots: list[int]) -> set[str]:
+    """Levels read inside a window program by the nodes ``roots`` depend on."""
+    seen, todo, out = set(), list(roots), set()
+    while todo:
+        i = todo.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        if nodes[i].op in ("slow", "visible"):
+            out.add(nodes[i].attrs[0])
+        todo.extend(nodes[i].args)
+    return out
 
 
 class _WindowBuilder(_Lowering):

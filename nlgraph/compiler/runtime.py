@@ -72,6 +72,19 @@ class CompiledLearner(nn.Module):
         self._program = namespace["forward_program"]
         self._compiled: Any = None  # torch.compile of the program, when asked for
         self.writes = True  # False: read every memory at its state, update none
+        # Differentiation of edges into blocks and into the initial states of memories:
+        # truncated(k) into a block detaches its parameters after every k-th of its updates;
+        # stop_grad from the level that meta-learns an initial state (init=meta(src)) stops
+        # the meta-gradient into that initial state.
+        self._block_truncate: dict[str, int] = {}
+        self._init_cut: set[str] = set()
+        for d in self.spec.diff:
+            lp = plan.levels[d.dst]
+            if d.mode.mode == "truncated" and lp.lowering == "boundary":
+                self._block_truncate[d.dst] = d.mode.k
+            init = self.spec.level(d.dst).init
+            if d.mode.mode == "stop_grad" and init.kind == "meta" and init.level == d.src:
+                self._init_cut.add(d.dst)
         # The outer clock: outer steps taken so far (saved with the state_dict).
         self.register_buffer("clock", torch.zeros((), dtype=torch.long))
 
@@ -159,16 +172,22 @@ class CompiledLearner(nn.Module):
 
     def _scalar_params(self, lv: Level) -> None:
         for rule in lv.optimizer:
-            for sname in ("lr", "momentum", "retain"):
+            for sname in ("lr", "momentum", "retain", "beta", "rate"):
                 value = getattr(rule, sname, None)
                 if isinstance(value, Learned):
-                    self.scalars[f"{_key(lv.name)}__{sname}"] = nn.Parameter(
-                        torch.tensor(_inverse_bound(value))
-                    )
+                    k = f"{_key(lv.name)}__{sname}"
+                    if k in self.scalars:
+                        raise CompileError(
+                            f"level {lv.name!r}: two rules learn a {sname!r}; learned scalars "
+                            "are named by level and field, so give one of them a constant"
+                        )
+                    self.scalars[k] = nn.Parameter(torch.tensor(_inverse_bound(value)))
 
     def _initial(self, level: str, wname: str) -> torch.Tensor:
         k = f"{_key(level)}__{wname}"
-        return self.meta[k] if k in self.meta else getattr(self, k)
+        if k not in self.meta:
+            return getattr(self, k)
+        return self.meta[k].detach() if level in self._init_cut else self.meta[k]
 
     # ------------------------------------------------------------------------------ running
     def forward(
@@ -208,7 +227,7 @@ class CompiledLearner(nn.Module):
                   if self.plan.levels[n].lowering == "boundary"]  # fmt: skip
         for lv in blocks:
             if lv.name not in state:
-                state[lv.name] = boundary.initial(self.blocks[_key(lv.name)], B)
+                state[lv.name] = self._block_initial(lv.name, B)
         if not blocks or loss_fn is None or not writes:
             outputs, state = self._piece(inputs, state)
             if loss_fn is not None:
@@ -227,10 +246,13 @@ class CompiledLearner(nn.Module):
                 updated = boundary.accumulate_and_update(
                     loss, blocks, state, periods, rates, end - start, differentiable
                 )
+                for name, k in self._block_truncate.items():
+                    if name in updated and state[name]["updates"] % k == 0:
+                        state[name] = boundary.truncate(state[name])
                 for lv in blocks:  # nested CMS: a block restarts when its parent's chunk ends
                     rs = lv.effective_reset()
                     if rs.kind == "with" and rs.level in updated:
-                        fresh = boundary.initial(self.blocks[_key(lv.name)], B)
+                        fresh = self._block_initial(lv.name, B)
                         state[lv.name] = {**fresh, "phase": state[lv.name]["phase"]}
                 pieces.append(outs)
                 total = total + loss
@@ -246,6 +268,9 @@ class CompiledLearner(nn.Module):
         outputs = (self._compiled or self._program)(self, inputs, state, new)
         return outputs, new
 
+    def _block_initial(self, name: str, batch: int) -> dict[str, Any]:
+        return boundary.initial(self.blocks[_key(name)], batch, detach=name in self._init_cut)
+
     # Called by the generated program ------------------------------------------------------
     def _conv(self, level: str, x: torch.Tensor, state: dict, new_state: dict) -> torch.Tensor:
         # a convolution's last inputs are fast state across segments
@@ -260,9 +285,33 @@ class CompiledLearner(nn.Module):
         return outs
 
     def _cluster(self, cid: int, inputs: tuple, state: dict, new_state: dict) -> dict:
+        """Run a cluster; a member with truncated(k) edges has its carried state detached every
+        ``k`` of its chunks (counted from the start of the call, as for memories): the
+        sequence runs as segments with carried state, which equal one pass."""
         from nlgraph.compiler.cluster import run_cluster
+        from nlgraph.compiler.memory import detach_state
 
-        return run_cluster(self, self.program.clusters[cid], inputs, state, new_state)
+        c = self.program.clusters[cid]
+        every = {n: m.truncate for n, m in c.members.items() if m.truncate is not None}
+        T = inputs[0].shape[1]
+        cuts = sorted({T, *(t for k in every.values() for t in range(k, T, k))})
+        if not self.writes or len(cuts) == 1:
+            return run_cluster(self, c, inputs, state, new_state)
+        pieces: list[dict] = []
+        carried = {n: state.get(n) for n in c.names}
+        for s, e in zip([0, *cuts[:-1]], cuts, strict=True):
+            for n, k in every.items():
+                if s > 0 and s % k == 0:
+                    carried[n] = detach_state(carried[n])
+            out_state: dict[str, Any] = {}
+            pieces.append(run_cluster(self, c, tuple(a[:, s:e] for a in inputs), carried,
+                                      out_state))  # fmt: skip
+            carried = {n: out_state[n] for n in c.names}
+        new_state.update(carried)
+        return {
+            n: tuple(torch.cat([p[n][i] for p in pieces], dim=1) for i in range(len(pieces[0][n])))
+            for n in c.names
+        }
 
     def _block_rates(self, lv: Level) -> tuple[Any, Any]:
         rule = lv.optimizer[0]

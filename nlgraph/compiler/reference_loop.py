@@ -1,0 +1,241 @@
+"""The reference loop: an in-context memory that no kernel covers, run as the plain interpreter of
+its spec (DESIGN.md 5, "anything else").
+
+A matrix or MLP memory whose inner optimizer is a chain of rules (Newton–Schulz, preconditioning,
+weight decay, EMA, several GD steps), uses Nesterov momentum, or updates less often than every
+token runs here, token by token. Per token ``t`` (counted from the start of the sequence):
+
+    g_t = autograd of the objective l(M; k_t, v_t) at the visible state M_vis
+    acc += g_t                                      (the gradients since the last update)
+    at an update tick of the level's frequency:     d = acc; acc = 0
+        for each rule, in order:  weight_decay:  M <- (1 - rate) M
+                                  precondition:  d <- d / (by_t ** power + eps)
+                                  newton_schulz: d <- NS(d) (per head and layer, Muon's)
+                                  gd / ema:      S <- mu S - lr d;  M <- a M + S   (or a M - lr d;
+                                                 Nesterov: M <- a M + mu S - lr d; ema: lr = 1-beta)
+                                  dgd:           M <- M (a I - lr' x x^T) - lr' d  (+ momentum)
+    at the end of each chunk of ``chunk`` tokens:  M_vis <- M
+
+With ``chunk = 1`` that is the exact token recurrence; a larger chunk takes every gradient of a
+chunk at its start state, as the chunked lowerings do (PAPER.md 4.5). Reads ``at="new"`` see the
+state after the token's update, reads ``at="prev"`` the visible state. Per-token scalars (rates,
+the preconditioner) are read at the update's token. The objective is summed over the batch, so
+one autograd call gives every sample's gradient (samples never mix); the gradient is taken with
+``create_graph`` whenever gradients are enabled, so meta-gradients flow through every update.
+
+The state ``{"running", "visible", "acc", "buffers", "tokens"}`` is explicit and per sample, so
+segments with carried state equal one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nlgraph.compiler.memory import SIGNAL_ACT, bounded, heads
+from nlgraph.compiler.modules import ACT
+from nlgraph.compiler.program import MemoryCfg
+
+__all__ = ["run_reference_loop", "newton_schulz"]
+
+
+def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
+    """``(read-outs [B, T, H * dv] in read order, final state)`` of one memory over ``args``
+    (key, value, queries, then its per-token signals, all ``[B, T, ...]``)."""
+    H = cfg.heads
+    k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
+    queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]
+    B, T = k.shape[0], k.shape[1]
+    st = prev if prev is not None else _initial(learner, cfg, B)
+    if not learner.writes:  # read-only: every read at the state the segment starts from
+        outs = tuple(_mlp(cfg, st["running"], q)[0].reshape(B, T, -1) for q in queries)
+        return outs, prev
+    running, visible = list(st["running"]), list(st["visible"])
+    acc, bufs, t0 = st["acc"], dict(st["buffers"]), st["tokens"]
+    scalars = [_rule_scalars(learner, cfg, r, args, k) for r in cfg.rules]
+    reads: list[list[torch.Tensor]] = [[] for _ in queries]
+    for t in range(T):
+        tick = t0 + t + 1
+        if not cfg.read_after:
+            for i, q in enumerate(queries):
+                reads[i].append(_mlp(cfg, visible, q[:, t : t + 1])[0])
+        g, inputs = _inner_grad(cfg, visible, k[:, t : t + 1], v[:, t : t + 1])
+        acc = g if acc is None else [a + b for a, b in zip(acc, g, strict=True)]
+        if _updates_at(cfg.schedule, cfg.chunk, tick):
+            running, bufs = _step(cfg, running, acc, bufs, scalars, inputs, t)
+            acc = None
+        if tick % cfg.chunk == 0:
+            visible = list(running)
+        if cfg.read_after:
+            for i, q in enumerate(queries):
+                reads[i].append(_mlp(cfg, running, q[:, t : t + 1])[0])
+    outs = tuple(torch.cat(r, dim=1).reshape(B, T, -1) for r in reads)
+    state = {"running": running, "visible": visible, "acc": acc, "buffers": bufs,
+             "tokens": t0 + T}  # fmt: skip
+    return outs, state
+
+
+def _initial(learner: Any, cfg: MemoryCfg, B: int) -> dict[str, Any]:
+    # layers in application order (W_L first ... W_1, the output layer, last), [B, H, out, in]
+    ws = [learner._initial(cfg.name, f"W{cfg.depth - i}") for i in range(cfg.depth)]
+    ws = [w.unsqueeze(0).expand(B, *w.shape) for w in ws]
+    return {"running": ws, "visible": ws, "acc": None, "buffers": {}, "tokens": 0}
+
+
+def _updates_at(schedule: tuple, chunk: int, tick: int) -> bool:
+    """Whether the level updates at token ``tick`` (``nlgraph.clock.Frequency.updates_at`` on
+    its unit: token ticks, or chunk ticks at the chunks' last tokens)."""
+    unit, every, offset = schedule
+    if unit == "chunk":
+        if tick % chunk:
+            return False
+        tick //= chunk
+    return (tick - offset) % every == 0 and tick >= max(offset, 1)
+
+
+def _mlp(cfg: MemoryCfg, ws: list[torch.Tensor], x: torch.Tensor):
+    """The memory's read-out ``[B, 1, H, dv]`` of ``x [B, 1, H, dk]`` and each layer's input."""
+    h, inputs = x, []
+    for i, w in enumerate(ws):
+        inputs.append(h)
+        h = torch.einsum("bhoi,bchi->bcho", w, h)
+        if i < len(ws) - 1:
+            h = ACT[cfg.activation](h)
+    return (x + h if cfg.residual else h), inputs
+
+
+def _objective(cfg: MemoryCfg, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The declared objective summed over the batch and heads (nlgraph.objectives signs)."""
+    if cfg.objective == "dot":
+        return -(out * v).sum()
+    if cfg.objective == "l2":
+        return 0.5 * ((out - v) ** 2).sum()
+    if cfg.objective == "lp":
+        return ((out - v).abs() ** cfg.p).sum() / cfg.p
+    from nlgraph.library import resolve
+
+    return resolve(cfg.custom)(out, v).sum()
+
+
+def _inner_grad(cfg: MemoryCfg, ws: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor):
+    """Autograd of the objective w.r.t. each layer at ``ws``, and each layer's input there."""
+    meta = torch.is_grad_enabled()  # differentiate through the inner gradient (meta-gradients)
+    with torch.enable_grad():
+        # a state outside the graph (a buffer, or under no_grad) becomes a leaf of its own
+        leaves = [w if w.requires_grad else w.detach().requires_grad_() for w in ws]
+        out, inputs = _mlp(cfg, leaves, k)
+        grads = torch.autograd.grad(
+            _objective(cfg, out, v), leaves, create_graph=meta, allow_unused=True
+        )
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(ws, grads, strict=True)]
+    if not meta:
+        inputs = [x.detach() for x in inputs]
+    return grads, inputs
+
+
+def _scalar(learner: Any, cfg: MemoryCfg, spec: tuple, args: tuple, like: torch.Tensor) -> Any:
+    """A rule's scalar: None, a float, a learned scalar tensor, or a ``[B, T, H]`` signal."""
+    kind = spec[0]
+    if kind == "none":
+        return None
+    if kind == "const":
+        return spec[1]
+    if kind == "learned":
+        return bounded(learner.scalars[spec[1]], spec[2], spec[3]).to(like.dtype)
+    return _per_head(cfg, SIGNAL_ACT[spec[2]](args[spec[1]]) * spec[3], like)
+
+
+def _per_head(cfg: MemoryCfg, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    from nlgraph._errors import CompileError
+
+    H = cfg.heads
+    if x.shape[-1] not in (1, H):
+        raise CompileError(
+            f"level {cfg.name!r}: a per-token scalar of its rules has width {x.shape[-1]}; "
+            f"expected 1 or heads={H}"
+        )
+    return x.expand(like.shape[0], like.shape[1], H)
+
+
+def _rule_scalars(learner: Any, cfg: MemoryCfg, rule: tuple, args: tuple, like) -> dict:
+    kind = rule[0]
+    if kind in ("gd", "dgd"):
+        names = ("lr", "momentum", "retain")
+        return {
+            n: _scalar(learner, cfg, s, args, like) for n, s in zip(names, rule[1:4], strict=True)
+        }
+    if kind == "ema":
+        return {"beta": _scalar(learner, cfg, rule[1], args, like)}
+    if kind == "weight_decay":
+        return {"rate": _scalar(learner, cfg, rule[1], args, like)}
+    if kind == "precondition":
+        return {"by": _per_head(cfg, args[rule[1]], like)}
+    return {}
+
+
+def _at(x: Any, t: int) -> Any:
+    """A scalar at token ``t``, shaped to scale ``[B, H, out, in]`` weights."""
+    return x[:, t, :, None, None] if isinstance(x, torch.Tensor) and x.dim() == 3 else x
+
+
+def _step(cfg, running, d, bufs, scalars, inputs, t):
+    """Apply the rule chain once: returns the new weights and momentum buffers."""
+    s, bufs = list(running), dict(bufs)
+    for i, (rule, sc) in enumerate(zip(cfg.rules, scalars, strict=True)):
+        kind = rule[0]
+        if kind == "weight_decay":
+            s = [(1 - _at(sc["rate"], t)) * w for w in s]
+        elif kind == "precondition":
+            by = _at(sc["by"], t)
+            d = [g / (by ** rule[2] + rule[3]) for g in d]
+        elif kind == "newton_schulz":
+            d = [newton_schulz(g, rule[1], rule[2]) for g in d]
+        elif kind in ("gd", "ema"):
+            lr = 1 - _at(sc["beta"], t) if kind == "ema" else _at(sc["lr"], t)
+            mu = None if kind == "ema" else _at(sc["momentum"], t)
+            a = 1.0 if kind == "ema" or sc["retain"] is None else _at(sc["retain"], t)
+            if mu is None:
+                s = [a * w - lr * g for w, g in zip(s, d, strict=True)]
+            else:
+                old = bufs.get(str(i)) or [torch.zeros_like(g) for g in d]
+                buf = [mu * b - lr * g for b, g in zip(old, d, strict=True)]
+                bufs[str(i)] = buf
+                look = [mu * b - lr * g for b, g in zip(buf, d, strict=True)] if rule[4] else buf
+                s = [a * w + u for w, u in zip(s, look, strict=True)]
+        else:  # dgd, per layer with that layer's input x (PAPER.md 3.1, Eq. 88)
+            lr, mu = _at(sc["lr"], t), _at(sc["momentum"], t)
+            a = 1.0 if sc["retain"] is None else _at(sc["retain"], t)
+            old = bufs.get(str(i)) or [torch.zeros_like(g) for g in d]
+            new_s, buf = [], []
+            for w, g, x, b in zip(s, d, inputs, old, strict=True):
+                x = x[:, 0]  # [B, H, in]
+                step = lr / (1 + lr * (x * x).sum(-1)[..., None, None]) if rule[4] else lr
+                decayed = a * w - step * torch.einsum("bho,bhi->bhoi", torch.einsum(
+                    "bhoi,bhi->bho", w, x), x)  # fmt: skip
+                if mu is None:
+                    new_s.append(decayed - step * g)
+                else:
+                    b = mu * b - ((1 - mu) if rule[5] else 1.0) * step * g
+                    buf.append(b)
+                    new_s.append(decayed + b)
+            s = new_s
+            if mu is not None:
+                bufs[str(i)] = buf
+    return s, bufs
+
+
+def newton_schulz(x: torch.Tensor, steps: int, variant: str) -> torch.Tensor:
+    """Orthogonalise each matrix of ``x [..., out, in]`` as Muon does (PAPER.md 2.5): scale to
+    unit Frobenius norm, then ``steps`` cubic or quintic Newton–Schulz iterations on the wide
+    orientation (the same map as :func:`nlgraph.compiler.optim_ops.newton_schulz` per matrix)."""
+    tall = x.shape[-2] > x.shape[-1]
+    o = x.transpose(-1, -2) if tall else x
+    o = o / torch.linalg.matrix_norm(o, keepdim=True).clamp_min(1e-7)
+    for _ in range(steps):
+        gram = o @ o.transpose(-1, -2)
+        if variant == "cubic":
+            o = 1.5 * o - 0.5 * gram @ o
+        else:
+            o = 3.4445 * o + (-4.7750 * gram + 2.0315 * gram @ gram) @ o
+    return o.transpose(-1, -2) if tall else o
