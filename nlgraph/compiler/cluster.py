@@ -35,6 +35,7 @@ from nlgraph.compiler.memory import backend_of, gate, heads
 from nlgraph.compiler.modules import ACT
 from nlgraph.compiler.ops import BINARY, UNARY
 from nlgraph.compiler.program import key
+from nlgraph.kernels import _dispatch
 from nlgraph.kernels.linear_memory import linear_memory
 from nlgraph.kernels.momentum_memory import momentum_memory, momentum_memory_naive
 
@@ -216,7 +217,7 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
         if group[0]["mu"] is None:
             _, w = linear_memory(
                 x, x, -d, retain, decay, step, initial_state=w, read="after",
-                chunk_size=max(1, x.shape[1]), backend=backend,
+                chunk_size=max(1, x.shape[1]), backend=_dispatch.for_op("linear_memory", backend),
             )  # fmt: skip
             s_buf = None
         else:
@@ -225,7 +226,9 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
             if backend == "reference":
                 w, s_buf = momentum_memory_naive(*args)
             else:
-                w, s_buf = momentum_memory(*args, backend=backend)
+                w, s_buf = momentum_memory(
+                    *args, backend=_dispatch.for_op("momentum_memory", backend)
+                )
         for j, w_j, s_j in zip(group, w.split(sizes, dim=1),
                                [None] * len(group) if s_buf is None else s_buf.split(sizes, dim=1),
                                strict=True):  # fmt: skip

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
 from nlgraph.compiler.program import MemoryCfg
+from nlgraph.kernels import _dispatch
 
 __all__ = [
     "heads", "gate", "bounded", "backend_of", "run_memory", "attention", "detach_state",
@@ -61,9 +62,12 @@ def gate(learner: Any, cfg: MemoryCfg, which: str, args: tuple, like: torch.Tens
     return x.expand(B, T, H)
 
 
-def backend_of(learner: Any) -> str:
+def backend_of(learner: Any, op: str | None = None) -> str:
+    """The learner's backend (``NLGRAPH_BACKEND`` wins), as kernel ``op`` takes it: ``auto``
+    passes through (each kernel picks by device), ``triton`` falls back to ``chunk`` for ops
+    without a Triton kernel."""
     forced = os.environ.get("NLGRAPH_BACKEND") or learner.backend
-    return "chunk" if forced == "auto" else forced
+    return forced if op is None else _dispatch.for_op(op, forced)
 
 
 def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
@@ -136,10 +140,10 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
     if cfg.lowering == "attention":
         outs, final = [], prev
         for q in queries:
-            o, final = attention(cfg, q, k, v, prev, learner.backend)
+            o, final = attention(cfg, q, k, v, prev, backend_of(learner, "attention"))
             outs.append(o.reshape(B, T, -1))
         if not queries:
-            final = attention(cfg, k, k, v, prev, learner.backend)[1]
+            final = attention(cfg, k, k, v, prev, backend_of(learner, "attention"))[1]
         return tuple(outs), final
     lr = gate(learner, cfg, "lr", args, k)
     retain = gate(learner, cfg, "retain", args, k)
@@ -161,7 +165,7 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
         q = queries[0] if queries else k
         o, final = linear_memory(
             q, k, v, retain, b, c, initial_state=m0, read="after" if cfg.read_after else "before",
-            chunk_size=cfg.chunk, backend=learner.backend,
+            chunk_size=cfg.chunk, backend=backend_of(learner, "linear_memory"),
         )  # fmt: skip
         return (o.reshape(B, T, -1),), final
     from nlgraph.kernels.deep_memory import deep_memory
@@ -176,7 +180,8 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
         y, final = deep_memory(
             q, k, v, lr_k, mom, forget, params0=params0, state=prev, chunk_size=cfg.chunk,
             read="after" if cfg.read_after else "chunk_start", objective=cfg.objective,
-            activation=cfg.activation, residual=cfg.residual, backend=learner.backend,
+            activation=cfg.activation, residual=cfg.residual,
+            backend=backend_of(learner, "deep_memory"),
         )  # fmt: skip
         outs.append(y.reshape(B, T, -1))
     return tuple(outs[: len(queries)]), final

@@ -19,7 +19,7 @@ from typing import Any
 
 from nlgraph._errors import BackendUnavailableError
 
-__all__ = ["BACKENDS", "register", "get", "available", "resolve_backend"]
+__all__ = ["BACKENDS", "register", "get", "available", "resolve_backend", "for_op"]
 
 log = logging.getLogger("nlgraph.kernels")
 
@@ -85,6 +85,14 @@ def resolve_backend(op: str, backend: str = "auto", device: Any = None) -> str:
             f"the {backend!r} backend of op {op!r} is not available here "
             f"(available: {available(op)}); use backend='auto' or install what it needs"
         )
+    return backend
+
+
+def for_op(op: str, backend: str) -> str:
+    """A learner-wide backend applied to one op: ``"triton"`` means the op's Triton kernel where
+    it has one and its chunked form otherwise; every other name passes through unchanged."""
+    if backend == "triton" and "triton" not in _REGISTRY.get(op, {}):
+        return "chunk"
     return backend
 
 
