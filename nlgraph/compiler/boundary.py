@@ -31,8 +31,11 @@ def initial(module: nn.Module, batch: int, detach: bool = False) -> dict[str, An
     """Fresh per-sample state: parameters broadcast over the batch, empty accumulator.
     ``detach``: the initial parameters take no gradient (a stop_grad edge from the level that
     meta-learns them)."""
-    theta = [p.detach() if detach else p for p in module.parameters()]
-    theta = [_live(t.unsqueeze(0).expand(batch, *t.shape)) for t in theta]
+    # With grad mode on even under torch.no_grad(): a view of a parameter made in no-grad mode
+    # claims requires_grad but is cut from the graph, and the first chunk would learn nothing.
+    with torch.enable_grad():
+        theta = [p.detach() if detach else p for p in module.parameters()]
+        theta = [_live(t.unsqueeze(0).expand(batch, *t.shape)) for t in theta]
     return {"theta": theta, "acc": [torch.zeros_like(t) for t in theta], "phase": 0, "updates": 0}
 
 
@@ -87,13 +90,19 @@ def accumulate_and_update(
     rates: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]],
     n_tokens: int,
     create_graph: bool,
+    grads: list[torch.Tensor | None] | None = None,
 ) -> list[str]:
     """Add this piece's gradients to each block's accumulator; apply the update of every block
-    whose chunk ends here. Returns the names of the blocks that updated."""
+    whose chunk ends here. Returns the names of the blocks that updated.
+
+    ``grads``: the gradients of ``loss`` with respect to every block's parameters (in level
+    order), when the caller took them already (the functional piece step); else they are taken
+    here with ``torch.autograd.grad``."""
     flat = [t for lv in levels for t in states[lv.name]["theta"]]
-    grads = torch.autograd.grad(
-        loss, flat, create_graph=create_graph, retain_graph=True, allow_unused=True
-    )
+    if grads is None:
+        grads = torch.autograd.grad(
+            loss, flat, create_graph=create_graph, retain_graph=True, allow_unused=True
+        )
     updated, i = [], 0
     for lv in levels:
         st = states[lv.name]

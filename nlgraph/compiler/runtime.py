@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph._errors import CompileError
 from nlgraph.compiler import boundary
@@ -71,6 +72,10 @@ class CompiledLearner(nn.Module):
         exec(compile(self.program.source, f"<nlgraph {self.spec.name}>", "exec"), namespace)  # noqa: S102
         self._program = namespace["forward_program"]
         self._compiled: Any = None  # torch.compile of the program, when asked for
+        self._compiled_step: Any = None  # and of the functional piece step (CMS blocks)
+        # Run pieces of sequences with CMS blocks as one function (program, loss, inner gradient
+        # by torch.func); on whenever the program is compiled.
+        self.functional_pieces = False
         self.writes = True  # False: read every memory at its state, update none
         # Differentiation of edges into blocks and into the initial states of memories:
         # truncated(k) into a block detaches its parameters after every k-th of its updates;
@@ -102,8 +107,14 @@ class CompiledLearner(nn.Module):
         return out
 
     def compile_program(self, **options: Any) -> None:
-        """Run the generated program under ``torch.compile`` (``options`` are passed on)."""
+        """Run the generated program under ``torch.compile`` (``options`` are passed on).
+
+        With CMS blocks learning in the sequence, each piece runs as :meth:`_piece_step` (the
+        program, the piece's loss and its gradient with respect to the blocks' parameters in one
+        compiled function), so meta-gradients need only a first-order backward of it."""
         self._compiled = torch.compile(self._program, **options)
+        self._compiled_step = torch.compile(self._piece_step, **options)
+        self.functional_pieces = True
 
     @property
     def code(self) -> str:
@@ -240,11 +251,24 @@ class CompiledLearner(nn.Module):
         differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
         with torch.enable_grad():  # blocks learn at test time too
             for end in boundary.cut_points(T, periods, phases, every_token):
-                outs, state = self._piece({k: v[:, start:end] for k, v in inputs.items()}, state)
-                loss = loss_fn(outs, start, end)
+                piece = {k: v[:, start:end] for k, v in inputs.items()}
+                grads = None
+                if self.functional_pieces:
+                    step = self._compiled_step or self._piece_step
+                    with torch.set_grad_enabled(differentiable):
+                        outs, state, loss, grads = step(piece, state, start, end, loss_fn)
+                else:
+                    # The inner gradient is the partial derivative at the piece's parameters
+                    # (Eq. 71): fresh aliases keep autograd.grad from also following the paths
+                    # through earlier updates of other blocks, which depend on these parameters.
+                    for lv in blocks:
+                        theta = [t.view_as(t) for t in state[lv.name]["theta"]]
+                        state[lv.name] = {**state[lv.name], "theta": theta}
+                    outs, state = self._piece(piece, state)
+                    loss = loss_fn(outs, start, end)
                 rates = {lv.name: self._block_rates(lv) for lv in blocks}
                 updated = boundary.accumulate_and_update(
-                    loss, blocks, state, periods, rates, end - start, differentiable
+                    loss, blocks, state, periods, rates, end - start, differentiable, grads
                 )
                 for name, k in self._block_truncate.items():
                     if name in updated and state[name]["updates"] % k == 0:
@@ -267,6 +291,44 @@ class CompiledLearner(nn.Module):
         new = dict(state)
         outputs = (self._compiled or self._program)(self, inputs, state, new)
         return outputs, new
+
+    def _piece_step(
+        self,
+        inputs: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        start: int,
+        end: int,
+        loss_fn: Any,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor, list[torch.Tensor]]:
+        """One piece of a sequence with CMS blocks, as one function: its outputs, new state, loss
+        and the loss's gradient with respect to every block's parameters (level order).
+
+        The gradient is ``torch.func.grad_and_value`` of the piece, not ``torch.autograd.grad``
+        after it: under ``torch.compile`` the inner gradient is then part of the traced graph,
+        and the outer backward differentiates that graph once. (Taking it after a compiled
+        piece needs a double backward through the compiled graph, which AOTAutograd refuses.)
+        Outside the grad mode (``torch.no_grad()``) the outer level records nothing."""
+        names = [n for n in self.plan.order if self.plan.levels[n].lowering == "boundary"]
+
+        static: dict[str, Any] = {}  # what the piece returns besides tensors (ints, structure)
+
+        def piece(thetas: list[list[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            st = dict(state)
+            for n, th in zip(names, thetas, strict=True):
+                st[n] = {**state[n], "theta": th}
+            new = dict(st)
+            outs = self._program(self, inputs, st, new)
+            loss = loss_fn(outs, start, end)
+            leaves, static["spec"] = tree_flatten((outs, new))
+            static["leaves"] = [None if torch.is_tensor(x) else x for x in leaves]
+            return loss, [x for x in leaves if torch.is_tensor(x)]
+
+        thetas = [list(state[n]["theta"]) for n in names]
+        grads, (loss, tensors) = torch.func.grad_and_value(piece, has_aux=True)(thetas)
+        it = iter(tensors)
+        leaves = [next(it) if x is None else x for x in static["leaves"]]
+        outs, new = tree_unflatten(leaves, static["spec"])
+        return outs, new, loss, [g for per_block in grads for g in per_block]
 
     def _block_initial(self, name: str, batch: int) -> dict[str, Any]:
         return boundary.initial(self.blocks[_key(name)], batch, detach=name in self._init_cut)

@@ -1,0 +1,100 @@
+"""Pieces of sequences with CMS blocks as one function (program, loss, inner gradient by
+torch.func): equal to the eager pieces, in and out of grad mode, and under torch.compile with
+fullgraph=True — a Hope training step with every write on and meta-gradients through them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch.nn import functional as F
+
+from nlgraph.compiler import compile
+from nlgraph.library import get
+
+
+def _spec():
+    return get("hope", d=16, n_layers=1, heads=2, hidden=32, chunk=4, chunk_mem=8,
+               cms_chunks=(4, 8))  # fmt: skip
+
+
+def _loss(tokens):
+    def loss_fn(out, s, e):
+        tgt = tokens[:, s + 1 : e + 1]
+        logits = out["logits"][:, : tgt.shape[1]]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                               reduction="sum") / tokens.shape[0]  # fmt: skip
+
+    return loss_fn
+
+
+def _step(learner, tokens, grad=True):
+    learner.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(grad):
+        out, state = learner({"tokens": tokens}, None, loss_fn=_loss(tokens))
+    if grad:
+        out["loss"].backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in learner.parameters()]
+    return out["logits"].detach(), out["loss"].detach(), grads, state
+
+
+def test_functional_pieces_equal_eager_pieces():
+    torch.manual_seed(0)
+    eager = compile(_spec(), dtype=torch.float64)
+    func = compile(_spec(), dtype=torch.float64)
+    func.load_state_dict(eager.state_dict())
+    func.functional_pieces = True
+    tokens = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(1))
+    a, b = _step(eager, tokens), _step(func, tokens)
+    # float64: the same inner gradient, taken by autograd.grad on aliases or by torch.func
+    torch.testing.assert_close(b[0], a[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b[1], a[1], rtol=1e-12, atol=1e-12)
+    assert sum(g.abs().sum() for g in a[2]) > 0
+    for gb, ga in zip(b[2], a[2], strict=True):
+        torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-12)
+    for name in ("block0.cms.mlp0", "block0.cms.mlp1"):
+        for tb, ta in zip(b[3][name]["theta"], a[3][name]["theta"], strict=True):
+            torch.testing.assert_close(tb, ta, rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_learn_the_same_with_and_without_grad_mode():
+    """Test-time learning (no grad mode) equals the training forward: every chunk's gradient is
+    taken, the first one too, and it is the partial derivative at the piece's parameters (with
+    grad mode it must not also follow earlier updates of the other blocks)."""
+    torch.manual_seed(0)
+    eager = compile(_spec(), dtype=torch.float64)
+    func = compile(_spec(), dtype=torch.float64)
+    func.load_state_dict(eager.state_dict())
+    func.functional_pieces = True
+    tokens = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(2))
+    with_grad = _step(eager, tokens)
+    for learner in (eager, func):
+        logits, _, _, state = _step(learner, tokens, grad=False)
+        assert not logits.requires_grad
+        torch.testing.assert_close(logits, with_grad[0], rtol=1e-12, atol=1e-12)
+        theta = state["block0.cms.mlp0"]["theta"][0]
+        initial = eager.blocks["block0__cms__mlp0"].layers[0].weight
+        assert (theta - initial).abs().max() > 0, "the block never learned"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["chunk", "triton"])
+def test_hope_training_step_compiles_fullgraph(backend):
+    """The whole training step of a (small) Hope: every piece is one compiled graph with no
+    graph break; the outer backward differentiates through the inner gradients."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = compile(_spec(), backend=backend)
+    fast = compile(_spec(), backend=backend,
+                   torch_compile={"fullgraph": True, "backend": "aot_eager"})  # fmt: skip
+    fast.load_state_dict(eager.state_dict())
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    a, b = _step(eager, tokens), _step(fast, tokens)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-5)
+    for gb, ga in zip(b[2], a[2], strict=True):
+        torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-5)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _step(fast, tokens)  # the second step reuses the graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
