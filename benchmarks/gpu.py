@@ -126,6 +126,7 @@ class Bench:
     tiny: bool
     compile: bool
     budget: float
+    hope_compile: bool = False
     start: float = field(default_factory=time.perf_counter)
     rows: list[Row] = field(default_factory=list)
     work: dict[str, tuple[int, int]] = field(default_factory=dict)  # flops, bytes
@@ -439,14 +440,17 @@ def hope_step(b: Bench) -> None:
             lr.compile_program()
         return lambda: step(lr, tokens, writes)
 
+    skip = "skipped: compiling Hope's piece graph takes minutes (--hope-compile)"
     b.run("hope train step", {
         "reference": (lambda: make("reference")) if b.tiny else "skipped: one piece per token",
-        "chunk": lambda: make("chunk"), "chunk+compile": lambda: make("chunk+compile"),
+        "chunk": lambda: make("chunk"),
+        "chunk+compile": (lambda: make("chunk+compile")) if b.hope_compile else skip,
         "triton": lambda: make("triton"),
     }, check, reps=2 if b.tiny else 5)  # fmt: skip
     b.run("hope read-only step", {
         "chunk": lambda: make("chunk", writes=False),
-        "chunk+compile": lambda: make("chunk+compile", writes=False),
+        "chunk+compile": (lambda: make("chunk+compile", writes=False)) if b.hope_compile
+        else skip,
         "triton": lambda: make("triton", writes=False),
     }, lambda name: 0.0, reps=2 if b.tiny else 5)  # fmt: skip
 
@@ -504,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, Triton's CPU interpreter")
     ap.add_argument("--no-compile", action="store_true", help="skip the chunk+compile rows")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds before rows are skipped")
+    ap.add_argument("--hope-compile", action="store_true",
+                    help="also time Hope under torch.compile (compiles for minutes)")  # fmt: skip
     ap.add_argument("--only", default="", help="comma-separated workloads (delta,titans,momentum,"
                     "optimizer,hope)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the markdown table here")
@@ -512,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda" if _GPU and not args.tiny else "cpu")
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    b = Bench(dev, tiny, compile=not args.no_compile, budget=args.budget)
+    b = Bench(dev, tiny, compile=not args.no_compile, budget=args.budget,
+              hope_compile=args.hope_compile)  # fmt: skip
     print(
         f"device {dev} ({'tiny, interpreter' if tiny else 'full size'}); measuring peaks",
         flush=True,

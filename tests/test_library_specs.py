@@ -225,3 +225,12 @@ def _walk(flow):
     from nlgraph.flows import walk
 
     return walk(flow)
+
+
+def test_cms_with_one_level_takes_an_int():
+    from nlgraph.library import get
+
+    one = get("cms", d=8, chunks=8, hidden=16)
+    same = get("cms", d=8, chunks=(8,), hidden=16)
+    assert one.to_json() == same.to_json()
+    assert list(one.levels) == ["mlp0"]

@@ -51,7 +51,7 @@ def _as_list(x: object) -> object:
 @register("cms", "block")
 def cms(
     d: int = 64,
-    chunks: Sequence[int] = (16, 64, 256),
+    chunks: Sequence[int] | int = (16, 64, 256),
     lrs: float | Sequence[float] = 1e-3,
     hidden: int | None = None,
     variant: str = "sequential",
@@ -77,7 +77,7 @@ def cms(
         reset: ``"sequence"`` or ``"never"`` (continual learning; PAPER.md 5.6 leaves it open);
             the nested variant resets fast blocks with their parent.
     """
-    chunks = tuple(chunks)
+    chunks = (chunks,) if isinstance(chunks, int) else tuple(chunks)  # one level: an int
     lrs = tuple(lrs) if isinstance(lrs, Sequence) else (lrs,) * len(chunks)
     if variant not in ("sequential", "nested", "independent"):
         raise nl.SpecError(
