@@ -217,3 +217,56 @@ def test_causality_of_learning_blocks(variant):
         t2[:, t + 1 :] -= 1.0
         y1 = learner(x2, None, loss_fn=mse(t2))[0]["y"]
         assert torch.equal(y1[:, : t + 1], y0[:, : t + 1]), t
+
+
+def test_block_with_momentum_and_retention_matches_a_hand_loop():
+    """A block whose gd rule has momentum: at each boundary S <- mu S - lr * (the chunk's summed
+    gradients at the chunk-start theta), theta <- retain * theta + S (the GD rule's semantics)."""
+    g = nl.Graph("cms_momentum")
+    x_in = g.input("x", dim=D)
+    y = g.level(
+        "b0", state=nl.mlp(D, D, width=4), frequency=nl.every(2, "token"),
+        objective=nl.outer(), optimizer=nl.gd(lr=0.1, momentum=0.6, retain=0.95),
+        init=nl.meta(None),
+    )(x_in)  # fmt: skip
+    g.output("y", y)
+    learner = compile(g, dtype=torch.float64)
+    assert "S <- mu S" in str(learner.plan)
+    x, target = data(B=2, T=7, seed=3)
+    out, state = learner(x, None, loss_fn=mse(target))
+    block = learner.blocks["b0"]
+    names = list(dict(block.named_parameters()))
+    theta = [p.detach().unsqueeze(0).expand(2, *p.shape).clone() for p in block.parameters()]
+    mom = [torch.zeros_like(t) for t in theta]
+    ys = []
+    for s in range(0, 7, 2):
+        e = min(s + 2, 7)
+        params = [t.clone().requires_grad_() for t in theta]
+        outs, total = [], 0
+        for b in range(2):  # per sample: each sequence has its own fast parameters
+            yb = torch.func.functional_call(
+                block, dict(zip(names, [p[b] for p in params], strict=True)), (x[b : b + 1, s:e],)
+            )
+            outs.append(yb)
+            total = total + ((yb - target[b : b + 1, s:e]) ** 2).sum()
+        ys.append(torch.cat(outs).detach())
+        grads = torch.autograd.grad(total, params)
+        if e - s == 2:  # the chunk ended: apply the update
+            mom = [0.6 * m - 0.1 * gr for m, gr in zip(mom, grads, strict=True)]
+            theta = [0.95 * t + m for t, m in zip(theta, mom, strict=True)]
+    torch.testing.assert_close(out["y"], torch.cat(ys, dim=1), rtol=1e-12, atol=1e-12)
+    for got, want in zip(state["b0"]["momentum"], mom, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_block_with_nesterov_is_refused():
+    g = nl.Graph("cms_nesterov")
+    x_in = g.input("x", dim=D)
+    y = g.level(
+        "b0", state=nl.mlp(D, D, width=4), frequency=nl.every(2, "token"),
+        objective=nl.outer(), optimizer=nl.gd(lr=0.1, momentum=0.6, nesterov=True),
+        init=nl.meta(None),
+    )(x_in)  # fmt: skip
+    g.output("y", y)
+    with pytest.raises(nl.CompileError, match="without Nesterov"):
+        compile(g)

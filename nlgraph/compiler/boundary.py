@@ -27,8 +27,11 @@ from nlgraph.level import Level
 __all__ = ["initial", "truncate", "apply", "cut_points", "accumulate_and_update"]
 
 
-def initial(module: nn.Module, batch: int, detach: bool = False) -> dict[str, Any]:
-    """Fresh per-sample state: parameters broadcast over the batch, empty accumulator.
+def initial(
+    module: nn.Module, batch: int, detach: bool = False, momentum: bool = False
+) -> dict[str, Any]:
+    """Fresh per-sample state: parameters broadcast over the batch, empty accumulator (and an
+    empty momentum buffer when the block's rule has momentum).
     ``detach``: the initial parameters take no gradient (a stop_grad edge from the level that
     meta-learns them)."""
     # With grad mode on even under torch.no_grad(): a view of a parameter made in no-grad mode
@@ -36,14 +39,20 @@ def initial(module: nn.Module, batch: int, detach: bool = False) -> dict[str, An
     with torch.enable_grad():
         theta = [p.detach() if detach else p for p in module.parameters()]
         theta = [_live(t.unsqueeze(0).expand(batch, *t.shape)) for t in theta]
-    return {"theta": theta, "acc": [torch.zeros_like(t) for t in theta], "phase": 0, "updates": 0}
+    state = {"theta": theta, "acc": [torch.zeros_like(t) for t in theta], "phase": 0, "updates": 0}
+    if momentum:
+        state["momentum"] = [torch.zeros_like(t) for t in theta]
+    return state
 
 
 def truncate(state: dict[str, Any]) -> dict[str, Any]:
     """The state with its parameters cut from the graph of the updates before (truncated(k)):
     later gradients reach back no further than this point."""
-    return {**state, "theta": [_live(t.detach()) for t in state["theta"]],
-            "acc": [a.detach() for a in state["acc"]]}  # fmt: skip
+    out = {**state, "theta": [_live(t.detach()) for t in state["theta"]],
+           "acc": [a.detach() for a in state["acc"]]}  # fmt: skip
+    if "momentum" in state:
+        out["momentum"] = [m.detach() for m in state["momentum"]]
+    return out
 
 
 def _live(t: torch.Tensor) -> torch.Tensor:
@@ -87,7 +96,7 @@ def accumulate_and_update(
     levels: list[Level],
     states: dict[str, dict[str, Any]],
     periods: dict[str, int],
-    rates: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]],
+    rates: dict[str, tuple[Any, Any, Any]],
     n_tokens: int,
     create_graph: bool,
     grads: list[torch.Tensor | None] | None = None,
@@ -115,10 +124,17 @@ def accumulate_and_update(
         acc = [a + b for a, b in zip(st["acc"], g, strict=True)]
         phase = st["phase"] + n_tokens
         if phase % periods[lv.name] == 0:
-            lr, retain = rates[lv.name]
-            theta = [_live(retain * t - lr * a) for t, a in zip(st["theta"], acc, strict=True)]
-            states[lv.name] = {"theta": theta, "acc": [torch.zeros_like(a) for a in acc],
-                               "phase": 0, "updates": st["updates"] + 1}  # fmt: skip
+            lr, retain, mu = rates[lv.name]
+            new = {"acc": [torch.zeros_like(a) for a in acc], "phase": 0,
+                   "updates": st["updates"] + 1}  # fmt: skip
+            if mu is None:
+                theta = [retain * t - lr * a for t, a in zip(st["theta"], acc, strict=True)]
+            else:  # S <- mu S - lr acc; theta <- retain theta + S (the GD rule's momentum)
+                new["momentum"] = [
+                    mu * m - lr * a for m, a in zip(st["momentum"], acc, strict=True)
+                ]
+                theta = [retain * t + m for t, m in zip(st["theta"], new["momentum"], strict=True)]
+            states[lv.name] = {"theta": [_live(t) for t in theta], **new}
             updated.append(lv.name)
         else:
             states[lv.name] = {**st, "acc": acc, "phase": phase}

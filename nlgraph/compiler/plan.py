@@ -144,12 +144,12 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
     if obj is not None and obj.kind == "outer":
         if st.kind not in ("mlp", "linear"):
             raise CompileError(f"{where}: a chunk-updated block needs an mlp or linear state")
-        if len(rules) != 1 or not isinstance(rules[0], GD) or rules[0].momentum is not None:
+        if len(rules) != 1 or not isinstance(rules[0], GD) or rules[0].nesterov:
             raise CompileError(
-                f"{where}: a chunk-updated block lowers with one gd(lr, retain) rule, got "
-                f"{describe(rules)}"
+                f"{where}: a chunk-updated block lowers with one gd(lr, momentum, retain) rule "
+                f"without Nesterov, got {describe(rules)}"
             )
-        if any(isinstance(v, Signal) for v in (rules[0].lr, rules[0].retain)):
+        if any(isinstance(v, Signal) for v in (rules[0].lr, rules[0].retain, rules[0].momentum)):
             raise CompileError(f"{where}: a chunk-updated block takes constant or learned rates")
         period = lv.frequency.period_tokens(spec.chunk_of(lv))
         return (
@@ -158,6 +158,10 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
             (
                 f"frozen within each {period}-token chunk; at its end theta <- a theta - lr * "
                 "(sum of the chunk's outer-loss gradients at the chunk-start theta) (Eq. 71)"
+                if rules[0].momentum is None
+                else f"frozen within each {period}-token chunk; at its end S <- mu S - lr * "
+                "(sum of the chunk's outer-loss gradients at the chunk-start theta), "
+                "theta <- a theta + S (Eq. 71 with momentum as the optimizer's error term)"
             ),
         )
     if st.kind not in ("linear", "mlp"):

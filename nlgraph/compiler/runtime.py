@@ -331,7 +331,10 @@ class CompiledLearner(nn.Module):
         return outs, new, loss, [g for per_block in grads for g in per_block]
 
     def _block_initial(self, name: str, batch: int) -> dict[str, Any]:
-        return boundary.initial(self.blocks[_key(name)], batch, detach=name in self._init_cut)
+        momentum = self.spec.level(name).optimizer[0].momentum is not None
+        return boundary.initial(
+            self.blocks[_key(name)], batch, detach=name in self._init_cut, momentum=momentum
+        )
 
     # Called by the generated program ------------------------------------------------------
     def _conv(self, level: str, x: torch.Tensor, state: dict, new_state: dict) -> torch.Tensor:
@@ -375,10 +378,16 @@ class CompiledLearner(nn.Module):
             for n in c.names
         }
 
-    def _block_rates(self, lv: Level) -> tuple[Any, Any]:
+    def _block_rates(self, lv: Level) -> tuple[Any, Any, Any]:
+        """(lr, retain, momentum or None) of a block's gd rule."""
         rule = lv.optimizer[0]
-        return self._const_or_learned(lv, "lr", rule.lr), self._const_or_learned(
-            lv, "retain", 1.0 if rule.retain is None else rule.retain
+        mu = (
+            None if rule.momentum is None else self._const_or_learned(lv, "momentum", rule.momentum)
+        )
+        return (
+            self._const_or_learned(lv, "lr", rule.lr),
+            self._const_or_learned(lv, "retain", 1.0 if rule.retain is None else rule.retain),
+            mu,
         )
 
     def _const_or_learned(self, lv: Level, name: str, value: Any) -> Any:
