@@ -223,6 +223,18 @@ def test_verify_deltanet(capsys):
     assert "speed ratio" in out and "ok: all" in out and "float64" in out
 
 
+def test_verify_the_triton_backend_in_float32(capsys):
+    # conftest sets TRITON_INTERPRET=1: the kernels run through Triton's CPU interpreter
+    pytest.importorskip("triton")
+    assert main(["compile", "deltanet", "--verify", "--backend", "triton", "--batch", "2",
+                 "--seq", "9"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    rows = verify_rows(out)
+    assert {"output y", "state M", "grad slow.W_k.weight"} <= set(rows)
+    assert max(rows.values()) <= 1e-5
+    assert "backend triton, float32" in out
+
+
 def test_verify_cms_blocks_learn(capsys):
     assert main(["compile", "cms", "--verify", "--batch", "2", "--seq", "9"]) == 0
     rows = verify_rows(capsys.readouterr().out)

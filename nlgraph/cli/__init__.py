@@ -158,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=["auto", "reference", "chunk"],
+        choices=["auto", "reference", "chunk", "triton"],
         default=None,
-        help="kernel backend (default: auto; chunk with --verify)",
+        help="kernel backend (default: auto; chunk with --verify); triton needs a GPU or "
+        "TRITON_INTERPRET=1 and computes in float32",
     )
     p.add_argument(
         "--dim", type=_dim, action="append", default=[], metavar="NAME=INT",

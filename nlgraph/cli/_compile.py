@@ -21,7 +21,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from nlgraph.compiler import compile
 
     dims = dict(args.dim)
-    dtype_name = args.dtype or ("float64" if args.verify else "float32")
+    # Triton kernels compute in float32 (they refuse float64)
+    wide = args.verify and args.backend != "triton"
+    dtype_name = args.dtype or ("float64" if wide else "float32")
     dtype = getattr(torch, dtype_name)
     backend = args.backend or ("chunk" if args.verify else "auto")
     graph = load_spec(args.spec)

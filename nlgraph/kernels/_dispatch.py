@@ -83,7 +83,13 @@ def resolve_backend(op: str, backend: str = "auto", device: Any = None) -> str:
     if not impls[backend][1]():
         raise BackendUnavailableError(
             f"the {backend!r} backend of op {op!r} is not available here "
-            f"(available: {available(op)}); use backend='auto' or install what it needs"
+            f"(available: {available(op)}); use backend='auto'"
+            + (
+                ", or run on a CUDA device (or set TRITON_INTERPRET=1 before importing nlgraph "
+                "for Triton's CPU interpreter)"
+                if backend == "triton"
+                else " or install what it needs"
+            )
         )
     return backend
 
