@@ -60,29 +60,28 @@ def momentum_memory_chunk(
     fa, fm = _segments(a, mu), _segments(mu, mu)  # [B, H, C+1, C+1]
     q = fa @ fm - fa
     xh, dh = x.transpose(1, 2), delta.transpose(1, 2)  # [B, H, C, I], [B, H, C, O]
-    s_new = fm[..., -1, 0, None, None] * s0 + torch.einsum(
-        "bhj,bhjo,bhji->bhoi", fm[..., -1, 1:], dh, xh
-    )
+    # matrix products throughout (no einsum): this runs once per window and layer
+    s_new = fm[..., -1, 0, None, None] * s0 + (fm[..., -1, 1:, None] * dh).transpose(-1, -2) @ xh
     if b is None:
         coef = (fa[..., -1, 1:] + q[..., -1, 1:]).unsqueeze(-1) * dh
     else:
+        C = x.shape[1]
         bh = b.transpose(1, 2).unsqueeze(-1)  # [B, H, C, 1]
         gram = xh @ xh.transpose(-1, -2)  # [B, H, C, C]
-        strict = torch.ones_like(gram, dtype=torch.bool).tril(-1)
-        low = bh * (fa[..., :-1, 1:] * gram).masked_fill(~strict, 0.0)
-        w0x = torch.einsum("bhoi,bhti->bhto", w0, xh)
-        s0x = torch.einsum("bhoi,bhti->bhto", s0, xh)
+        strict = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1)
+        low = bh * torch.where(strict, fa[..., :-1, 1:] * gram, 0.0)
+        xt = xh.transpose(-1, -2)
         rhs = dh - bh * (
-            fa[..., :-1, 0, None] * w0x
-            + q[..., :-1, 0, None] * s0x
-            + (q[..., :-1, 1:] * gram).masked_fill(~strict, 0.0) @ dh
+            fa[..., :-1, 0, None] * (w0 @ xt).transpose(-1, -2)
+            + q[..., :-1, 0, None] * (s0 @ xt).transpose(-1, -2)
+            + torch.where(strict, q[..., :-1, 1:] * gram, 0.0) @ dh
         )
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        eye = torch.eye(C, dtype=gram.dtype, device=gram.device)
         wt = torch.linalg.solve_triangular(eye + low, rhs, upper=False, unitriangular=True)
         coef = fa[..., -1, 1:, None] * wt + q[..., -1, 1:, None] * dh
     w_new = (
         fa[..., -1, 0, None, None] * w0
         + q[..., -1, 0, None, None] * s0
-        + torch.einsum("bhjo,bhji->bhoi", coef, xh)
+        + coef.transpose(-1, -2) @ xh
     )
     return w_new, s_new
