@@ -182,6 +182,17 @@ def test_unsupported_patterns_name_the_level():
         compile(g)
 
 
+def test_a_matrix_memory_with_a_bias_is_refused_not_ignored():
+    g = nl.Graph("biased")
+    x = g.input("x", dim=2)
+    y = g.level("M", state=nl.linear(2, 2, bias=True), frequency=nl.per_token(),
+                context=nl.kv(key=x, value=x), objective=nl.l2(),
+                optimizer=nl.gd(lr=0.1))(x)  # fmt: skip
+    g.output("y", y)
+    with pytest.raises(nl.CompileError, match="level 'M'.*bias=True"):
+        compile(g)
+
+
 def test_symbolic_widths_must_be_bound():
     g = nl.Graph("sym")
     x = g.input("x", dim="d")

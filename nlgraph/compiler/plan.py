@@ -164,6 +164,11 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
                 "theta <- a theta + S (Eq. 71 with momentum as the optimizer's error term)"
             ),
         )
+    if st.kind == "linear" and st.bias:
+        raise CompileError(
+            f"{where}: a matrix memory with bias=True has no lowering (the memory kernels read "
+            "out M k, without a bias); use linear(..., bias=False)"
+        )
     if st.kind not in ("linear", "mlp"):
         raise CompileError(
             f"{where}: a {st} state cannot be an in-context memory of a sequence learner "
