@@ -118,20 +118,46 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
     return {n: tuple(torch.cat(p, dim=1) for p in pieces[n]) for n in c.names}
 
 
+def _read_groups(c: Any, members: dict) -> dict[int, list[int]]:
+    """Reads of the window program that can run as one MLP call: members of the same shape
+    (heads, layer widths, activation, residual) reading the same input node. Maps the first
+    read's node index to all of them (self-modifying Titans reads M_k, M_v, M_eta, M_alpha all
+    from the same input)."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, n in enumerate(c.nodes):
+        if n.op != "visible":
+            continue
+        cfg = members[n.attrs[0]].cfg
+        shapes = tuple(tuple(w.shape[1:]) for w in members[n.attrs[0]].state["visible"])
+        sig = (n.args[0], n.attrs[1], cfg.heads, cfg.activation, cfg.residual, shapes)
+        by_key.setdefault(sig, []).append(i)
+    return {idx[0]: idx for idx in by_key.values()}
+
+
 def _window(learner: Any, c: Any, members: dict, window_inputs: tuple, s: int, e: int) -> list:
     """The window program on tokens ``s..e-1``, every member read at its visible state."""
     vals: list[Any] = []
-    for n in c.nodes:
-        op, a = n.op, [vals[i] for i in n.args]
+    groups, done = _read_groups(c, members), {}
+    for i, n in enumerate(c.nodes):
+        op, a = n.op, [vals[j] for j in n.args]
         if op == "window_input":
             v = window_inputs[n.attrs[0]][:, s:e]
         elif op == "const":
             v = n.attrs[0]
+        elif op == "visible" and i in done:
+            v = done.pop(i)
         elif op == "visible":
-            mem = members[n.attrs[0]]
-            x = heads(a[0], mem.cfg.heads, n.attrs[1])
-            y, _, _ = mlp_forward(mem.state["visible"], x, mem.cfg.activation, mem.cfg.residual)
-            v = y.reshape(*y.shape[:2], -1)
+            # every read of this group at once: the members' heads stacked along the head axis
+            group = [members[c.nodes[j].attrs[0]] for j in groups[i]]
+            cfg = group[0].cfg
+            x = heads(a[0], cfg.heads, n.attrs[1])
+            layers = zip(*(m.state["visible"] for m in group), strict=True)
+            ws = [torch.cat(layer, dim=1) for layer in layers]
+            xs = x if len(group) == 1 else torch.cat([x] * len(group), dim=2)
+            y, _, _ = mlp_forward(ws, xs, cfg.activation, cfg.residual)
+            for j, yj in zip(groups[i], y.split(cfg.heads, dim=2), strict=True):
+                done[j] = yj.reshape(*yj.shape[:2], -1)
+            v = done.pop(i)
         elif op == "slow":
             v = learner.slow[key(n.attrs[0])](a[0])
         elif op == "normalize":
