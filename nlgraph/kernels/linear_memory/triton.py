@@ -33,27 +33,15 @@ and float16 inputs are accepted and results are cast back to the input dtype. fl
 (the kernels have no fp64 path): use ``backend="chunk"`` for it.
 """
 
-import os
-
 import torch
 from torch import Tensor
 
-from nlgraph._errors import BackendUnavailableError
+from nlgraph.kernels._triton import check_device, contig, triton_available
 
 from ._validate import check_inputs
 from .chunk import _segment_products, _to_chunks
 
 __all__ = ["linear_memory_triton", "triton_available"]
-
-
-def triton_available() -> bool:
-    """True when Triton imports and can run here: a CUDA device, or the CPU interpreter
-    (``TRITON_INTERPRET=1``)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels():
@@ -62,10 +50,6 @@ def _kernels():
     from . import _triton_kernels
 
     return _triton_kernels
-
-
-def _contig(x: Tensor | None) -> Tensor | None:
-    return None if x is None else x.contiguous()
 
 
 # --- custom ops -------------------------------------------------------------------------------
@@ -91,10 +75,10 @@ def linear_memory_scan(
         qg.contiguous(),
         a.contiguous(),
         u.contiguous(),
-        _contig(wk),
+        contig(wk),
         kc.contiguous(),
-        _contig(gc),
-        _contig(s0),
+        contig(gc),
+        contig(s0),
     )
 
 
@@ -128,13 +112,13 @@ def linear_memory_scan_bwd(
     return _kernels().scan_backward(
         qg.contiguous(),
         a.contiguous(),
-        _contig(wk),
+        contig(wk),
         kc.contiguous(),
-        _contig(gc),
+        contig(gc),
         s_all.contiguous(),
         w.contiguous(),
         do.contiguous(),
-        _contig(ds_last),
+        contig(ds_last),
     )
 
 
@@ -275,11 +259,7 @@ def linear_memory_triton(
             "linear_memory: the triton backend computes in float32 and does not take float64 "
             "inputs; use backend='chunk' (or 'reference') for float64, or cast to float32."
         )
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise BackendUnavailableError(
-            f"linear_memory: the triton backend needs CUDA tensors, got device {q.device}; "
-            "move the inputs to a GPU, use backend='chunk', or set TRITON_INTERPRET=1 (slow)."
-        )
+    check_device("linear_memory", q)
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     C = min(chunk_size, T)

@@ -24,27 +24,15 @@ dtype. float64 is refused (the kernel has no fp64 path): use ``backend="chunk"``
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from nlgraph._errors import BackendUnavailableError
+from nlgraph.kernels._triton import check_device, contig, triton_available
 
 from ._validate import MAX_TRITON_WINDOW, check_inputs
 from .chunk import momentum_memory_chunk
 
 __all__ = ["momentum_memory_triton", "triton_available"]
-
-
-def triton_available() -> bool:
-    """True when Triton imports and can run here: a CUDA device, or the CPU interpreter
-    (``TRITON_INTERPRET=1``)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels():
@@ -53,10 +41,6 @@ def _kernels():
     from . import _triton_kernels
 
     return _triton_kernels
-
-
-def _contig(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
 
 
 @torch.library.custom_op("nlgraph::momentum_memory", mutates_args=())
@@ -74,8 +58,8 @@ def momentum_memory_op(
     return _kernels().window_forward(
         x.contiguous(),
         delta.contiguous(),
-        _contig(b),
-        _contig(a),
+        contig(b),
+        contig(a),
         mu.contiguous(),
         w0.contiguous(),
         s0.contiguous(),
@@ -164,9 +148,5 @@ def momentum_memory_triton(
             f"tokens (it holds C x C matrices in registers), got C={x.shape[1]}; use "
             "backend='chunk' for longer windows."
         )
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise BackendUnavailableError(
-            f"momentum_memory: the triton backend needs CUDA tensors, got device {x.device}; "
-            "move the inputs to a GPU, use backend='chunk', or set TRITON_INTERPRET=1 (slow)."
-        )
+    check_device("momentum_memory", x)
     return momentum_memory_op(x, delta, b, a, mu, w0, s0)

@@ -10,27 +10,16 @@ kernel reads.
 
 from __future__ import annotations
 
-import os
-
 from torch import Tensor
 
 from nlgraph.kernels import _dispatch
+from nlgraph.kernels._triton import triton_available
 from nlgraph.kernels.optimizer.flat import FlatParams
 from nlgraph.kernels.optimizer.naive import optimizer_update_naive
 
 __all__ = ["optimizer_update", "optimizer_update_naive", "FlatParams", "triton_available"]
 
 _dispatch.register("optimizer_update", "reference", optimizer_update_naive)
-
-
-def triton_available() -> bool:
-    """Whether the Triton backend can run here: Triton imports and a GPU (or the interpreter)."""
-    try:
-        import torch
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _triton(*args, **kwargs) -> None:
