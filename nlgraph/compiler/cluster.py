@@ -37,7 +37,7 @@ from nlgraph.compiler.ops import BINARY, UNARY
 from nlgraph.compiler.program import key
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.linear_memory import linear_memory
-from nlgraph.kernels.momentum_memory import momentum_memory, momentum_memory_naive
+from nlgraph.kernels.momentum_memory import momentum_memory
 
 __all__ = ["run_cluster", "mlp_forward"]
 
@@ -247,14 +247,10 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
             )  # fmt: skip
             s_buf = None
         else:
-            args = (x, -cat("grad_step", 2)[..., None] * d, decay, retain, cat("mu", 2), w,
-                    cat("s", 1))  # fmt: skip
-            if backend == "reference":
-                w, s_buf = momentum_memory_naive(*args)
-            else:
-                w, s_buf = momentum_memory(
-                    *args, backend=_dispatch.for_op("momentum_memory", backend)
-                )
+            w, s_buf = momentum_memory(
+                x, -cat("grad_step", 2)[..., None] * d, decay, retain, cat("mu", 2), w,
+                cat("s", 1), backend=_dispatch.for_op("momentum_memory", backend),
+            )  # fmt: skip
         for j, w_j, s_j in zip(group, w.split(sizes, dim=1),
                                [None] * len(group) if s_buf is None else s_buf.split(sizes, dim=1),
                                strict=True):  # fmt: skip
