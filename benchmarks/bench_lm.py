@@ -25,22 +25,12 @@ import time
 MODELS = ("hope", "titans_lm", "transformer")
 
 
-def loss_for(tokens, F):
-    def loss_fn(out, s, e):
-        tgt = tokens[:, s + 1 : e + 1]
-        logits = out["logits"][:, : tgt.shape[1]]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                               reduction="sum") / tokens.shape[0]  # fmt: skip
-
-    return loss_fn
-
-
 def one(name: str, B: int, T: int, reps: int) -> dict:
     import torch
-    from torch.nn import functional as F
 
     from nlgraph.compiler import compile
     from nlgraph.library import get
+    from nlgraph.train.trainer import next_token_loss
 
     torch.manual_seed(0)
     learner = compile(get(name))
@@ -50,9 +40,9 @@ def one(name: str, B: int, T: int, reps: int) -> dict:
     probe = torch.randint(0, vocab, (2, 24))
     with torch.no_grad():
         small.backend = "chunk"
-        a = small({"tokens": probe}, None, loss_fn=loss_for(probe, F))[0]["loss"]
+        a = small({"tokens": probe}, None, loss_fn=next_token_loss(probe))[0]["loss"]
         small.backend = "reference"
-        b = small({"tokens": probe}, None, loss_fn=loss_for(probe, F))[0]["loss"]
+        b = small({"tokens": probe}, None, loss_fn=next_token_loss(probe))[0]["loss"]
     err = abs(a.item() - b.item()) / abs(b.item())
     if err > 1e-9:
         raise SystemExit(f"{name}: chunked differs from the reference by {err:.1e}; no timing")
@@ -61,8 +51,8 @@ def one(name: str, B: int, T: int, reps: int) -> dict:
 
     def step(writes: bool) -> float:
         t0 = time.perf_counter()
-        out, _ = learner({"tokens": tokens}, None, loss_fn=loss_for(tokens, F), writes=writes)
-        loss = out["loss"] if "loss" in out else loss_for(tokens, F)(out, 0, T)
+        out, _ = learner({"tokens": tokens}, None, loss_fn=next_token_loss(tokens), writes=writes)
+        loss = out["loss"] if "loss" in out else next_token_loss(tokens)(out, 0, T)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

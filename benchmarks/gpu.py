@@ -396,6 +396,7 @@ def optimizer(b: Bench) -> None:
 def hope_step(b: Bench) -> None:
     from nlgraph.compiler import compile as nl_compile
     from nlgraph.library import get
+    from nlgraph.train.trainer import next_token_loss
 
     dev = b.dev
     B, T = (2, 16) if b.tiny else (8, 512)
@@ -408,18 +409,9 @@ def hope_step(b: Bench) -> None:
     vocab = learner("chunk").slow["embed"].num_embeddings
     tokens = torch.randint(0, vocab, (B, T), device=dev)
 
-    def loss_for(tok):
-        def loss_fn(out, s, e):
-            tgt = tok[:, s + 1 : e + 1]
-            logits = out["logits"][:, : tgt.shape[1]]
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                   reduction="sum") / tok.shape[0]  # fmt: skip
-
-        return loss_fn
-
     def step(lr, tok, writes=True):
         lr.zero_grad(set_to_none=True)
-        out, _ = lr({"tokens": tok}, None, loss_fn=loss_for(tok), writes=writes)
+        out, _ = lr({"tokens": tok}, None, loss_fn=next_token_loss(tok), writes=writes)
         out["loss"].backward()
         return [out["loss"]] + [p.grad for p in lr.parameters()]
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from torch.nn import functional as F
 
 from nlgraph.compiler import compile
 from nlgraph.library import get
+from nlgraph.train.trainer import next_token_loss
 
 
 def _spec():
@@ -18,20 +18,10 @@ def _spec():
                cms_chunks=(4, 8))  # fmt: skip
 
 
-def _loss(tokens):
-    def loss_fn(out, s, e):
-        tgt = tokens[:, s + 1 : e + 1]
-        logits = out["logits"][:, : tgt.shape[1]]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                               reduction="sum") / tokens.shape[0]  # fmt: skip
-
-    return loss_fn
-
-
 def _step(learner, tokens, grad=True):
     learner.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grad):
-        out, state = learner({"tokens": tokens}, None, loss_fn=_loss(tokens))
+        out, state = learner({"tokens": tokens}, None, loss_fn=next_token_loss(tokens))
     if grad:
         out["loss"].backward()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in learner.parameters()]

@@ -24,12 +24,12 @@ from torch.nn import functional as F
 from nlgraph._errors import NumericalFaultError
 from nlgraph.train import checkpoint as ckpt
 from nlgraph.train import distributed as D
-from nlgraph.train.data import VOCAB, Corpus, batch_at, val_windows
+from nlgraph.train.data import Corpus, batch_at, val_windows
 from nlgraph.train.faults import bad_state_levels, describe, first_nonfinite, nonfinite_in_state
 from nlgraph.train.metrics import PeakMemory
 from nlgraph.train.progress import Progress
 
-__all__ = ["TrainConfig", "Trainer", "lm_loss"]
+__all__ = ["TrainConfig", "Trainer", "lm_loss", "next_token_loss"]
 
 MAX_SKIPS = 10  # consecutive non-finite steps --on-nan skip tolerates before stopping
 COMPARED = ("model", "preset", "sizes", "steps", "batch", "seq", "optimizer", "lr", "seed")
@@ -66,18 +66,27 @@ class TrainConfig:
         return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def lm_loss(module: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean next-byte cross-entropy of ``tokens[B, T+1]`` (nats), and the final fast state."""
-    inputs, B, T = tokens[:, :-1], tokens.shape[0], tokens.shape[1] - 1
+def next_token_loss(tokens: torch.Tensor) -> Any:
+    """``loss_fn(outputs, start, end)`` for a learner reading ``tokens[B, T]`` (or a prefix of
+    them): the summed cross-entropy of ``outputs["logits"]`` for positions ``start..end-1``
+    against the tokens that follow (positions without a successor are not scored). Logits are
+    scored in at least float32."""
 
     def loss_fn(outputs: dict[str, torch.Tensor], start: int, end: int) -> torch.Tensor:
         target = tokens[:, start + 1 : end + 1]
         logits = outputs["logits"][:, : target.shape[1]]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(
-            logits.reshape(-1, VOCAB).float(), target.reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
         )
 
-    outputs, state = module({"tokens": inputs}, None, loss_fn=loss_fn)
+    return loss_fn
+
+
+def lm_loss(module: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean next-byte cross-entropy of ``tokens[B, T+1]`` (nats), and the final fast state."""
+    inputs, B, T = tokens[:, :-1], tokens.shape[0], tokens.shape[1] - 1
+    outputs, state = module({"tokens": inputs}, None, loss_fn=next_token_loss(tokens))
     return outputs["loss"] / (B * T), state
 
 
