@@ -93,7 +93,7 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
     # or at every token with the reference backend.
     backend = backend_of(learner)
     if not learner.writes:  # read-only: every read at the current state, one window
-        vals = _window(learner, c, members, window_inputs, 0, T)
+        vals = _window(learner, c, members, _read_groups(c, members), window_inputs, 0, T)
         for n, mem in members.items():
             new_state[n] = mem.state
         return {n: tuple(vals[node] for node in c.reads[n]) for n in c.names}
@@ -104,8 +104,9 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
         backend == "reference",
     )
     pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in c.reads[n]] for n in c.names}
+    groups = _read_groups(c, members)
     for s, e in zip([0, *cuts[:-1]], cuts, strict=True):
-        vals = _window(learner, c, members, window_inputs, s, e)
+        vals = _window(learner, c, members, groups, window_inputs, s, e)
         for n in c.names:
             for slot, node in enumerate(c.reads[n]):
                 pieces[n][slot].append(vals[node])
@@ -134,10 +135,13 @@ def _read_groups(c: Any, members: dict) -> dict[int, list[int]]:
     return {idx[0]: idx for idx in by_key.values()}
 
 
-def _window(learner: Any, c: Any, members: dict, window_inputs: tuple, s: int, e: int) -> list:
-    """The window program on tokens ``s..e-1``, every member read at its visible state."""
+def _window(
+    learner: Any, c: Any, members: dict, groups: dict, window_inputs: tuple, s: int, e: int
+) -> list:
+    """The window program on tokens ``s..e-1``, every member read at its visible state
+    (``groups``: :func:`_read_groups`, the same for every window of a call)."""
     vals: list[Any] = []
-    groups, done = _read_groups(c, members), {}
+    done: dict[int, torch.Tensor] = {}
     for i, n in enumerate(c.nodes):
         op, a = n.op, [vals[j] for j in n.args]
         if op == "window_input":
