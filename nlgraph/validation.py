@@ -240,8 +240,13 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
             )
         elif isinstance(ctx, KV) and ctx.value is None:
             yield f"{at}: objective {obj.kind!r} needs a value; the context has none"
-    if "ema" in rules and (obj is None or obj.kind != "l2_to"):
-        yield f"{at}: ema needs objective=nl.l2_to(target=...) (the stream it averages)"
+    # A block on the outer loss updated every C tokens (CMS) takes ema as GD with lr = 1 - beta.
+    block = obj is not None and obj.kind == "outer" and lv.frequency.unit in ("token", "chunk")
+    if "ema" in rules and not block and (obj is None or obj.kind != "l2_to"):
+        yield (
+            f"{at}: ema needs objective=nl.l2_to(target=...) (the stream it averages), or "
+            "objective=nl.outer() on a block updated every C tokens"
+        )
     if "exact" in rules and (obj is None or obj.kind != "nadaraya_watson"):
         yield f"{at}: optimizer exact() solves only nadaraya_watson objectives"
     if obj is not None and obj.kind == "nadaraya_watson" and st.kind != "nonparametric":

@@ -257,16 +257,3 @@ def test_block_with_momentum_and_retention_matches_a_hand_loop():
     torch.testing.assert_close(out["y"], torch.cat(ys, dim=1), rtol=1e-12, atol=1e-12)
     for got, want in zip(state["b0"]["momentum"], mom, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_block_with_nesterov_is_refused():
-    g = nl.Graph("cms_nesterov")
-    x_in = g.input("x", dim=D)
-    y = g.level(
-        "b0", state=nl.mlp(D, D, width=4), frequency=nl.every(2, "token"),
-        objective=nl.outer(), optimizer=nl.gd(lr=0.1, momentum=0.6, nesterov=True),
-        init=nl.meta(None),
-    )(x_in)  # fmt: skip
-    g.output("y", y)
-    with pytest.raises(nl.CompileError, match="without Nesterov"):
-        compile(g)

@@ -1,13 +1,29 @@
 """Blocks updated every C tokens by their accumulated outer-loss gradient (CMS, PAPER.md 5.1).
 
 Within a chunk a block's parameters are constant, so every token of the chunk runs in parallel;
-at the chunk's end (Eq. 71, with exactly the C tokens of the chunk)
+at the chunk's end (Eq. 71, with exactly the C tokens of the chunk) the direction
 
-    theta <- retain * theta - lr * sum_{t in chunk} grad_theta L_t(theta_chunk_start).
+    d = sum_{t in chunk} grad_theta L_t(theta_chunk_start)
+
+goes through the block's rule chain, in order, with the reference loop's meaning
+(:func:`nlgraph.compiler.reference_loop.apply_rules`): ``weight_decay`` theta <- (1 - rate) theta;
+``precondition`` d <- d / (by ** power + eps); ``newton_schulz`` d <- NS(d) per weight matrix
+(bias vectors pass through unchanged); ``gd`` S <- mu S - lr d, theta <- a theta + S (without
+momentum theta <- a theta - lr d; Nesterov theta <- a theta + mu S - lr d); ``ema`` is gd with
+lr = 1 - beta. One gd rule is ``theta <- retain * theta - lr * d``, Eq. 71 as printed.
+
+Per-token scalars (signals) are read at the update's token, the chunk's last, except a gd/ema
+rule's per-token rate: Eq. 71 has eta_t inside the sum, so each token's gradient is weighted by
+its own rate, ``d = sum_t eta_t g_t``, and that rule then steps by d (rate 1). Such a learner is
+cut at every token (a token loop). The generated program hands the block's signal flows
+(``[B, T, 1]``) over in the block's new state (``"signals"``, see ``CompiledLearner.
+_block_signals``); they are consumed here and never carried.
 
 Parameters are fast state, per sample (``[B, ...]``): each sequence of a batch adapts its own copy,
 starting from the block's initial parameters (meta-learned by the outer loop when
-``init=meta()``, so gradients of the outer loss flow through every update to them).
+``init=meta()``, so gradients of the outer loss flow through every update to them). Momentum
+buffers (one per gd rule with momentum: ``"momentum"``, then ``"momentum2"``, ... in chain
+order) are per sample too and carried across segments.
 
 The learner cuts a sequence at every boundary of every such block and runs the pieces one after
 another with carried state; the reference backend cuts at every token instead (the token loop),
@@ -21,17 +37,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from nlgraph._errors import CompileError
+from nlgraph.compiler.memory import SIGNAL_ACT
 from nlgraph.compiler.modules import MLPBlock
+from nlgraph.compiler.reference_loop import apply_rules, shaped
 from nlgraph.level import Level
 
-__all__ = ["initial", "truncate", "apply", "cut_points", "accumulate_and_update"]
+__all__ = [
+    "initial", "truncate", "apply", "cut_points", "accumulate_and_update", "buffer_keys",
+    "token_weighted",
+]  # fmt: skip
 
 
 def initial(
-    module: nn.Module, batch: int, detach: bool = False, momentum: bool = False
+    module: nn.Module, batch: int, detach: bool = False, buffers: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """Fresh per-sample state: parameters broadcast over the batch, empty accumulator (and an
-    empty momentum buffer when the block's rule has momentum).
+    """Fresh per-sample state: parameters broadcast over the batch, empty accumulator, and an
+    empty momentum buffer under each key of ``buffers`` (:func:`buffer_keys`).
     ``detach``: the initial parameters take no gradient (a stop_grad edge from the level that
     meta-learns them)."""
     # With grad mode on even under torch.no_grad(): a view of a parameter made in no-grad mode
@@ -40,9 +62,25 @@ def initial(
         theta = [p.detach() if detach else p for p in module.parameters()]
         theta = [_live(t.unsqueeze(0).expand(batch, *t.shape)) for t in theta]
     state = {"theta": theta, "acc": [torch.zeros_like(t) for t in theta], "phase": 0, "updates": 0}
-    if momentum:
-        state["momentum"] = [torch.zeros_like(t) for t in theta]
+    for k in buffers:
+        state[k] = [torch.zeros_like(t) for t in theta]
     return state
+
+
+def buffer_keys(rules: tuple) -> dict[str, str]:
+    """The state key of each gd rule's momentum buffer, by rule index: ``"momentum"`` for the
+    first gd rule with momentum, ``"momentum2"``, ``"momentum3"``, ... for the next ones."""
+    idx = [str(i) for i, r in enumerate(rules) if r[0] == "gd" and r[2][0] != "none"]
+    return {i: "momentum" if n == 0 else f"momentum{n + 1}" for n, i in enumerate(idx)}
+
+
+def token_weighted(rules: tuple) -> int | None:
+    """Index of the gd/ema rule whose rate is per token (a signal), which then weights each
+    token's gradient inside the chunk's sum (Eq. 71); None when the rates are not per token."""
+    for i, r in enumerate(rules):
+        if r[0] in ("gd", "ema") and r[1][0] == "signal":
+            return i
+    return None
 
 
 def truncate(state: dict[str, Any]) -> dict[str, Any]:
@@ -50,8 +88,9 @@ def truncate(state: dict[str, Any]) -> dict[str, Any]:
     later gradients reach back no further than this point."""
     out = {**state, "theta": [_live(t.detach()) for t in state["theta"]],
            "acc": [a.detach() for a in state["acc"]]}  # fmt: skip
-    if "momentum" in state:
-        out["momentum"] = [m.detach() for m in state["momentum"]]
+    for k in state:
+        if k.startswith("momentum"):
+            out[k] = [m.detach() for m in state[k]]
     return out
 
 
@@ -96,7 +135,7 @@ def accumulate_and_update(
     levels: list[Level],
     states: dict[str, dict[str, Any]],
     periods: dict[str, int],
-    rates: dict[str, tuple[Any, Any, Any]],
+    rates: dict[str, tuple[tuple, dict[str, Any]]],
     n_tokens: int,
     create_graph: bool,
     grads: list[torch.Tensor | None] | None = None,
@@ -104,6 +143,9 @@ def accumulate_and_update(
     """Add this piece's gradients to each block's accumulator; apply the update of every block
     whose chunk ends here. Returns the names of the blocks that updated.
 
+    ``rates``: each block's rule chain (static tuples, ``program._rule_cfg``) and the values of
+    its learned scalars by key. The piece's signals are in each block's state (``"signals"``,
+    written by the program) and are dropped from it here.
     ``grads``: the gradients of ``loss`` with respect to every block's parameters (in level
     order), when the caller took them already (the functional piece step); else they are taken
     here with ``torch.autograd.grad``."""
@@ -114,28 +156,72 @@ def accumulate_and_update(
         )
     updated, i = [], 0
     for lv in levels:
-        st = states[lv.name]
+        st = dict(states[lv.name])
+        signals = st.pop("signals", ())
+        rules, learned = rates[lv.name]
         n = len(st["theta"])
         g = [
             torch.zeros_like(t) if gr is None else gr
             for t, gr in zip(st["theta"], grads[i : i + n], strict=True)
         ]
         i += n
+        weighted = token_weighted(rules)
+        if weighted is not None:  # eta_t inside the sum (Eq. 71): one token per piece
+            if n_tokens != 1:  # pragma: no cover - forward cuts such learners at every token
+                raise CompileError(f"level {lv.name!r}: per-token rates need one-token pieces")
+            eta = _value(lv, rules[weighted][1], signals, learned)
+            eta = 1 - eta if rules[weighted][0] == "ema" else eta
+            g = [shaped(eta, x) * x for x in g]
         acc = [a + b for a, b in zip(st["acc"], g, strict=True)]
         phase = st["phase"] + n_tokens
         if phase % periods[lv.name] == 0:
-            lr, retain, mu = rates[lv.name]
+            keys = buffer_keys(rules)
+            bufs = {r: st[k] for r, k in keys.items()}
+            scalars = [_rule_scalars(lv, r, signals, learned) for r in rules]
+            theta, bufs = apply_rules(rules, st["theta"], acc, bufs, scalars, lead=1,
+                                      unit_lr=weighted)  # fmt: skip
             new = {"acc": [torch.zeros_like(a) for a in acc], "phase": 0,
                    "updates": st["updates"] + 1}  # fmt: skip
-            if mu is None:
-                theta = [retain * t - lr * a for t, a in zip(st["theta"], acc, strict=True)]
-            else:  # S <- mu S - lr acc; theta <- retain theta + S (the GD rule's momentum)
-                new["momentum"] = [
-                    mu * m - lr * a for m, a in zip(st["momentum"], acc, strict=True)
-                ]
-                theta = [retain * t + m for t, m in zip(st["theta"], new["momentum"], strict=True)]
-            states[lv.name] = {"theta": [_live(t) for t in theta], **new}
+            new.update({k: bufs[r] for r, k in keys.items()})
+            states[lv.name] = {**st, "theta": [_live(t) for t in theta], **new}
             updated.append(lv.name)
         else:
             states[lv.name] = {**st, "acc": acc, "phase": phase}
     return updated
+
+
+def _value(lv: Level, spec: tuple, signals: tuple, learned: dict[str, Any]) -> Any:
+    """A rule's scalar at the piece's last token: None, a float, a learned 0-d tensor, or a
+    ``[B]`` tensor (a signal)."""
+    kind = spec[0]
+    if kind == "none":
+        return None
+    if kind == "const":
+        return spec[1]
+    if kind == "learned":
+        return learned[spec[1]]
+    return SIGNAL_ACT[spec[2]](_last(lv, signals[spec[1]])) * spec[3]
+
+
+def _last(lv: Level, x: torch.Tensor) -> torch.Tensor:
+    """A per-token signal ``[B, T, 1]`` at the piece's last token: ``[B]``."""
+    if x.shape[-1] != 1:
+        raise CompileError(
+            f"level {lv.name!r}: a per-token scalar of its rules has width {x.shape[-1]}; a "
+            "chunk-updated block takes width 1 (one value per token)"
+        )
+    return x[:, -1, 0]
+
+
+def _rule_scalars(lv: Level, rule: tuple, signals: tuple, learned: dict[str, Any]) -> dict:
+    kind = rule[0]
+    if kind == "gd":
+        names = ("lr", "momentum", "retain")
+        return {n: _value(lv, s, signals, learned) for n, s in zip(names, rule[1:4], strict=True)}
+    if kind == "ema":
+        return {"beta": _value(lv, rule[1], signals, learned)}
+    if kind == "weight_decay":
+        return {"rate": _value(lv, rule[1], signals, learned)}
+    if kind == "precondition":
+        return {"by": _last(lv, signals[rule[1]])}
+    return {}

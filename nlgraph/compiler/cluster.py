@@ -17,8 +17,19 @@ with momentum ``S_t = mu_t S_{t-1} - lr'_t delta_t x_t^T, W_t = W_{t-1}(alpha I 
 is the same form extended by the momentum buffer (:mod:`nlgraph.kernels.momentum_memory`): one
 small triangular solve per window, no per-token weight matrices.
 
-The sequence is processed in windows of ``gcd`` of the members' chunk sizes (one token with the
+The sequence is processed in windows cut at every member's chunk boundary (one token with the
 reference backend); a memory's visible state advances when its own chunk ends.
+
+A member whose rule or schedule has no such form (a rule chain, Nesterov momentum, an update
+every n tokens or chunks; lowering ``reference_loop``) runs inside the same windows as the
+reference loop's token recurrence (:mod:`nlgraph.compiler.reference_loop`): token ``t``'s
+gradient of each layer, ``delta_t x_t^T`` at the visible state, is added to the pending sum,
+and the rule chain is applied to the sum at the member's update ticks. Its gradients are all at
+the visible state, so its update ticks need no window cut of their own; its state carries the
+pending sum and the rules' buffers across windows and segments.
+
+A source on a stop_grad edge into a member is detached where that member reads it, in the
+window program too (``detach`` nodes).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from nlgraph.compiler.memory import backend_of, gate, heads
 from nlgraph.compiler.modules import ACT
 from nlgraph.compiler.ops import BINARY, UNARY
 from nlgraph.compiler.program import key
+from nlgraph.compiler.reference_loop import rule_scalars, token_step, updates_at
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.linear_memory import linear_memory
 from nlgraph.kernels.momentum_memory import momentum_memory
@@ -81,7 +93,14 @@ class _Member:
             ws = [w.unsqueeze(0).expand(B, *w.shape) if w.dim() == 3 else w for w in ws]
             mom = None if cfg.momentum[0] == "none" else [torch.zeros_like(w) for w in ws]
             prev = {"visible": ws, "running": list(ws), "momentum": mom, "phase": 0}
+            if self.loop:  # the reference loop's pending gradient sum and rule buffers
+                prev.update(acc=None, buffers={})
         self.state = dict(prev)
+
+    @property
+    def loop(self) -> bool:
+        """Whether the member runs as a token loop of its rule chain (no cluster lowering)."""
+        return self.cfg.lowering == "reference_loop"
 
 
 def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_state: dict) -> dict:
@@ -166,6 +185,8 @@ def _window(
             v = learner.slow[key(n.attrs[0])](a[0])
         elif op == "normalize":
             v = F.normalize(a[0], dim=-1)
+        elif op == "detach":  # a source on a stop_grad edge into the member that reads it
+            v = a[0].detach()
         elif op == "unary":
             v = -a[0] if n.attrs[0] == "neg" else UNARY[n.attrs[0]](a[0])
         elif op == "binary":
@@ -195,22 +216,50 @@ def output_error(cfg: Any, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _layer_errors(mem: _Member, args: tuple) -> tuple[torch.Tensor, list, list]:
+    """The member's keys ``[B, C, H, dk]`` and, per layer, its inputs ``x`` and output errors
+    ``delta`` (``d objective / d layer output``) at the visible (chunk-start) state: token
+    ``t``'s gradient of layer ``i`` is ``delta_i[t] x_i[t]^T``."""
+    cfg = mem.cfg
+    H = cfg.heads
+    k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
+    visible = mem.state["visible"]
+    out, inputs, pre = mlp_forward(visible, k, cfg.activation, cfg.residual)
+    deltas = [output_error(cfg, out, v)]
+    for i in range(len(visible) - 1, 0, -1):  # backprop to every layer's output
+        up = torch.einsum("bhoi,bcho->bchi", visible[i], deltas[0])
+        deltas.insert(0, up * _act_grad(cfg.activation, pre[i - 1]))
+    return k, inputs, deltas
+
+
+def _token_loop(learner: Any, mem: _Member, args: tuple, n: int) -> None:
+    """One window of a member without a cluster lowering (a rule chain, Nesterov momentum, an
+    update every n tokens or chunks): the reference loop's token recurrence, with each token's
+    gradient ``delta x^T`` at the visible state summed into the pending sum, and the rule chain
+    applied to it at each update tick of the member's frequency (``reference_loop.token_step``)."""
+    cfg, st = mem.cfg, mem.state
+    k, inputs, deltas = _layer_errors(mem, args)
+    scalars = [rule_scalars(learner, cfg, r, args, k) for r in cfg.rules]
+    running, acc, bufs, t0 = list(st["running"]), st["acc"], st["buffers"], st["phase"]
+    for t in range(n):
+        g = [torch.einsum("bho,bhi->bhoi", d[:, t], x[:, t]) for x, d in
+             zip(inputs, deltas, strict=True)]  # fmt: skip
+        acc = g if acc is None else [a + b for a, b in zip(acc, g, strict=True)]
+        if updates_at(cfg.schedule, cfg.chunk, t0 + t + 1):
+            xs = [x[:, t : t + 1] for x in inputs]
+            running, bufs = token_step(cfg, running, acc, bufs, scalars, xs, t)
+            acc = None
+    mem.state = {**st, "running": running, "acc": acc, "buffers": bufs, "phase": t0 + n}
+
+
 def _jobs(learner: Any, mem: _Member, args: tuple) -> list[dict]:
     """One window of the member's inner optimizer as one job per layer: its inputs ``x`` and
     errors ``delta`` at the chunk-start state, its gates, and its running weights."""
     cfg = mem.cfg
-    H = cfg.heads
-    k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
+    k, inputs, deltas = _layer_errors(mem, args)
     lr = gate(learner, cfg, "lr", args, k)
     retain = gate(learner, cfg, "retain", args, k)
     mu = gate(learner, cfg, "momentum", args, k)
-    visible = mem.state["visible"]
-    out, inputs, pre = mlp_forward(visible, k, cfg.activation, cfg.residual)
-    delta = output_error(cfg, out, v)
-    deltas = [delta]
-    for i in range(len(visible) - 1, 0, -1):  # backprop to every layer's output
-        up = torch.einsum("bhoi,bcho->bchi", visible[i], deltas[0])
-        deltas.insert(0, up * _act_grad(cfg.activation, pre[i - 1]))
     is_dgd = cfg.rule == "dgd"
     jobs = []
     for i, (x, d) in enumerate(zip(inputs, deltas, strict=True)):
@@ -262,10 +311,17 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
 
 
 def _update_all(learner: Any, members: dict, c: Any, vals: list, backend: str, n: int) -> None:
-    jobs = [j for name, mem in members.items()
-            for j in _jobs(learner, mem, tuple(vals[i] for i in c.member_args[name]))]  # fmt: skip
+    """One window's updates of every member (``n`` tokens): the kernel members' layer
+    recurrences batched, the token loops of members without a cluster lowering one by one."""
+    jobs = []
+    for name, mem in members.items():
+        args = tuple(vals[i] for i in c.member_args[name])
+        if mem.loop:
+            _token_loop(learner, mem, args, n)
+        else:
+            jobs.extend(_jobs(learner, mem, args))
     _run_jobs(jobs, backend)
-    for mem in members.values():
+    for mem in (m for m in members.values() if not m.loop):
         mine = sorted((j for j in jobs if j["mem"] is mem), key=lambda j: j["layer"])
         momentum = None if mem.state["momentum"] is None else [j["s_new"] for j in mine]
         mem.state = {**mem.state, "running": [j["w_new"] for j in mine], "momentum": momentum,

@@ -144,26 +144,7 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
     if obj is not None and obj.kind == "outer":
         if st.kind not in ("mlp", "linear"):
             raise CompileError(f"{where}: a chunk-updated block needs an mlp or linear state")
-        if len(rules) != 1 or not isinstance(rules[0], GD) or rules[0].nesterov:
-            raise CompileError(
-                f"{where}: a chunk-updated block lowers with one gd(lr, momentum, retain) rule "
-                f"without Nesterov, got {describe(rules)}"
-            )
-        if any(isinstance(v, Signal) for v in (rules[0].lr, rules[0].retain, rules[0].momentum)):
-            raise CompileError(f"{where}: a chunk-updated block takes constant or learned rates")
-        period = lv.frequency.period_tokens(spec.chunk_of(lv))
-        return (
-            "fast",
-            "boundary",
-            (
-                f"frozen within each {period}-token chunk; at its end theta <- a theta - lr * "
-                "(sum of the chunk's outer-loss gradients at the chunk-start theta) (Eq. 71)"
-                if rules[0].momentum is None
-                else f"frozen within each {period}-token chunk; at its end S <- mu S - lr * "
-                "(sum of the chunk's outer-loss gradients at the chunk-start theta), "
-                "theta <- a theta + S (Eq. 71 with momentum as the optimizer's error term)"
-            ),
-        )
+        return _block(spec, lv)
     if st.kind == "linear" and st.bias:
         raise CompileError(
             f"{where}: a matrix memory with bias=True has no lowering (the memory kernels read "
@@ -210,6 +191,69 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
     return "fast", "cluster", _CLUSTER_DETAIL
 
 
+def _block(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
+    """(role, lowering, detail[, why]) of a chunk-updated block (CMS, Eq. 71): any chain of
+    gd/ema/weight_decay/precondition/orthogonalize rules, applied at the chunk's end to the
+    chunk's summed outer-loss gradients. A per-token rate of its gd/ema rule sits inside the
+    sum (each token's gradient weighted by its own rate), so the learner runs token by token."""
+    where = f"level {lv.name!r}"
+    rules = lv.optimizer
+    if not rules:
+        raise CompileError(
+            f"{where}: a chunk-updated block (outer() objective, updated every C tokens) needs "
+            "an inner optimizer, e.g. optimizer=gd(lr=0.1); without one it is a slow level "
+            "(frequency=per_step())"
+        )
+    for r in rules:
+        if isinstance(r, Follow | Exact):
+            raise CompileError(
+                f"{where}: the rule {r} has no meaning for a chunk-updated block; use gd, ema, "
+                "weight_decay, precondition or orthogonalize"
+            )
+        if isinstance(r, DGD):
+            raise CompileError(
+                f"{where}: dgd in a chunk-updated block is not supported: its decay needs each "
+                "layer's input, and a block's update sums a whole chunk of outer-loss gradients "
+                "(whose input would decay the parameters?); use gd"
+            )
+    steps = [r for r in rules if isinstance(r, GD | EMA)]
+    per_token = [r for r in steps if isinstance(r.lr if isinstance(r, GD) else r.beta, Signal)]
+    if per_token and len(steps) > 1:
+        raise CompileError(
+            f"{where}: a per-token rate weights each token's gradient inside the chunk's sum "
+            f"(Eq. 71), so it needs the chain's only gd/ema rule; got {describe(rules)}"
+        )
+    period = lv.frequency.period_tokens(spec.chunk_of(lv))
+    grads = "sum of the chunk's outer-loss gradients at the chunk-start theta"
+    single = rules[0] if len(rules) == 1 and isinstance(rules[0], GD) else None
+    if single is not None and not single.nesterov and not per_token:
+        if single.momentum is None:
+            detail = (
+                f"frozen within each {period}-token chunk; at its end theta <- a theta - lr * "
+                f"({grads}) (Eq. 71)"
+            )
+        else:
+            detail = (
+                f"frozen within each {period}-token chunk; at its end S <- mu S - lr * ({grads}), "
+                "theta <- a theta + S (Eq. 71 with momentum as the optimizer's error term)"
+            )
+        return "fast", "boundary", detail
+    chain = " -> ".join(f"GD(lr=1-{r.beta})" if isinstance(r, EMA) else str(r) for r in rules)
+    if not per_token:
+        detail = (
+            f"frozen within each {period}-token chunk; at its end d = {grads}; {chain} "
+            "(Eq. 71 with the rule chain as the optimizer)"
+        )
+        return "fast", "boundary", detail
+    detail = (
+        f"token loop: frozen within each {period}-token chunk; d = sum of its tokens' outer-loss "
+        f"gradients at the chunk-start theta, each weighted by its own rate (Eq. 71); at the "
+        f"chunk's end {chain} with that rate replaced by 1"
+    )
+    why = f"its rate {per_token[0]} is per token, inside Eq. 71's sum over the chunk"
+    return "fast", "boundary", detail, why
+
+
 def _loop_reasons(spec: GraphSpec, lv: Level) -> list[str]:
     """Why a matrix/MLP memory has no fast lowering (empty: it has one); CompileError for a
     rule chain with no meaning inside a sequence learner."""
@@ -241,11 +285,12 @@ def _loop_reasons(spec: GraphSpec, lv: Level) -> list[str]:
     return reasons
 
 
-def _loop_detail(lv: Level, reasons: list[str]) -> str:
+def _loop_detail(lv: Level, reasons: list[str], where: str = "", grad: str = "") -> str:
     steps = " -> ".join(
         f"GD(lr=1-{r.beta})" if isinstance(r, EMA) else str(r) for r in lv.optimizer
     )
-    return f"token loop: g = autograd of {lv.objective} at the chunk-start state; {steps}"
+    grad = grad or f"autograd of {lv.objective}"
+    return f"token loop{where}: g = {grad} at the chunk-start state; {steps}"
 
 
 _CLUSTER_DETAIL = (
@@ -304,11 +349,21 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
             continue
         for n in members:
             lp = levels[n]
+            if lp.lowering == "reference_loop":
+                # No cluster lowering for its rule or schedule: it runs as a token loop of its
+                # rule chain inside the cluster's windows (per-layer gradients delta x^T at the
+                # chunk-start states); the other members keep their kernels.
+                inside = f" inside the recurrent cluster {members}"
+                detail = _loop_detail(spec.level(n), [], inside, "delta x^T per layer")
+                levels[n] = LevelPlan(n, "fast", "reference_loop", lp.chunk, lp.frequency,
+                                      lp.reads, detail, f"{lp.why}; it runs as a token loop"
+                                      f"{inside}")  # fmt: skip
+                continue
             if lp.lowering not in ("cluster", "deep_memory", "linear_memory"):
                 raise CompileError(
                     f"level {n!r} ({lp.lowering}) reads the memories {members} inside its update; "
-                    "only matrix and MLP memories with one gd or dgd rule, updated every token, "
-                    "can run as one recurrent cluster"
+                    "only matrix and MLP memories on a key/value objective can run as one "
+                    "recurrent cluster"
                 )
             levels[n] = LevelPlan(n, "fast", "cluster", lp.chunk, lp.frequency, lp.reads,
                                   _CLUSTER_DETAIL)  # fmt: skip
@@ -328,7 +383,7 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
     plan.check()
     for n in plan.order:
         lp = plan.levels[n]
-        if lp.lowering == "reference_loop":
+        if lp.lowering == "reference_loop" or lp.why:
             warnings.warn(
                 ReferenceLoopWarning(
                     f"level {n!r} has no fast lowering ({lp.why}); it runs as the reference loop, "

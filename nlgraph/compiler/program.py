@@ -95,6 +95,9 @@ class Program:
     memory_args: dict[str, tuple[int, ...]]
     clusters: list[ClusterCfg]
     source: str = ""
+    # CMS blocks: each block's rule chain as static tuples (_rule_cfg); its signal positions
+    # index the tuple the program hands to ``self._block_signals``
+    block_rules: dict[str, tuple] = field(default_factory=dict)
 
 
 def _scalar(lv: Level, name: str, value: Any, add_arg) -> ScalarCfg:
@@ -339,27 +342,19 @@ class _Builder(_Lowering):
                         "recurrent cluster, whose reads see the chunk-start state; read it "
                         "at='prev'"
                     )
-            # stop_grad edges into a member detach their source in the flows computed over the
-            # whole sequence before the windows (projections of the input, ...); a source read
-            # inside the window program (another member, or a module applied to a member's
-            # read-out) would need a detach there, which the cluster runtime does not have.
+            # stop_grad edges into a member detach their source where the member reads it: in
+            # the flows computed over the whole sequence before the windows (projections of the
+            # input, ...) and in the window program (another member's read-out, a module applied
+            # to one), as "detach" nodes. A flow's node depends on what is cut, so each cut set
+            # has its own memo (and the memo key holds the cut set too).
             cut = self.stop_grad.get(n, frozenset())
-            outer, self.detach = self.detach, cut
-            w.flow_memo = memos.setdefault(cut, {})  # a flow's node depends on what is cut
+            outer, self.detach, w.detach = self.detach, cut, cut
+            w.flow_memo = memos.setdefault(cut, {})
             try:
                 cfg, args = self._memory_cfg(lv, [], w.flow)
                 c.reads[n] = [w.flow(r) for r in reads]
             finally:
-                self.detach = outer
-            inside = _window_levels(w.nodes, [*args, *c.reads[n]])
-            if cut & (inside | members):
-                bad = sorted(cut & (inside | members))
-                raise CompileError(
-                    f"level {n!r} (cluster): stop_grad edges from {bad} into it are not "
-                    "supported: that source is evaluated inside the cluster's window program, "
-                    "at the chunk-start states of its memories; only sources computed before "
-                    "the windows (e.g. projections of the input) can be detached"
-                )
+                self.detach, w.detach = outer, frozenset()
             c.members[n] = cfg
             c.member_args[n] = tuple(args)
         c.read_flows = {n: memory_reads(self.spec, n) for n in names}  # type: ignore[attr-defined]
@@ -367,20 +362,6 @@ class _Builder(_Lowering):
         c.inputs = w.inputs
         self.clusters[cid] = c
         self.mem_nodes[f"cluster{cid}"] = self.add("cluster", tuple(c.inputs), (cid,))
-
-
-def _window_levels(nodes: list[Node], roots: list[int]) -> set[str]:
-    """Levels read inside a window program by the nodes ``roots`` depend on."""
-    seen, todo, out = set(), list(roots), set()
-    while todo:
-        i = todo.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        if nodes[i].op in ("slow", "visible"):
-            out.add(nodes[i].attrs[0])
-        todo.extend(nodes[i].args)
-    return out
 
 
 class _WindowBuilder(_Lowering):
@@ -468,14 +449,33 @@ def node_expr(n: Node, var) -> str:
         return f"{a[0]}[{n.attrs[0]!r}][{n.attrs[1]}]"
     if op == "visible":
         return f"visible({n.attrs[0]!r}, {a[0]}, {n.attrs[1]})"
+    if op == "blocksignals":
+        return f"self._block_signals({n.attrs[0]!r}, ({', '.join(a)},), new_state)"
     raise CompileError(f"no code for node op {op!r}")  # pragma: no cover
+
+
+def _block_rules(b: _Builder, name: str) -> tuple:
+    """A CMS block's rule chain as static tuples; the per-token flows its rules read (signals,
+    preconditioners) become one ``blocksignals`` node, which hands them to the runtime."""
+    lv, flows = b.spec.level(name), []
+
+    def arg(flow: FlowBase) -> int:
+        flows.append(flow)
+        return len(flows) - 1
+
+    rules = tuple(_rule_cfg(lv, r, arg) for r in lv.optimizer)
+    if flows:
+        b.add("blocksignals", tuple(b.flow_for(name, f) for f in flows), (name,))
+    return rules
 
 
 def build_program(plan: Plan, slow_kinds: dict[str, str]) -> Program:
     b = _Builder(plan, slow_kinds)
     outputs = {name: b.flow(flow) for name, flow in plan.spec.outputs.items()}
-    prog = Program(b.nodes, outputs, b.memories, b.memory_args,
-                   [b.clusters[i] for i in sorted(b.clusters)])  # fmt: skip
+    block_rules = {n: _block_rules(b, n) for n in plan.order
+                   if plan.levels[n].lowering == "boundary"}  # fmt: skip
+    clusters = [b.clusters[i] for i in sorted(b.clusters)]
+    prog = Program(b.nodes, outputs, b.memories, b.memory_args, clusters, block_rules=block_rules)
     lines = [f"def forward_program(self, inputs, state, new_state):  # graph {plan.spec.name!r}"]
     for n in b.nodes:
         lines.append(f"    n{n.id} = {node_expr(n, lambda i: f'n{i}')}")

@@ -24,7 +24,8 @@ one autograd call gives every sample's gradient (samples never mix); the gradien
 ``create_graph`` whenever gradients are enabled, so meta-gradients flow through every update.
 
 The state ``{"running", "visible", "acc", "buffers", "tokens"}`` is explicit and per sample, so
-segments with carried state equal one pass.
+segments with carried state equal one pass. The rule step (:func:`apply_rules`) is shared with
+the boundary updates of CMS blocks (:mod:`nlgraph.compiler.boundary`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ from nlgraph.compiler.memory import SIGNAL_ACT, bounded, heads
 from nlgraph.compiler.modules import ACT
 from nlgraph.compiler.program import MemoryCfg
 
-__all__ = ["run_reference_loop", "newton_schulz"]
+__all__ = [
+    "run_reference_loop", "token_step", "rule_scalars", "updates_at", "apply_rules",
+    "orthogonalize", "newton_schulz", "shaped",
+]  # fmt: skip
 
 
 def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
@@ -53,7 +57,7 @@ def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> 
         return outs, prev
     running, visible = list(st["running"]), list(st["visible"])
     acc, bufs, t0 = st["acc"], dict(st["buffers"]), st["tokens"]
-    scalars = [_rule_scalars(learner, cfg, r, args, k) for r in cfg.rules]
+    scalars = [rule_scalars(learner, cfg, r, args, k) for r in cfg.rules]
     reads: list[list[torch.Tensor]] = [[] for _ in queries]
     for t in range(T):
         tick = t0 + t + 1
@@ -62,8 +66,8 @@ def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> 
                 reads[i].append(_mlp(cfg, visible, q[:, t : t + 1])[0])
         g, inputs = _inner_grad(cfg, visible, k[:, t : t + 1], v[:, t : t + 1])
         acc = g if acc is None else [a + b for a, b in zip(acc, g, strict=True)]
-        if _updates_at(cfg.schedule, cfg.chunk, tick):
-            running, bufs = _step(cfg, running, acc, bufs, scalars, inputs, t)
+        if updates_at(cfg.schedule, cfg.chunk, tick):
+            running, bufs = token_step(cfg, running, acc, bufs, scalars, inputs, t)
             acc = None
         if tick % cfg.chunk == 0:
             visible = list(running)
@@ -83,7 +87,7 @@ def _initial(learner: Any, cfg: MemoryCfg, B: int) -> dict[str, Any]:
     return {"running": ws, "visible": ws, "acc": None, "buffers": {}, "tokens": 0}
 
 
-def _updates_at(schedule: tuple, chunk: int, tick: int) -> bool:
+def updates_at(schedule: tuple, chunk: int, tick: int) -> bool:
     """Whether the level updates at token ``tick`` (``nlgraph.clock.Frequency.updates_at`` on
     its unit: token ticks, or chunk ticks at the chunks' last tokens)."""
     unit, every, offset = schedule
@@ -158,7 +162,7 @@ def _per_head(cfg: MemoryCfg, x: torch.Tensor, like: torch.Tensor) -> torch.Tens
     return x.expand(like.shape[0], like.shape[1], H)
 
 
-def _rule_scalars(learner: Any, cfg: MemoryCfg, rule: tuple, args: tuple, like) -> dict:
+def rule_scalars(learner: Any, cfg: MemoryCfg, rule: tuple, args: tuple, like) -> dict:
     kind = rule[0]
     if kind in ("gd", "dgd"):
         names = ("lr", "momentum", "retain")
@@ -175,40 +179,67 @@ def _rule_scalars(learner: Any, cfg: MemoryCfg, rule: tuple, args: tuple, like) 
 
 
 def _at(x: Any, t: int) -> Any:
-    """A scalar at token ``t``, shaped to scale ``[B, H, out, in]`` weights."""
-    return x[:, t, :, None, None] if isinstance(x, torch.Tensor) and x.dim() == 3 else x
+    """A scalar at token ``t``: ``[B, T, H] -> [B, H]`` (floats and learned scalars as they are)."""
+    return x[:, t] if isinstance(x, torch.Tensor) and x.dim() == 3 else x
 
 
-def _step(cfg, running, d, bufs, scalars, inputs, t):
-    """Apply the rule chain once: returns the new weights and momentum buffers."""
-    s, bufs = list(running), dict(bufs)
-    for i, (rule, sc) in enumerate(zip(cfg.rules, scalars, strict=True)):
+def token_step(cfg, running, d, bufs, scalars, inputs, t):
+    """Apply the rule chain once, with the scalars of token ``t``."""
+    at = [{n: _at(v, t) for n, v in sc.items()} for sc in scalars]
+    return apply_rules(cfg.rules, running, d, bufs, at, inputs, lead=2)
+
+
+def shaped(x: Any, w: torch.Tensor) -> Any:
+    """A scalar (float, 0-d tensor, or a tensor over the leading axes of ``w``) shaped to scale
+    ``w``."""
+    if isinstance(x, torch.Tensor) and x.dim():
+        return x.reshape(*x.shape, *([1] * (w.dim() - x.dim())))
+    return x
+
+
+def apply_rules(rules, weights, d, bufs, scalars, inputs=None, lead=2, unit_lr=None):
+    """Apply a rule chain once: returns the new weights and momentum buffers.
+
+    ``rules``: static rule tuples (``program._rule_cfg``); ``weights`` and the direction ``d``:
+    lists of tensors whose first ``lead`` axes are per sample (memories: ``[B, H, out, in]``,
+    ``lead=2``; CMS blocks: ``[B, *param_shape]``, ``lead=1``); ``scalars``: one dict per rule
+    of its scalars at the update's token (floats, learned 0-d tensors, or tensors over the
+    ``lead`` axes); ``bufs``: momentum buffers by rule index (``str(i)``); ``inputs``: each
+    layer's input (``dgd`` only). ``unit_lr``: index of a gd/ema rule whose rate already weights
+    ``d`` (a per-token rate inside the sum, CMS Eq. 71): it steps with rate 1.
+    """
+    s, bufs = list(weights), dict(bufs)
+    for i, (rule, sc) in enumerate(zip(rules, scalars, strict=True)):
         kind = rule[0]
         if kind == "weight_decay":
-            s = [(1 - _at(sc["rate"], t)) * w for w in s]
+            s = [(1 - shaped(sc["rate"], w)) * w for w in s]
         elif kind == "precondition":
-            by = _at(sc["by"], t)
-            d = [g / (by ** rule[2] + rule[3]) for g in d]
+            d = [g / (shaped(sc["by"], g) ** rule[2] + rule[3]) for g in d]
         elif kind == "newton_schulz":
-            d = [newton_schulz(g, rule[1], rule[2]) for g in d]
+            d = [orthogonalize(g, rule[1], rule[2], lead) for g in d]
         elif kind in ("gd", "ema"):
-            lr = 1 - _at(sc["beta"], t) if kind == "ema" else _at(sc["lr"], t)
-            mu = None if kind == "ema" else _at(sc["momentum"], t)
-            a = 1.0 if kind == "ema" or sc["retain"] is None else _at(sc["retain"], t)
+            rate = 1 - sc["beta"] if kind == "ema" else sc["lr"]
+            lr = 1.0 if i == unit_lr else rate
+            mu = None if kind == "ema" else sc["momentum"]
+            a = 1.0 if kind == "ema" or sc["retain"] is None else sc["retain"]
             if mu is None:
-                s = [a * w - lr * g for w, g in zip(s, d, strict=True)]
+                s = [shaped(a, w) * w - shaped(lr, g) * g for w, g in zip(s, d, strict=True)]
             else:
                 old = bufs.get(str(i)) or [torch.zeros_like(g) for g in d]
-                buf = [mu * b - lr * g for b, g in zip(old, d, strict=True)]
+                buf = [shaped(mu, b) * b - shaped(lr, g) * g for b, g in zip(old, d, strict=True)]
                 bufs[str(i)] = buf
-                look = [mu * b - lr * g for b, g in zip(buf, d, strict=True)] if rule[4] else buf
-                s = [a * w + u for w, u in zip(s, look, strict=True)]
+                look = (
+                    [shaped(mu, b) * b - shaped(lr, g) * g for b, g in zip(buf, d, strict=True)]
+                    if rule[4]
+                    else buf
+                )
+                s = [shaped(a, w) * w + u for w, u in zip(s, look, strict=True)]
         else:  # dgd, per layer with that layer's input x (PAPER.md 3.1, Eq. 88)
-            lr, mu = _at(sc["lr"], t), _at(sc["momentum"], t)
-            a = 1.0 if sc["retain"] is None else _at(sc["retain"], t)
-            old = bufs.get(str(i)) or [torch.zeros_like(g) for g in d]
             new_s, buf = [], []
+            old = bufs.get(str(i)) or [torch.zeros_like(g) for g in d]
             for w, g, x, b in zip(s, d, inputs, old, strict=True):
+                lr, mu = shaped(sc["lr"], w), shaped(sc["momentum"], w)
+                a = 1.0 if sc["retain"] is None else shaped(sc["retain"], w)
                 x = x[:, 0]  # [B, H, in]
                 step = lr / (1 + lr * (x * x).sum(-1)[..., None, None]) if rule[4] else lr
                 decayed = a * w - step * torch.einsum("bho,bhi->bhoi", torch.einsum(
@@ -220,9 +251,23 @@ def _step(cfg, running, d, bufs, scalars, inputs, t):
                     buf.append(b)
                     new_s.append(decayed + b)
             s = new_s
-            if mu is not None:
+            if sc["momentum"] is not None:
                 bufs[str(i)] = buf
     return s, bufs
+
+
+def orthogonalize(g: torch.Tensor, steps: int, variant: str, lead: int) -> torch.Tensor:
+    """Newton–Schulz on each per-sample tensor of ``g`` (its axes after the first ``lead``): a
+    matrix is orthogonalised; a vector (a bias) passes through unchanged, as in Muon-with-AdamW
+    splits; a tensor of more axes is orthogonalised as the matrix ``[shape[0], prod(rest)]``
+    (Muon's convention for convolution filters)."""
+    core = g.shape[lead:]
+    if len(core) < 2:
+        return g
+    if len(core) == 2:
+        return newton_schulz(g, steps, variant)
+    flat = g.reshape(*g.shape[:lead], core[0], -1)
+    return newton_schulz(flat, steps, variant).reshape(g.shape)
 
 
 def newton_schulz(x: torch.Tensor, steps: int, variant: str) -> torch.Tensor:

@@ -241,12 +241,18 @@ class CompiledLearner(nn.Module):
                 state[lv.name] = self._block_initial(lv.name, B)
         if not blocks or loss_fn is None or not writes:
             outputs, state = self._piece(inputs, state)
+            for lv in blocks:  # signals the program handed over for an update that is not run
+                state[lv.name] = {k: v for k, v in state[lv.name].items() if k != "signals"}
             if loss_fn is not None:
                 outputs["loss"] = loss_fn(outputs, 0, T)
             return outputs, state
         periods = {lv.name: self.plan.levels[lv.name].chunk for lv in blocks}
         phases = {lv.name: state[lv.name]["phase"] for lv in blocks}
-        every_token = (os.environ.get("NLGRAPH_BACKEND") or self.backend) == "reference"
+        # The reference backend cuts at every token (the token loop), and so does a block whose
+        # rate is per token: each token's gradient is weighted by its own rate (Eq. 71).
+        every_token = (os.environ.get("NLGRAPH_BACKEND") or self.backend) == "reference" or any(
+            boundary.token_weighted(self.program.block_rules[lv.name]) is not None for lv in blocks
+        )
         pieces, total, start = [], 0.0, 0
         differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
         with torch.enable_grad():  # blocks learn at test time too
@@ -331,9 +337,9 @@ class CompiledLearner(nn.Module):
         return outs, new, loss, [g for per_block in grads for g in per_block]
 
     def _block_initial(self, name: str, batch: int) -> dict[str, Any]:
-        momentum = self.spec.level(name).optimizer[0].momentum is not None
+        buffers = tuple(boundary.buffer_keys(self.program.block_rules[name]).values())
         return boundary.initial(
-            self.blocks[_key(name)], batch, detach=name in self._init_cut, momentum=momentum
+            self.blocks[_key(name)], batch, detach=name in self._init_cut, buffers=buffers
         )
 
     # Called by the generated program ------------------------------------------------------
@@ -344,6 +350,11 @@ class CompiledLearner(nn.Module):
 
     def _block(self, level: str, x: torch.Tensor, state: dict) -> torch.Tensor:
         return boundary.apply(self.blocks[_key(level)], state[level]["theta"], x)
+
+    def _block_signals(self, level: str, values: tuple, new_state: dict) -> None:
+        # The per-token flows of a block's rules ([B, T, 1] each), for its update after the
+        # piece (boundary.accumulate_and_update consumes them).
+        new_state[level] = {**new_state[level], "signals": values}
 
     def _memory(self, name: str, args: tuple, state: dict, new_state: dict) -> tuple:
         outs, new_state[name] = run_memory(self, self.program.memories[name], args, state.get(name))
@@ -378,22 +389,16 @@ class CompiledLearner(nn.Module):
             for n in c.names
         }
 
-    def _block_rates(self, lv: Level) -> tuple[Any, Any, Any]:
-        """(lr, retain, momentum or None) of a block's gd rule."""
-        rule = lv.optimizer[0]
-        mu = (
-            None if rule.momentum is None else self._const_or_learned(lv, "momentum", rule.momentum)
-        )
-        return (
-            self._const_or_learned(lv, "lr", rule.lr),
-            self._const_or_learned(lv, "retain", 1.0 if rule.retain is None else rule.retain),
-            mu,
-        )
-
-    def _const_or_learned(self, lv: Level, name: str, value: Any) -> Any:
-        if not isinstance(value, Learned):
-            return float(value)
-        return bounded(self.scalars[f"{_key(lv.name)}__{name}"], value.lo, value.hi)
+    def _block_rates(self, lv: Level) -> tuple[tuple, dict[str, torch.Tensor]]:
+        """A block's rule chain (static tuples) and the values of its learned scalars by key."""
+        rules = self.program.block_rules[lv.name]
+        learned = {
+            sc[1]: bounded(self.scalars[sc[1]], sc[2], sc[3])
+            for r in rules
+            for sc in r[1:]
+            if isinstance(sc, tuple) and sc[:1] == ("learned",)
+        }
+        return rules, learned
 
     def get_extra_state(self) -> dict[str, Any]:
         from nlgraph.serialize import to_dict
