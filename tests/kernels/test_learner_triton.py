@@ -28,7 +28,7 @@ def _step(learner, tokens):
 
 def test_for_op_falls_back_to_chunk_without_a_kernel():
     assert _dispatch.for_op("momentum_memory", "triton") == "triton"
-    assert _dispatch.for_op("deep_memory", "triton") == "chunk"
+    assert _dispatch.for_op("attention", "triton") == "chunk"
     assert _dispatch.for_op("deep_memory", "auto") == "auto"
 
 
@@ -55,3 +55,30 @@ def test_hope_on_triton_equals_chunk(monkeypatch):
     for gt, gc in zip(grads_t, grads_c, strict=True):
         torch.testing.assert_close(gt, gc, rtol=1e-4, atol=1e-5)
     assert all(g.abs().sum() > 0 for g in grads_c[:3])
+
+
+def test_titans_on_triton_equals_chunk(monkeypatch):
+    """A Titans LM on the Triton backend runs its deep memory through the deep-memory kernel
+    (depth 2, momentum and forgetting, T not a multiple of the chunk) and equals the chunked
+    learner: logits and every parameter gradient, the meta-learned initial state included."""
+    monkeypatch.delenv("NLGRAPH_BACKEND", raising=False)
+    spec = get("titans_lm", d=16, n_layers=1, heads=2, hidden=32, chunk=4)
+    torch.manual_seed(0)
+    chunk = compile(spec, backend="chunk")
+    triton = compile(spec, backend="triton")
+    triton.load_state_dict(chunk.state_dict())
+    tokens = torch.randint(0, chunk.slow["embed"].num_embeddings, (2, 11))
+    calls = []
+    kernel = _dispatch._REGISTRY["deep_memory"]["triton"]
+    monkeypatch.setitem(
+        _dispatch._REGISTRY["deep_memory"], "triton",
+        (lambda *a, **k: calls.append(1) or kernel[0](*a, **k), kernel[1]),
+    )  # fmt: skip
+    logits_c, grads_c = _step(chunk, tokens)
+    logits_t, grads_t = _step(triton, tokens)
+    assert calls, "the Triton learner never reached the deep-memory kernel"
+    torch.testing.assert_close(logits_t, logits_c, rtol=1e-5, atol=1e-5)
+    names = [n for n, _ in chunk.named_parameters()]
+    for n, gt, gc in zip(names, grads_t, grads_c, strict=True):
+        torch.testing.assert_close(gt, gc, rtol=1e-4, atol=1e-5, msg=n)
+    assert all(g.abs().sum() > 0 for n, g in zip(names, grads_c, strict=True) if "titans" in n)

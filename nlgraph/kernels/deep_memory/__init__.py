@@ -1,23 +1,31 @@
 """Titans-style deep (MLP) associative memory trained in context, chunk-parallel.
 
 Backends (registered with :mod:`nlgraph.kernels._dispatch` as op ``"deep_memory"``):
-``reference`` (:mod:`.naive`, the token loop) and ``chunk`` (:mod:`.chunk`).
+``reference`` (:mod:`.naive`, the token loop), ``chunk`` (:mod:`.chunk`, batched PyTorch per
+chunk) and ``triton`` (:mod:`.triton`, the whole chunk loop in one kernel per (batch, head) with
+the fast weights in registers, as the custom op ``nlgraph::deep_memory``; depth 1 or 2 memories
+that fit its register budget, the chunk form for the others).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.deep_memory.chunk import deep_memory_chunk
 from nlgraph.kernels.deep_memory.naive import deep_memory_naive
+from nlgraph.kernels.deep_memory.triton import deep_memory_triton, triton_available
 
-__all__ = ["deep_memory", "deep_memory_naive", "deep_memory_chunk"]
+__all__ = ["deep_memory", "deep_memory_naive", "deep_memory_chunk", "deep_memory_triton"]
 
 _dispatch.register("deep_memory", "reference", deep_memory_naive)
 _dispatch.register("deep_memory", "chunk", deep_memory_chunk)
+# auto picks it only for CUDA tensors (see _dispatch); the interpreter serves tests by name.
+_dispatch.register("deep_memory", "triton", deep_memory_triton, available=triton_available)
 
 
 def deep_memory(
@@ -69,7 +77,10 @@ def deep_memory(
         read: ``"after"`` or ``"chunk_start"`` (see above).
         objective: ``"l2"`` or ``"dot"``. activation: ``"silu"``, ``"gelu"``, ``"relu"``,
             ``"identity"``. residual: add ``z`` (needs Dk == Dv).
-        backend: ``"auto"``, ``"reference"`` or ``"chunk"``; ``NLGRAPH_BACKEND`` overrides it.
+        backend: ``"auto"``, ``"reference"``, ``"chunk"`` or ``"triton"`` (float32, bfloat16 or
+            float16; depth 1 or 2 within its register budget, else the chunk form with a
+            one-time log message); ``NLGRAPH_BACKEND`` overrides it. ``auto`` takes triton for
+            CUDA tensors other than float64, and chunk otherwise.
         output_final_state: return the state dict (else None).
 
     Returns:
@@ -85,7 +96,11 @@ def deep_memory(
         >>> y.shape, st["params"]["W1"].shape
         (torch.Size([1, 8, 2, 4]), torch.Size([1, 2, 4, 16]))
     """
-    fn = _dispatch.get("deep_memory", backend, q.device)
+    name = _dispatch.resolve_backend("deep_memory", backend, q.device)
+    # auto only picks triton for what the kernel can take; asking for it by name gets its error.
+    if name == "triton" and backend == "auto" and not os.environ.get("NLGRAPH_BACKEND"):
+        name = "chunk" if q.dtype == torch.float64 else name
+    fn = _dispatch.get("deep_memory", name)
     return fn(
         q, k, v, lr, momentum, forget, params0=params0, state=state, chunk_size=chunk_size,
         read=read, objective=objective, activation=activation, residual=residual,
