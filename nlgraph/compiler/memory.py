@@ -73,26 +73,38 @@ def backend_of(learner: Any, op: str | None = None) -> str:
 def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
     """``(read-outs in read order, final state)`` of one memory over the sequence.
 
-    With a truncation (``truncated(k)`` edges) the sequence runs in windows of ``k`` chunks
-    and the carried state is detached between them: gradients reach back at most that far.
+    With a truncation (``truncated(k)`` edges, ``cfg.truncate`` = k chunks in tokens) the carried
+    state is detached every ``k`` chunks counted from the start of the sequence, so gradients
+    reach back at most that far; the state then carries its token count (``{"state": ...,
+    "tokens": n}``), and a sequence run in segments detaches at the same tokens as one pass.
     """
-    T = args[0].shape[1]
+    if cfg.truncate is None:
+        return _run_segment(learner, cfg, args, prev)
+    seen, inner = (0, None) if prev is None else (prev["tokens"], prev["state"])
+    if not learner.writes:
+        return _run_segment(learner, cfg, args, inner)[0], prev
+    T, k = args[0].shape[1], cfg.truncate
+    outs: list[tuple] = []
+    s = 0
+    while s < T:
+        if (seen + s) % k == 0 and seen + s > 0:
+            inner = detach_state(inner)
+        e = min(T, s + k - (seen + s) % k)
+        o, inner = _run_segment(learner, cfg, tuple(a[:, s:e] for a in args), inner)
+        outs.append(o)
+        s = e
+    outs_cat = tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True))
+    return outs_cat, {"state": inner, "tokens": seen + T}
+
+
+def _run_segment(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
     if cfg.lowering == "reference_loop" and not learner.writes:
         from nlgraph.compiler.reference_loop import run_reference_loop
 
         return run_reference_loop(learner, cfg, args, prev)
     if not learner.writes and cfg.lowering != "attention":
         return _read_only(learner, cfg, args, prev)
-    if cfg.truncate is None or cfg.truncate >= T:
-        return _run_memory(learner, cfg, args, prev)
-    outs: list[tuple] = []
-    for s in range(0, T, cfg.truncate):
-        window = tuple(a[:, s : s + cfg.truncate] for a in args)
-        if s > 0:
-            prev = detach_state(prev)
-        o, prev = _run_memory(learner, cfg, window, prev)
-        outs.append(o)
-    return tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True)), prev
+    return _run_memory(learner, cfg, args, prev)
 
 
 def _read_only(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:

@@ -362,27 +362,34 @@ class CompiledLearner(nn.Module):
 
     def _cluster(self, cid: int, inputs: tuple, state: dict, new_state: dict) -> dict:
         """Run a cluster; a member with truncated(k) edges has its carried state detached every
-        ``k`` of its chunks (counted from the start of the call, as for memories): the
-        sequence runs as segments with carried state, which equal one pass."""
+        ``k`` of its chunks counted from the start of the sequence (its state carries the token
+        count, ``"tokens"``): the sequence runs as segments cut there, which equal one pass, and
+        a sequence run in segments detaches at the same tokens."""
         from nlgraph.compiler.cluster import run_cluster
         from nlgraph.compiler.memory import detach_state
 
         c = self.program.clusters[cid]
         every = {n: m.truncate for n, m in c.members.items() if m.truncate is not None}
+        if not every:
+            return run_cluster(self, c, inputs, state, new_state)
         T = inputs[0].shape[1]
-        cuts = sorted({T, *(t for k in every.values() for t in range(k, T, k))})
-        if not self.writes or len(cuts) == 1:
+        seen = {n: (state.get(n) or {}).get("tokens", 0) for n in every}
+        cuts = sorted({T, *(t for n, k in every.items() for t in range(1, T)
+                            if (seen[n] + t) % k == 0)})  # fmt: skip
+        if not self.writes:
             return run_cluster(self, c, inputs, state, new_state)
         pieces: list[dict] = []
         carried = {n: state.get(n) for n in c.names}
         for s, e in zip([0, *cuts[:-1]], cuts, strict=True):
             for n, k in every.items():
-                if s > 0 and s % k == 0:
+                if carried[n] is not None and (seen[n] + s) % k == 0 and seen[n] + s > 0:
                     carried[n] = detach_state(carried[n])
             out_state: dict[str, Any] = {}
             pieces.append(run_cluster(self, c, tuple(a[:, s:e] for a in inputs), carried,
                                       out_state))  # fmt: skip
             carried = {n: out_state[n] for n in c.names}
+        for n in every:
+            carried[n] = {**carried[n], "tokens": seen[n] + T}
         new_state.update(carried)
         return {
             n: tuple(torch.cat([p[n][i] for p in pieces], dim=1) for i in range(len(pieces[0][n])))
