@@ -392,3 +392,20 @@ def test_self_modifying_titans_with_a_window_source_cut():
     assert torch.equal(ya, yb)
     ga, gb = meta_grads(ya, plain, x), meta_grads(yb, cut, x)
     assert max(rel(b, a) for a, b in zip(ga, gb, strict=True) if a is not None) > 1e-6
+
+
+@pytest.mark.parametrize("variant", ["chain", "nesterov", "every2"])
+def test_causality_with_a_fallback_member(variant):
+    """A perturbation of tokens after t never changes outputs up to t, with a token-loop member
+    and the kernel member in the same windows, for both backends."""
+    learner = learner_of(variant, 2, 3)
+    x = torch.randn(2, 10, D, dtype=DT)
+    for backend in ("chunk", "reference"):
+        learner.backend = backend
+        y0 = learner(x)[0]["y"]
+        for t in (0, 3, 7):
+            x2 = x.clone()
+            x2[:, t + 1 :] += torch.randn_like(x2[:, t + 1 :])
+            y1 = learner(x2)[0]["y"]
+            assert torch.equal(y1[:, : t + 1], y0[:, : t + 1]), (backend, t)
+            assert not torch.equal(y1[:, t + 1 :], y0[:, t + 1 :])

@@ -452,3 +452,22 @@ def test_without_a_loss_the_block_holds_and_carries_no_signals():
         out, state = learner(x, None, **kw)
         assert state["B"]["updates"] == 0 and "signals" not in state["B"]
         assert set(state["B"]) == {"theta", "acc", "phase", "updates", "momentum"}
+
+
+@pytest.mark.parametrize("name", ["per_token_lr", "per_token_retain_momentum", "nesterov",
+                                  "precondition+gd"])  # fmt: skip
+def test_causality(name):
+    """9.10 for blocks with rule chains and per-token scalars: an input or target after t never
+    changes outputs up to t, on both backends, although the blocks learn in the sequence."""
+    learner = learner_for(name)
+    x, target = data(seed=5, T=9)
+    for backend in ("chunk", "reference"):
+        learner.backend = backend
+        y0 = learner(x, None, loss_fn=mse(target))[0]["y"]
+        for t in (0, 2, 5):
+            x2, t2 = x.clone(), target.clone()
+            x2[:, t + 1 :] += 1.0
+            t2[:, t + 1 :] -= 1.0
+            y1 = learner(x2, None, loss_fn=mse(t2))[0]["y"]
+            assert torch.equal(y1[:, : t + 1], y0[:, : t + 1]), (backend, t)
+            assert not torch.equal(y1[:, t + 1 :], y0[:, t + 1 :])
