@@ -30,6 +30,13 @@ pending sum and the rules' buffers across windows and segments.
 
 A source on a stop_grad edge into a member is detached where that member reads it, in the
 window program too (``detach`` nodes).
+
+A member read ``at="new"`` (Titans-style read-after: token ``t``'s read sees the state right
+after token ``t``'s update, a ``running`` node of the window program) makes the cluster run one
+token per window, a token loop: each window evaluates what its members' updates need, runs the
+updates, then the reads at="new" on the running states. The members' gradients and reads
+at="prev" keep the visible (chunk-start) state. A member whose keys, values or rates read
+another at="new" updates after it within the token (``ClusterCfg.stages``, Def. 2).
 """
 
 from __future__ import annotations
@@ -109,10 +116,12 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
     B, T = window_inputs[0].shape[0], window_inputs[0].shape[1]
     members = {n: _Member(learner, cfg, state.get(n), B) for n, cfg in c.members.items()}
     # Windows end at every member's chunk boundary (phases carry over from earlier segments),
-    # or at every token with the reference backend.
+    # or at every token with the reference backend or reads at="new".
     backend = backend_of(learner)
-    if not learner.writes:  # read-only: every read at the current state, one window
-        vals = _window(learner, c, members, _read_groups(c, members), window_inputs, 0, T)
+    groups = _read_groups(c, members)
+    if not learner.writes:  # read-only: every read at the state it starts from, one window
+        vals = [_LATER] * len(c.nodes)
+        _window(learner, c, members, groups, window_inputs, 0, T, vals, {}, set(c.names))
         for n, mem in members.items():
             new_state[n] = mem.state
         return {n: tuple(vals[node] for node in c.reads[n]) for n in c.names}
@@ -120,16 +129,21 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
         T,
         {n: m.chunk for n, m in members.items()},
         {n: m.state["phase"] for n, m in members.items()},
-        backend == "reference",
+        backend == "reference" or bool(c.read_new),
     )
     pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in c.reads[n]] for n in c.names}
-    groups = _read_groups(c, members)
     for s, e in zip([0, *cuts[:-1]], cuts, strict=True):
-        vals = _window(learner, c, members, groups, window_inputs, s, e)
+        # Stage by stage (Def. 2): the window program's nodes that are ready, then the updates
+        # of the stage's members; the reads at="new" last, on the running states.
+        vals, done, ready = [_LATER] * len(c.nodes), {}, set()
+        for stage in c.stages or [c.names]:
+            _window(learner, c, members, groups, window_inputs, s, e, vals, done, ready)
+            _update_all(learner, {n: members[n] for n in stage}, c, vals, backend, e - s)
+            ready.update(stage)
+        _window(learner, c, members, groups, window_inputs, s, e, vals, done, ready)
         for n in c.names:
             for slot, node in enumerate(c.reads[n]):
                 pieces[n][slot].append(vals[node])
-        _update_all(learner, members, c, vals, backend, e - s)
         for mem in members.values():
             if mem.state["phase"] % mem.chunk == 0:
                 mem.state["visible"] = list(mem.state["running"])
@@ -154,15 +168,25 @@ def _read_groups(c: Any, members: dict) -> dict[int, list[int]]:
     return {idx[0]: idx for idx in by_key.values()}
 
 
+_LATER = object()  # a window node not evaluated yet
+
+
 def _window(
-    learner: Any, c: Any, members: dict, groups: dict, window_inputs: tuple, s: int, e: int
-) -> list:
-    """The window program on tokens ``s..e-1``, every member read at its visible state
-    (``groups``: :func:`_read_groups`, the same for every window of a call)."""
-    vals: list[Any] = []
-    done: dict[int, torch.Tensor] = {}
+    learner: Any, c: Any, members: dict, groups: dict, window_inputs: tuple, s: int, e: int,
+    vals: list, done: dict, ready: set,
+) -> None:  # fmt: skip
+    """The window program on tokens ``s..e-1``, into ``vals`` (``_LATER`` where not evaluated
+    yet): a read at="prev" at the member's visible state, a read at="new" (``running``) at its
+    running state once its update of this window has run (``ready``); a node that needs a
+    member not ready stays ``_LATER`` for the next call. ``groups``: :func:`_read_groups`, the
+    same for every window of a call; ``done``: the group reads computed ahead."""
     for i, n in enumerate(c.nodes):
-        op, a = n.op, [vals[j] for j in n.args]
+        if vals[i] is not _LATER:
+            continue
+        a = [vals[j] for j in n.args]
+        if any(v is _LATER for v in a) or (n.op == "running" and n.attrs[0] not in ready):
+            continue
+        op = n.op
         if op == "window_input":
             v = window_inputs[n.attrs[0]][:, s:e]
         elif op == "const":
@@ -181,6 +205,11 @@ def _window(
             for j, yj in zip(groups[i], y.split(cfg.heads, dim=2), strict=True):
                 done[j] = yj.reshape(*yj.shape[:2], -1)
             v = done.pop(i)
+        elif op == "running":  # the state after the token's update (one-token windows)
+            mem = members[n.attrs[0]]
+            y, _, _ = mlp_forward(mem.state["running"], heads(a[0], mem.cfg.heads, n.attrs[1]),
+                                  mem.cfg.activation, mem.cfg.residual)  # fmt: skip
+            v = y.reshape(*y.shape[:2], -1)
         elif op == "slow":
             v = learner.slow[key(n.attrs[0])](a[0])
         elif op == "normalize":
@@ -193,8 +222,7 @@ def _window(
             v = BINARY[n.attrs[0]](a[0], a[1])
         else:  # pragma: no cover - the window builder emits only the ops above
             raise CompileError(f"window op {op!r}")
-        vals.append(v)
-    return vals
+        vals[i] = v
 
 
 def output_error(cfg: Any, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

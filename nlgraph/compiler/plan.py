@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -368,6 +368,18 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
             levels[n] = LevelPlan(n, "fast", "cluster", lp.chunk, lp.frequency, lp.reads,
                                   _CLUSTER_DETAIL)  # fmt: skip
         clusters.append(members)
+    # A member read at="new" needs each token's update before the read: the cluster runs one
+    # token per window (a token loop), with one ReferenceLoopWarning naming the members.
+    token_loops: list[tuple[list[str], list[str]]] = []
+    for members in clusters:
+        late = [n for n in members if any(r.at == "new" for r in memory_reads(spec, n))]
+        if not late:
+            continue
+        token_loops.append((members, late))
+        note = (f"token loop (one token per window: {', '.join(late)} read at='new', after "
+                "each token's update); ")  # fmt: skip
+        for n in members:
+            levels[n] = replace(levels[n], detail=note + levels[n].detail)
     condensed = nx.condensation(deps)
     ordered = [
         n
@@ -391,6 +403,17 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
                 ),
                 stacklevel=3,
             )
+    for members, late in token_loops:
+        which = (f"level {late[0]!r} is" if len(late) == 1 else
+                 f"levels {', '.join(repr(n) for n in late)} are")  # fmt: skip
+        warnings.warn(
+            ReferenceLoopWarning(
+                f"{which} read at='new' (after each token's update) but in the recurrent cluster "
+                f"{members}, whose windows read the chunk-start state; the cluster runs one token "
+                "per window, a token loop: exact, but slow"
+            ),
+            stacklevel=3,
+        )
     if os.environ.get("NLGRAPH_DEBUG", "0") >= "2":
         print(plan)
     return plan

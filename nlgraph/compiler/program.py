@@ -85,6 +85,11 @@ class ClusterCfg:
     members: dict[str, MemoryCfg] = field(default_factory=dict)
     member_args: dict[str, tuple[int, ...]] = field(default_factory=dict)  # window node ids
     reads: dict[str, list[int]] = field(default_factory=dict)  # window nodes of member reads
+    # Members read at="new" ("running" window nodes: the state after each token's update); with
+    # any, the cluster runs one token per window, its members updated in ``stages``: a member
+    # whose keys, values or rates read another at="new" updates in a later stage (Def. 2).
+    read_new: tuple[str, ...] = ()
+    stages: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -335,13 +340,6 @@ class _Builder(_Lowering):
         for n in names:
             lv = self.spec.level(n)
             reads = memory_reads(self.spec, n)
-            for r in reads:
-                if r.at != "prev":
-                    raise CompileError(
-                        f"level {n!r} is read after its update (at='new') but runs in a "
-                        "recurrent cluster, whose reads see the chunk-start state; read it "
-                        "at='prev'"
-                    )
             # stop_grad edges into a member detach their source where the member reads it: in
             # the flows computed over the whole sequence before the windows (projections of the
             # input, ...) and in the window program (another member's read-out, a module applied
@@ -360,8 +358,42 @@ class _Builder(_Lowering):
         c.read_flows = {n: memory_reads(self.spec, n) for n in names}  # type: ignore[attr-defined]
         c.nodes = w.nodes
         c.inputs = w.inputs
+        c.read_new = tuple(sorted({n.attrs[0] for n in c.nodes if n.op == "running"}))
+        c.stages = _stages(c)
         self.clusters[cid] = c
         self.mem_nodes[f"cluster{cid}"] = self.add("cluster", tuple(c.inputs), (cid,))
+
+
+def _stages(c: ClusterCfg) -> list[list[str]]:
+    """The order of the members' updates within a token (Def. 2): a member whose keys, values,
+    rates or queries read another member at="new" (a "running" node) updates after it. Members
+    of one stage update together; CompileError naming the levels if the reads at="new" inside
+    the members' updates form a cycle (no order within the token exists)."""
+    import networkx as nx
+
+    late: list[frozenset[str]] = []  # per window node: the members whose running state it reads
+    for n in c.nodes:
+        own = {n.attrs[0]} if n.op == "running" else set()
+        late.append(frozenset(own.union(*(late[i] for i in n.args))))
+    g = nx.DiGraph()
+    g.add_nodes_from(c.names)
+    for n in c.names:
+        for m in sorted(frozenset().union(*(late[i] for i in c.member_args[n]))):
+            g.add_edge(m, n)
+    if not nx.is_directed_acyclic_graph(g):
+        cycle = [u for u, _ in nx.find_cycle(g)]
+        if len(cycle) == 1:
+            raise CompileError(
+                f"level {cycle[0]!r} reads its own state after its update (at='new') inside that "
+                "update (its key, value or rate), which the update needs first; read it at='prev'"
+            )
+        path = " -> ".join(repr(m) for m in [*cycle, cycle[0]])
+        raise CompileError(
+            f"levels {path} of the recurrent cluster {c.names} read each other's state after the "
+            "update (at='new') inside their updates: a level read at='new' must update first "
+            "within the token, so no order exists; read one of them at='prev'"
+        )
+    return [sorted(s) for s in nx.topological_generations(g)]
 
 
 class _WindowBuilder(_Lowering):
@@ -396,7 +428,9 @@ class _WindowBuilder(_Lowering):
         if op == "read" and f.level in self.members:
             arg, norm = (f.arg.x, True) if isinstance(f.arg, Unary) and f.arg.fn == "normalize" \
                 else (f.arg, False)  # fmt: skip
-            return self.add("visible", (self.flow(arg),), (f.level, norm))
+            # at="prev": the chunk-start state; at="new": the state after this token's update
+            return self.add("visible" if f.at == "prev" else "running", (self.flow(arg),),
+                            (f.level, norm))  # fmt: skip
         if op == "read":
             lp = self.outer.plan.levels[f.level]
             if lp.lowering != "parameter" or self.outer.slow_kinds[f.level] != "slow":
@@ -447,8 +481,8 @@ def node_expr(n: Node, var) -> str:
         return f"self._cluster({n.attrs[0]}, ({', '.join(a)},), state, new_state)"
     if op == "clusterout":
         return f"{a[0]}[{n.attrs[0]!r}][{n.attrs[1]}]"
-    if op == "visible":
-        return f"visible({n.attrs[0]!r}, {a[0]}, {n.attrs[1]})"
+    if op in ("visible", "running"):
+        return f"{op}({n.attrs[0]!r}, {a[0]}, {n.attrs[1]})"
     if op == "blocksignals":
         return f"self._block_signals({n.attrs[0]!r}, ({', '.join(a)},), new_state)"
     raise CompileError(f"no code for node op {op!r}")  # pragma: no cover
