@@ -100,15 +100,19 @@ def test_hope_piece_step_compiles_fullgraph(backend):
 
 
 @pytest.mark.slow
-def test_hope_training_step_compiled_backward():
+@pytest.mark.parametrize("backend", ["chunk", "triton"])
+def test_hope_training_step_compiled_backward(backend):
     """The whole training step compiled: forward with the CMS inner gradients inside each piece's
     graph, then the outer backward through the compiled graphs (meta-gradients through every
     write) equals eager. ``aot_eager_decomp_partition`` runs AOTAutograd with the decompositions
     inductor uses, without its code generation: plain ``aot_eager`` hits pytorch/pytorch#120035
     here (its eager ``softplus_backward`` returns a gradient in another memory layout than the
     traced one, and a traced ``view`` of it fails); inductor itself compiles this graph for more
-    than 10 minutes on 2 CPU cores."""
-    eager, fast = _compiled_pair("chunk", compiler="aot_eager_decomp_partition")
+    than 10 minutes on 2 CPU cores. With backend="triton" the kernels run as custom ops (their
+    backward the chunk form's VJP) inside the compiled graphs."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    eager, fast = _compiled_pair(backend, compiler="aot_eager_decomp_partition")
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     a, b = _step(eager, tokens), _step(fast, tokens)
     torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-5)
