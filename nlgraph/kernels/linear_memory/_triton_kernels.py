@@ -267,10 +267,18 @@ def _pow2(n: int, cap: int | None = None) -> int:
 
 
 def _recurrence_blocks(C: int, DK: int, DV: int) -> tuple[int, int, int]:
-    # A [BV, BK] fp32 slab of S lives in registers for the whole walk: keep it <= 8192 values
-    # (32 KiB, 64 registers a thread at 4 warps) so that it never spills.
+    # A [BV, BK] fp32 slab of S lives in registers for the whole walk, beside [BC, BK] and
+    # [BC, BV] chunk tiles. Compiled for sm_90 (benchmarks/results/compile_sm90.md), slabs of
+    # 64 x 64 at 4 warps spilled 6-18 KB a thread; slabs of at most 1024 values with 8 warps
+    # for 64-token chunks spill at most a few bytes.
     BK = _pow2(DK)
-    return _pow2(C), BK, _pow2(DV, cap=min(64, 8192 // BK))
+    return _pow2(C), BK, _pow2(DV, cap=max(16, 1024 // BK))
+
+
+def _warps(BC: int, width: int) -> int:
+    """Warps for a program holding [BC, width] tiles: 8 from 64 x 32 on (fewer registers a
+    thread for the same tiles), else 4."""
+    return 8 if BC * width >= 2048 else 4
 
 
 def scan_forward(qg, a, u, wk, kc, gc, s0):
@@ -311,8 +319,15 @@ def scan_forward(qg, a, u, wk, kc, gc, s0):
         BK=BK,
         BV=BV,
         PREC=_PREC,
+        num_warps=_warps(BC, BK),
     )
-    _output_fwd[(BH * N, nv)](qg, a, w, s_all, o, C, DK, DV, BC=BC, BK=BK, BV=BV, PREC=_PREC)
+    # The output pass holds no slab across chunks: [BV, BK] tiles of 32 x 64 compile without
+    # spills (compile_sm90.md), so it takes wider Dv blocks than the walk.
+    BVo = _pow2(DV, cap=max(16, 2048 // BK))
+    _output_fwd[(BH * N, triton.cdiv(DV, BVo))](
+        qg, a, w, s_all, o, C, DK, DV, BC=BC, BK=BK, BV=BVo, PREC=_PREC,
+        num_warps=_warps(BC, BK),
+    )  # fmt: skip
     return o, s_end, s_all, w
 
 
@@ -351,10 +366,12 @@ def scan_backward(qg, a, wk, kc, gc, s_all, w, do, ds_last):
         BK=BK,
         BV=BV,
         PREC=_PREC,
+        num_warps=_warps(BC, BK),
     )
-    # The parallel pass needs all of Dv per program (it sums over it) and splits Dk instead.
+    # The parallel pass needs all of Dv per program (it sums over it) and splits Dk instead,
+    # in blocks small enough not to spill (compile_sm90.md: BK=16 at Dv=64).
     BVf = _pow2(DV)
-    BKs = _pow2(DK, cap=min(64, 8192 // BVf))
+    BKs = _pow2(DK, cap=max(16, 1024 // BVf))
     nk = triton.cdiv(DK, BKs)
     dqg = torch.empty_like(kc)
     dkc = torch.empty_like(kc)
@@ -381,6 +398,7 @@ def scan_backward(qg, a, wk, kc, gc, s_all, w, do, ds_last):
         BK=BKs,
         BV=BVf,
         PREC=_PREC,
+        num_warps=_warps(BC, 2 * BVf),  # its [BC, BV] tiles are many: 8 warps from 32 x 32
     )
     dgc = dgc_part.sum(-1) if gc is not None else dgc_part
     return dqg, da, dw, dwk, dkc, dgc, ds0
