@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from cluster_helpers import M, check_grads, inner_grad, params, rel
 from torch.nn import functional as F
 
 import nlgraph as nl
@@ -20,10 +21,6 @@ from nlgraph.library import get
 
 DT = torch.float64
 D = 4
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def graph(variant, ck=2, cv=3, edges=()):
@@ -74,17 +71,6 @@ def learner_of(variant, ck=2, cv=3, edges=(), seed=0):
         for p in learner.meta.values():
             p.mul_(0.7)
     return learner
-
-
-def M(ws, z):  # z + W1 silu(W2 z)
-    return z + ws[1] @ F.silu(ws[0] @ z)
-
-
-def inner_grad(ws, k, target):
-    """Autograd of 1/2 ||M(k) - target||^2 w.r.t. each layer at ``ws`` (target held fixed)."""
-    alias = [w.view_as(w) if w.requires_grad else w.detach().requires_grad_() for w in ws]
-    loss = 0.5 * ((M(alias, k) - target) ** 2).sum()
-    return torch.autograd.grad(loss, alias, create_graph=True)
 
 
 def hand(learner, x, variant, ck=2, cv=3, cut=(), trunc_v=None, writes=True):
@@ -161,22 +147,10 @@ def hand(learner, x, variant, ck=2, cv=3, cut=(), trunc_v=None, writes=True):
     return torch.stack(ys), finals
 
 
-def params(learner):
-    return [p for _, p in sorted(learner.named_parameters())]
-
-
 def meta_grads(y, learner, x, seed=3):
     torch.manual_seed(seed)
     cot = torch.randn_like(y)
     return torch.autograd.grad((y * cot).sum(), [x, *params(learner)], allow_unused=True)
-
-
-def check_grads(got, want):
-    for a, b in zip(got, want, strict=True):
-        if b is None:
-            assert a is None or not a.abs().sum()
-        else:
-            assert rel(a, b) <= 1e-10
 
 
 def check_states(state, finals):
