@@ -378,8 +378,11 @@ def _specialise(launch: Launch, target: tuple[str, int, int]) -> tuple[Any, Any,
     gpu = GPUTarget(*target)
     backend = make_backend(gpu)
     kwargs = dict(launch.kwargs)
-    # what JITFunction.run adds before binding
-    kwargs.update(debug=bool(fn.debug), instrumentation_mode="", fpsan_homomorphic_casts=False)
+    # what JITFunction.run adds before binding, as far as this Triton version's options know it
+    # (Triton 3.6, on the lent GPU machines, has no fpsan_homomorphic_casts)
+    known = backend.parse_options({}).__dict__
+    added = dict(debug=bool(fn.debug), instrumentation_mode="", fpsan_homomorphic_casts=False)
+    kwargs.update({k: v for k, v in added.items() if k in known})
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, opts = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
