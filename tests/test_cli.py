@@ -242,6 +242,27 @@ def test_verify_cms_blocks_learn(capsys):
     assert any(k.startswith("grad blocks.mlp0") for k in rows)
 
 
+def test_verify_a_spec_file_with_a_cms_rule_chain(tmp_path, capsys):
+    """A block with weight decay and Nesterov momentum (lowered at the boundary, in pieces of 3
+    tokens) against the reference backend (cut at every token), from a YAML spec file."""
+    g = nl.Graph("cms_chain")
+    x = g.input("x", dim=6)
+    W = g.level("W", state=nl.linear(6, 6), frequency=nl.per_step(), objective=nl.outer())
+    blk = g.level("B", state=nl.mlp(6, 6, width=8), frequency=nl.every(3, "token"),
+                  objective=nl.outer(), chunk=3, context=W(x), init=nl.meta(),
+                  optimizer=nl.chain(nl.weight_decay(0.05),
+                                     nl.gd(lr=0.2, momentum=0.8, nesterov=True)))  # fmt: skip
+    g.output("y", blk(W(x)))
+    path = tmp_path / "cms_chain.yaml"
+    nl.save(g, path)
+    assert main(["compile", str(path), "--verify", "--batch", "2", "--seq", "10"]) == 0
+    out = capsys.readouterr().out
+    rows = verify_rows(out)
+    want = {"state B.momentum.0", "grad blocks.B.layers.0.weight", "grad slow.W.weight"}
+    assert want <= set(rows)
+    assert max(rows.values()) <= 1e-8 and "ok: all" in out
+
+
 def test_verify_token_inputs_and_float32(capsys):
     argv = ["compile", "transformer", "--verify", "--batch", "1", "--seq", "5"]
     assert main([*argv, "--dtype", "float32", "--dim", "vocab=7"]) == 0
