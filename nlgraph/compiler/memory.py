@@ -108,7 +108,9 @@ def _run_segment(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[
 
 
 def _read_only(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
-    """Every read at the memory's current state, no update: the model as a fixed network."""
+    """Every read at the state the segment's first token reads in a write pass, no update: the
+    model as a fixed network. For a deep memory read at the chunk start that is the state at
+    the start of the unfinished chunk, not the running one."""
     H = cfg.heads
     queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]
     B, T = args[0].shape[0], args[0].shape[1]
@@ -119,7 +121,8 @@ def _read_only(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
     from nlgraph.compiler.cluster import mlp_forward
 
     if prev is not None:
-        ws = [prev["params"][f"W{cfg.depth - i}"] for i in range(cfg.depth)]
+        src = prev["params"] if cfg.read_after else prev["chunk_start"]
+        ws = [src[f"W{cfg.depth - i}"] for i in range(cfg.depth)]
     else:
         ws = [learner._initial(cfg.name, f"W{cfg.depth - i}") for i in range(cfg.depth)]
         ws = [w.unsqueeze(0).expand(B, *w.shape) for w in ws]

@@ -52,8 +52,11 @@ def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> 
     queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]
     B, T = k.shape[0], k.shape[1]
     st = prev if prev is not None else _initial(learner, cfg, B)
-    if not learner.writes:  # read-only: every read at the state the segment starts from
-        outs = tuple(_mlp(cfg, st["running"], q)[0].reshape(B, T, -1) for q in queries)
+    if not learner.writes:
+        # read-only: every read at the state the segment's first token reads in a write pass
+        # (the visible state; after its update, the running one, for reads at="new")
+        ws = st["running"] if cfg.read_after else st["visible"]
+        outs = tuple(_mlp(cfg, ws, q)[0].reshape(B, T, -1) for q in queries)
         return outs, prev
     running, visible = list(st["running"]), list(st["visible"])
     acc, bufs, t0 = st["acc"], dict(st["buffers"]), st["tokens"]

@@ -216,9 +216,10 @@ class CompiledLearner(nn.Module):
         as ``outputs["loss"]`` (summed over the pieces). Without it those blocks hold their
         parameters, as at test time without feedback.
 
-        ``writes=False`` is the read-only pass: every memory is read at the state it starts
-        from and nothing updates (the same model as a fixed network; the baseline of the
-        write-cost benchmark).
+        ``writes=False`` is the read-only pass: every memory is read at the state the
+        segment's first token reads in a write pass (a memory read at the chunk start: the
+        start of its unfinished chunk) and nothing updates (the same model as a fixed network;
+        the baseline of the write-cost benchmark).
         """
         self.writes = writes
         if isinstance(inputs, torch.Tensor):
