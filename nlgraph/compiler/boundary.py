@@ -38,9 +38,8 @@ import torch
 from torch import nn
 
 from nlgraph._errors import CompileError
-from nlgraph.compiler.memory import SIGNAL_ACT
 from nlgraph.compiler.modules import MLPBlock
-from nlgraph.compiler.reference_loop import apply_rules, shaped
+from nlgraph.compiler.reference_loop import apply_rules, scalar_value, scalars_of, shaped
 from nlgraph.level import Level
 
 __all__ = [
@@ -190,19 +189,6 @@ def accumulate_and_update(
     return updated
 
 
-def _value(lv: Level, spec: tuple, signals: tuple, learned: dict[str, Any]) -> Any:
-    """A rule's scalar at the piece's last token: None, a float, a learned 0-d tensor, or a
-    ``[B]`` tensor (a signal)."""
-    kind = spec[0]
-    if kind == "none":
-        return None
-    if kind == "const":
-        return spec[1]
-    if kind == "learned":
-        return learned[spec[1]]
-    return SIGNAL_ACT[spec[2]](_last(lv, signals[spec[1]])) * spec[3]
-
-
 def _last(lv: Level, x: torch.Tensor) -> torch.Tensor:
     """A per-token signal ``[B, T, 1]`` at the piece's last token: ``[B]``."""
     if x.shape[-1] != 1:
@@ -213,15 +199,12 @@ def _last(lv: Level, x: torch.Tensor) -> torch.Tensor:
     return x[:, -1, 0]
 
 
+def _value(lv: Level, spec: tuple, signals: tuple, learned: dict[str, Any]) -> Any:
+    """A rule's scalar at the piece's last token: None, a float, a learned 0-d tensor, or a
+    ``[B]`` tensor (a signal)."""
+    return scalar_value(spec, lambda sp: learned[sp[1]], lambda i: _last(lv, signals[i]))
+
+
 def _rule_scalars(lv: Level, rule: tuple, signals: tuple, learned: dict[str, Any]) -> dict:
-    kind = rule[0]
-    if kind == "gd":
-        names = ("lr", "momentum", "retain")
-        return {n: _value(lv, s, signals, learned) for n, s in zip(names, rule[1:4], strict=True)}
-    if kind == "ema":
-        return {"beta": _value(lv, rule[1], signals, learned)}
-    if kind == "weight_decay":
-        return {"rate": _value(lv, rule[1], signals, learned)}
-    if kind == "precondition":
-        return {"by": _last(lv, signals[rule[1]])}
-    return {}
+    return scalars_of(rule, lambda spec: _value(lv, spec, signals, learned),
+                      lambda i: _last(lv, signals[i]))  # fmt: skip

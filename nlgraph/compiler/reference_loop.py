@@ -40,7 +40,7 @@ from nlgraph.compiler.program import MemoryCfg
 
 __all__ = [
     "run_reference_loop", "token_step", "rule_scalars", "updates_at", "apply_rules",
-    "orthogonalize", "newton_schulz", "shaped",
+    "orthogonalize", "newton_schulz", "shaped", "scalar_value", "scalars_of",
 ]  # fmt: skip
 
 
@@ -141,16 +141,33 @@ def _inner_grad(cfg: MemoryCfg, ws: list[torch.Tensor], k: torch.Tensor, v: torc
     return grads, inputs
 
 
-def _scalar(learner: Any, cfg: MemoryCfg, spec: tuple, args: tuple, like: torch.Tensor) -> Any:
-    """A rule's scalar: None, a float, a learned scalar tensor, or a ``[B, T, H]`` signal."""
+def scalar_value(spec: tuple, learned: Any, signal: Any) -> Any:
+    """A rule's scalar from its static description (``program._rule_cfg``): None, a float,
+    ``learned(spec)``, or ``act(signal(index)) * scale`` for a per-token signal."""
     kind = spec[0]
     if kind == "none":
         return None
     if kind == "const":
         return spec[1]
     if kind == "learned":
-        return bounded(learner.scalars[spec[1]], spec[2], spec[3]).to(like.dtype)
-    return _per_head(cfg, SIGNAL_ACT[spec[2]](args[spec[1]]) * spec[3], like)
+        return learned(spec)
+    return SIGNAL_ACT[spec[2]](signal(spec[1])) * spec[3]
+
+
+def scalars_of(rule: tuple, value: Any, flow: Any) -> dict:
+    """One rule's scalars by name: ``value(spec)`` resolves each scalar, ``flow(index)`` gives a
+    raw per-token flow (the preconditioner ``by``). Memories and CMS blocks differ only in
+    those two (per token and head here, at a chunk's last token in a block)."""
+    kind = rule[0]
+    if kind in ("gd", "dgd"):
+        return {n: value(s) for n, s in zip(("lr", "momentum", "retain"), rule[1:4], strict=True)}
+    if kind == "ema":
+        return {"beta": value(rule[1])}
+    if kind == "weight_decay":
+        return {"rate": value(rule[1])}
+    if kind == "precondition":
+        return {"by": flow(rule[1])}
+    return {}
 
 
 def _per_head(cfg: MemoryCfg, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -166,19 +183,15 @@ def _per_head(cfg: MemoryCfg, x: torch.Tensor, like: torch.Tensor) -> torch.Tens
 
 
 def rule_scalars(learner: Any, cfg: MemoryCfg, rule: tuple, args: tuple, like) -> dict:
-    kind = rule[0]
-    if kind in ("gd", "dgd"):
-        names = ("lr", "momentum", "retain")
-        return {
-            n: _scalar(learner, cfg, s, args, like) for n, s in zip(names, rule[1:4], strict=True)
-        }
-    if kind == "ema":
-        return {"beta": _scalar(learner, cfg, rule[1], args, like)}
-    if kind == "weight_decay":
-        return {"rate": _scalar(learner, cfg, rule[1], args, like)}
-    if kind == "precondition":
-        return {"by": _per_head(cfg, args[rule[1]], like)}
-    return {}
+    """A memory's rule scalars: floats, learned scalar tensors, or ``[B, T, H]`` signals."""
+
+    def learned(spec: tuple) -> torch.Tensor:
+        return bounded(learner.scalars[spec[1]], spec[2], spec[3]).to(like.dtype)
+
+    def per_token(i: int) -> torch.Tensor:
+        return _per_head(cfg, args[i], like)
+
+    return scalars_of(rule, lambda spec: scalar_value(spec, learned, per_token), per_token)
 
 
 def _at(x: Any, t: int) -> Any:
