@@ -140,7 +140,8 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
             _window(learner, c, members, groups, window_inputs, s, e, vals, done, ready)
             _update_all(learner, {n: members[n] for n in stage}, c, vals, backend, e - s)
             ready.update(stage)
-        _window(learner, c, members, groups, window_inputs, s, e, vals, done, ready)
+        if c.read_new:  # the reads at="new", now that every member has updated
+            _window(learner, c, members, groups, window_inputs, s, e, vals, done, ready)
         for n in c.names:
             for slot, node in enumerate(c.reads[n]):
                 pieces[n][slot].append(vals[node])

@@ -374,11 +374,11 @@ class CompiledLearner(nn.Module):
         if not every:
             return run_cluster(self, c, inputs, state, new_state)
         T = inputs[0].shape[1]
-        seen = {n: (state.get(n) or {}).get("tokens", 0) for n in every}
-        cuts = sorted({T, *(t for n, k in every.items() for t in range(1, T)
-                            if (seen[n] + t) % k == 0)})  # fmt: skip
         if not self.writes:
             return run_cluster(self, c, inputs, state, new_state)
+        seen = {n: (state.get(n) or {}).get("tokens", 0) for n in every}
+        # the tokens t of this call with seen + t a multiple of k
+        cuts = sorted({T, *(t for n, k in every.items() for t in range(-seen[n] % k or k, T, k))})
         pieces: list[dict] = []
         carried = {n: state.get(n) for n in c.names}
         for s, e in zip([0, *cuts[:-1]], cuts, strict=True):
