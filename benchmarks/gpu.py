@@ -164,6 +164,25 @@ class Bench:
             print(f"  {workload:>22} {name:>14}: " + (f"{row.ms:9.3f} ms" if row.ms else row.note),
                   flush=True)  # fmt: skip
 
+    def run_kernel(self, workload: str, op: str, step, xs, check, reps: int) -> None:
+        """:meth:`run` for a kernel op timed through ``step(leaves, backend)`` on inputs ``xs``:
+        the reference, chunk, chunk+compile (the chunk step under ``torch.compile``) and triton
+        rows."""
+
+        def make(be):
+            return lambda: step(_leaves(*xs), be)
+
+        def compiled():
+            fn = torch.compile(lambda ys: step(ys, "chunk"))
+            return lambda: fn(_leaves(*xs))
+
+        self.run(workload, {
+            "reference": lambda: make("reference"), "chunk": lambda: make("chunk"),
+            "chunk+compile": compiled,
+            "triton": (lambda: make("triton")) if "triton" in _dispatch.available(op)
+            else "no triton backend",
+        }, check, reps)  # fmt: skip
+
 
 # --------------------------------------------------------------------------------- workloads
 def _leaves(*xs):
@@ -210,23 +229,7 @@ def delta_rule(b: Bench) -> None:
         (11 * B * T * H * D + 6 * B * T * H) * xs[0].element_size(),
     )
 
-    def make(be):
-        def f():
-            ys = _leaves(*xs)
-            return step(ys, be)
-
-        return f
-
-    def compiled():
-        fn = torch.compile(lambda ys: step(ys, "chunk"))
-        return lambda: fn(_leaves(*xs))
-
-    b.run("delta rule", {
-        "reference": lambda: make("reference"), "chunk": lambda: make("chunk"),
-        "chunk+compile": compiled,
-        "triton": (lambda: make("triton")) if "triton" in _dispatch.available("linear_memory")
-        else "no triton backend",
-    }, check, reps=3 if b.tiny else 10)  # fmt: skip
+    b.run_kernel("delta rule", "linear_memory", step, xs, check, reps=3 if b.tiny else 10)
 
 
 def titans_memory(b: Bench) -> None:
@@ -275,19 +278,7 @@ def titans_memory(b: Bench) -> None:
         (11 * B * T * H * D + 9 * B * T * H + 2 * n_chunks * B * H * 2 * D * Dh) * 4,
     )
 
-    def make(be):
-        return lambda: step(_leaves(*xs), be)
-
-    def compiled():
-        fn = torch.compile(lambda ys: step(ys, "chunk"))
-        return lambda: fn(_leaves(*xs))
-
-    b.run("titans memory", {
-        "reference": lambda: make("reference"), "chunk": lambda: make("chunk"),
-        "chunk+compile": compiled,
-        "triton": (lambda: make("triton")) if "triton" in _dispatch.available("deep_memory")
-        else "no triton backend",
-    }, check, reps=3 if b.tiny else 10)  # fmt: skip
+    b.run_kernel("titans memory", "deep_memory", step, xs, check, reps=3 if b.tiny else 10)
 
 
 def momentum_memory(b: Bench) -> None:
@@ -332,19 +323,8 @@ def momentum_memory(b: Bench) -> None:
         (3 * B * C * H * (I + O + 3) + 10 * B * H * O * I) * 4,
     )
 
-    def make(be):
-        return lambda: step(_leaves(*xs), be)
-
-    def compiled():
-        fn = torch.compile(lambda ys: step(ys, "chunk"))
-        return lambda: fn(_leaves(*xs))
-
-    b.run("self-mod inner step", {
-        "reference": lambda: make("reference"), "chunk": lambda: make("chunk"),
-        "chunk+compile": compiled,
-        "triton": (lambda: make("triton")) if "triton" in _dispatch.available("momentum_memory")
-        else "no triton backend",
-    }, check, reps=3 if b.tiny else 20)  # fmt: skip
+    reps = 3 if b.tiny else 20
+    b.run_kernel("self-mod inner step", "momentum_memory", step, xs, check, reps=reps)
 
 
 def optimizer(b: Bench) -> None:
