@@ -85,16 +85,27 @@ def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
         return _run_segment(learner, cfg, args, inner)[0], prev
     T, k = args[0].shape[1], cfg.truncate
     outs: list[tuple] = []
-    s = 0
-    while s < T:
-        if (seen + s) % k == 0 and seen + s > 0:
+    for s, e in truncation_segments(T, [(seen, k)]):
+        if at_cut(seen + s, k):
             inner = detach_state(inner)
-        e = min(T, s + k - (seen + s) % k)
         o, inner = _run_segment(learner, cfg, tuple(a[:, s:e] for a in args), inner)
         outs.append(o)
-        s = e
     outs_cat = tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True))
     return outs_cat, {"state": inner, "tokens": seen + T}
+
+
+def truncation_segments(T: int, counts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(start, end)`` of the segments a call of ``T`` tokens runs in so that every truncated
+    state, ``(tokens seen before the call, k)``, can be detached at the multiples of ``k``
+    counted from the start of the sequence (:func:`at_cut` at each segment's start)."""
+    cuts = sorted({T, *(t for seen, k in counts for t in range(-seen % k or k, T, k))})
+    return list(zip([0, *cuts[:-1]], cuts, strict=True))
+
+
+def at_cut(token: int, k: int) -> bool:
+    """Whether a truncated(k) state is detached before ``token`` (counted from the sequence
+    start): at every multiple of ``k`` but the first token."""
+    return token > 0 and token % k == 0
 
 
 def _run_segment(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:

@@ -254,6 +254,7 @@ class CompiledLearner(nn.Module):
         every_token = (os.environ.get("NLGRAPH_BACKEND") or self.backend) == "reference" or any(
             boundary.token_weighted(self.program.block_rules[lv.name]) is not None for lv in blocks
         )
+        rates = {lv.name: self._block_rates(lv) for lv in blocks}  # the same for every piece
         pieces, total, start = [], 0.0, 0
         differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
         with torch.enable_grad():  # blocks learn at test time too
@@ -273,7 +274,6 @@ class CompiledLearner(nn.Module):
                         state[lv.name] = {**state[lv.name], "theta": theta}
                     outs, state = self._piece(piece, state)
                     loss = loss_fn(outs, start, end)
-                rates = {lv.name: self._block_rates(lv) for lv in blocks}
                 updated = boundary.accumulate_and_update(
                     loss, blocks, state, periods, rates, end - start, differentiable, grads
                 )
@@ -367,23 +367,19 @@ class CompiledLearner(nn.Module):
         count, ``"tokens"``): the sequence runs as segments cut there, which equal one pass, and
         a sequence run in segments detaches at the same tokens."""
         from nlgraph.compiler.cluster import run_cluster
-        from nlgraph.compiler.memory import detach_state
+        from nlgraph.compiler.memory import at_cut, detach_state, truncation_segments
 
         c = self.program.clusters[cid]
         every = {n: m.truncate for n, m in c.members.items() if m.truncate is not None}
-        if not every:
+        if not every or not self.writes:
             return run_cluster(self, c, inputs, state, new_state)
         T = inputs[0].shape[1]
-        if not self.writes:
-            return run_cluster(self, c, inputs, state, new_state)
         seen = {n: (state.get(n) or {}).get("tokens", 0) for n in every}
-        # the tokens t of this call with seen + t a multiple of k
-        cuts = sorted({T, *(t for n, k in every.items() for t in range(-seen[n] % k or k, T, k))})
         pieces: list[dict] = []
         carried = {n: state.get(n) for n in c.names}
-        for s, e in zip([0, *cuts[:-1]], cuts, strict=True):
+        for s, e in truncation_segments(T, [(seen[n], k) for n, k in every.items()]):
             for n, k in every.items():
-                if carried[n] is not None and (seen[n] + s) % k == 0 and seen[n] + s > 0:
+                if carried[n] is not None and at_cut(seen[n] + s, k):
                     carried[n] = detach_state(carried[n])
             out_state: dict[str, Any] = {}
             pieces.append(run_cluster(self, c, tuple(a[:, s:e] for a in inputs), carried,
