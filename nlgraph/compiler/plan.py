@@ -162,7 +162,7 @@ def _classify(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
         )
     reasons = _loop_reasons(spec, lv)
     if reasons:
-        return "fast", "reference_loop", _loop_detail(lv, reasons), "; ".join(reasons)
+        return "fast", "reference_loop", _loop_detail(lv), "; ".join(reasons)
     rule = rules[0]
     if obj.kind in ("lp", "custom") and st.kind in ("linear", "mlp"):
         # Any objective of the read-out runs in the cluster form: only its error at the output
@@ -238,7 +238,7 @@ def _block(spec: GraphSpec, lv: Level) -> tuple[str, ...]:
                 "theta <- a theta + S (Eq. 71 with momentum as the optimizer's error term)"
             )
         return "fast", "boundary", detail
-    chain = " -> ".join(f"GD(lr=1-{r.beta})" if isinstance(r, EMA) else str(r) for r in rules)
+    chain = _chain_text(rules)
     if not per_token:
         detail = (
             f"frozen within each {period}-token chunk; at its end d = {grads}; {chain} "
@@ -285,12 +285,14 @@ def _loop_reasons(spec: GraphSpec, lv: Level) -> list[str]:
     return reasons
 
 
-def _loop_detail(lv: Level, reasons: list[str], where: str = "", grad: str = "") -> str:
-    steps = " -> ".join(
-        f"GD(lr=1-{r.beta})" if isinstance(r, EMA) else str(r) for r in lv.optimizer
-    )
+def _chain_text(rules: Any) -> str:
+    """A rule chain as the plan prints it (ema as the GD step it is)."""
+    return " -> ".join(f"GD(lr=1-{r.beta})" if isinstance(r, EMA) else str(r) for r in rules)
+
+
+def _loop_detail(lv: Level, where: str = "", grad: str = "") -> str:
     grad = grad or f"autograd of {lv.objective}"
-    return f"token loop{where}: g = {grad} at the chunk-start state; {steps}"
+    return f"token loop{where}: g = {grad} at the chunk-start state; {_chain_text(lv.optimizer)}"
 
 
 _CLUSTER_DETAIL = (
@@ -354,7 +356,7 @@ def make_plan(spec: GraphSpec, dims: dict[str, int], backend: str = "auto") -> P
                 # rule chain inside the cluster's windows (per-layer gradients delta x^T at the
                 # chunk-start states); the other members keep their kernels.
                 inside = f" inside the recurrent cluster {members}"
-                detail = _loop_detail(spec.level(n), [], inside, "delta x^T per layer")
+                detail = _loop_detail(spec.level(n), inside, "delta x^T per layer")
                 levels[n] = LevelPlan(n, "fast", "reference_loop", lp.chunk, lp.frequency,
                                       lp.reads, detail, f"{lp.why}; it runs as a token loop"
                                       f"{inside}")  # fmt: skip
