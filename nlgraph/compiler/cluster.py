@@ -53,7 +53,7 @@ from nlgraph.compiler.memory import backend_of, gate, heads
 from nlgraph.compiler.modules import ACT
 from nlgraph.compiler.ops import BINARY, UNARY
 from nlgraph.compiler.program import key
-from nlgraph.compiler.reference_loop import rule_scalars, token_step, updates_at
+from nlgraph.compiler.reference_loop import accumulate, rule_scalars
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.linear_memory import linear_memory
 from nlgraph.kernels.momentum_memory import momentum_memory
@@ -265,7 +265,7 @@ def _token_loop(learner: Any, mem: _Member, args: tuple, n: int) -> None:
     """One window of a member without a cluster lowering (a rule chain, Nesterov momentum, an
     update every n tokens or chunks): the reference loop's token recurrence, with each token's
     gradient ``delta x^T`` at the visible state summed into the pending sum, and the rule chain
-    applied to it at each update tick of the member's frequency (``reference_loop.token_step``)."""
+    applied to it at each update tick of the member's frequency (``reference_loop.accumulate``)."""
     cfg, st = mem.cfg, mem.state
     k, inputs, deltas = _layer_errors(mem, args)
     scalars = [rule_scalars(learner, cfg, r, args, k) for r in cfg.rules]
@@ -273,11 +273,8 @@ def _token_loop(learner: Any, mem: _Member, args: tuple, n: int) -> None:
     for t in range(n):
         g = [torch.einsum("bho,bhi->bhoi", d[:, t], x[:, t]) for x, d in
              zip(inputs, deltas, strict=True)]  # fmt: skip
-        acc = g if acc is None else [a + b for a, b in zip(acc, g, strict=True)]
-        if updates_at(cfg.schedule, cfg.chunk, t0 + t + 1):
-            xs = [x[:, t : t + 1] for x in inputs]
-            running, bufs = token_step(cfg, running, acc, bufs, scalars, xs, t)
-            acc = None
+        xs = [x[:, t : t + 1] for x in inputs]
+        running, acc, bufs = accumulate(cfg, running, acc, bufs, scalars, g, xs, t, t0 + t + 1)
     mem.state = {**st, "running": running, "acc": acc, "buffers": bufs, "phase": t0 + n}
 
 

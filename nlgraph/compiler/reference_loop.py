@@ -39,7 +39,7 @@ from nlgraph.compiler.modules import ACT
 from nlgraph.compiler.program import MemoryCfg
 
 __all__ = [
-    "run_reference_loop", "token_step", "rule_scalars", "updates_at", "apply_rules",
+    "run_reference_loop", "accumulate", "token_step", "rule_scalars", "updates_at", "apply_rules",
     "orthogonalize", "newton_schulz", "shaped", "scalar_value", "scalars_of",
 ]  # fmt: skip
 
@@ -68,10 +68,7 @@ def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> 
             for i, q in enumerate(queries):
                 reads[i].append(_mlp(cfg, visible, q[:, t : t + 1])[0])
         g, inputs = _inner_grad(cfg, visible, k[:, t : t + 1], v[:, t : t + 1])
-        acc = g if acc is None else [a + b for a, b in zip(acc, g, strict=True)]
-        if updates_at(cfg.schedule, cfg.chunk, tick):
-            running, bufs = token_step(cfg, running, acc, bufs, scalars, inputs, t)
-            acc = None
+        running, acc, bufs = accumulate(cfg, running, acc, bufs, scalars, g, inputs, t, tick)
         if tick % cfg.chunk == 0:
             visible = list(running)
         if cfg.read_after:
@@ -81,6 +78,18 @@ def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> 
     state = {"running": running, "visible": visible, "acc": acc, "buffers": bufs,
              "tokens": t0 + T}  # fmt: skip
     return outs, state
+
+
+def accumulate(cfg, running, acc, bufs, scalars, g, inputs, t: int, tick: int):
+    """Token ``t`` (``tick`` counted from the sequence start) of the recurrence: its gradients
+    ``g`` join the pending sum ``acc`` (None: empty), and at an update tick of the level's
+    schedule the rule chain runs on the sum (:func:`token_step`, ``inputs`` each layer's input
+    at the token). Returns ``(running, acc, bufs)``."""
+    acc = g if acc is None else [a + b for a, b in zip(acc, g, strict=True)]
+    if updates_at(cfg.schedule, cfg.chunk, tick):
+        running, bufs = token_step(cfg, running, acc, bufs, scalars, inputs, t)
+        acc = None
+    return running, acc, bufs
 
 
 def _initial(learner: Any, cfg: MemoryCfg, B: int) -> dict[str, Any]:
