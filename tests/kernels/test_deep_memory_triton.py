@@ -14,14 +14,12 @@ Shapes are tiny (the interpreter runs each tl op as a numpy call): the whole fil
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from compiled_kernels import run_compiled
 
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.deep_memory import (
@@ -422,8 +420,4 @@ def test_gpu_compiled_kernel_matches_the_chunk_form():
     under the interpreter): B=2, T=512, H=4, d=32 depth 2 (the register bound; d=64 is past it
     and runs the chunk form), plus a chunk_start / C=8 case and depth 1, forward and every
     gradient against the chunk form."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run(
-        [sys.executable, "-c", _GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_compiled(_GPU_SCRIPT)

@@ -9,14 +9,12 @@ bf16 once (half an ulp, 2^-9 relative); the bound is 2^-8.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from compiled_kernels import run_compiled
 
 from nlgraph.kernels.linear_memory import (
     delta_rule,
@@ -283,8 +281,4 @@ _GPU_SCRIPT = textwrap.dedent(
 def test_gpu_compiled_kernels_match_the_token_loop():
     """Runs in a fresh interpreter with TRITON_INTERPRET=0: this process's kernels were defined
     under the interpreter (tests/conftest.py). float32 kernels vs the float64 loop, T=300."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run(
-        [sys.executable, "-c", _GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_compiled(_GPU_SCRIPT)

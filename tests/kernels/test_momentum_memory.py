@@ -10,14 +10,12 @@ difference is one rounding of each result to bf16 (2^-9 relative); the bound is 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from compiled_kernels import run_compiled
 
 from nlgraph._errors import BackendUnavailableError
 from nlgraph.kernels import _dispatch
@@ -229,8 +227,4 @@ def test_gpu_compiled_kernel_matches_the_token_loop():
     """Runs in a fresh interpreter with TRITON_INTERPRET=0: this process's kernel was defined
     under the interpreter (tests/conftest.py). float32 kernel vs the float64 loop, C up to 64,
     O split across programs."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run(
-        [sys.executable, "-c", _GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_compiled(_GPU_SCRIPT)
