@@ -39,41 +39,37 @@ from nlgraph.kernels import _aot  # noqa: E402
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 
-def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
 def gpu_workloads() -> list[tuple[str, list[tuple[str, tuple, dict]]]]:
     """The timed shapes of benchmarks/gpu.py, as op calls (meta tensors)."""
     bf = torch.bfloat16
     B, T, H, D = 8, 4096, 16, 64
-    qkv = [_meta(B, T, H, D, dtype=bf) for _ in range(3)]
-    g = _meta(B, T, H, dtype=bf)
+    qkv = [_aot.meta(B, T, H, D, dtype=bf) for _ in range(3)]
+    g = _aot.meta(B, T, H, dtype=bf)
     delta_kw = {"chunk_size": 64, "scale": D**-0.5}
     delta = ("linear_memory", (*qkv, g, g, g), delta_kw)
     carried = ("linear_memory", (*qkv, g, g, g),
-               {**delta_kw, "initial_state": _meta(B, H, D, D, dtype=bf),
+               {**delta_kw, "initial_state": _aot.meta(B, H, D, D, dtype=bf),
                 "final_state_grad": True})  # fmt: skip
 
     B, T, H, D, Dh, C = 4, 1024, 16, 32, 32, 16
-    x, gate = _meta(B, T, H, D), _meta(B, T, H)
-    p0 = {"W1": _meta(H, D, Dh), "W2": _meta(H, Dh, D)}
+    x, gate = _aot.meta(B, T, H, D), _aot.meta(B, T, H)
+    p0 = {"W1": _aot.meta(H, D, Dh), "W2": _aot.meta(H, Dh, D)}
     titans = ("deep_memory", (x, x, x, gate, gate, gate), {"params0": p0, "chunk_size": C})
-    layer = {"W1": _meta(B, H, D, Dh), "W2": _meta(B, H, Dh, D)}
+    layer = {"W1": _aot.meta(B, H, D, Dh), "W2": _aot.meta(B, H, Dh, D)}
     state = {"params": layer, "momentum": layer, "chunk_start": layer, "phase": 5,
              "chunk_size": C}  # fmt: skip
     titans_mid = ("deep_memory", (x, x, x, gate, gate, gate),
                   {"params0": p0, "state": state, "chunk_size": C})  # fmt: skip
 
     B, C, H, I, O = 8, 16, 64, 64, 64
-    gate = _meta(B, C, H)
-    window = ("momentum_memory", (_meta(B, C, H, I), _meta(B, C, H, O), gate, gate, gate,
-                                  _meta(B, H, O, I), _meta(B, H, O, I)), {})  # fmt: skip
+    gate = _aot.meta(B, C, H)
+    window = ("momentum_memory", (_aot.meta(B, C, H, I), _aot.meta(B, C, H, O), gate, gate, gate,
+                                  _aot.meta(B, H, O, I), _aot.meta(B, H, O, I)), {})  # fmt: skip
 
     sizes = [4096 * 4096] * 6 + [50257 * 768]  # multiples of 64: FlatParams packs them aligned
     ends = torch.tensor(sizes).cumsum(0)
     spans = torch.stack([ends - torch.tensor(sizes), ends], 1)
-    flat = _meta(int(ends[-1]))
+    flat = _aot.meta(int(ends[-1]))
     adamw = ("optimizer_update", (flat, flat, flat, flat, None, spans),
              {"rule": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
               "weight_decay": 0.01, "decoupled": True})  # fmt: skip

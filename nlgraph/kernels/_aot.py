@@ -17,8 +17,8 @@ CUDA allocations are. :func:`record_model` captures the op calls a library model
 Triton ops answered by their chunked form), for the configurations a real model launches.
 
 Must run where ``TRITON_INTERPRET`` is not set (the interpreter replaces the jit functions);
-tests run it in a subprocess. ``python -m nlgraph.kernels._aot`` compiles one representative
-configuration of every kernel and prints JSON lines.
+tests run it in a subprocess. :func:`representative` gives one configuration of every kernel;
+``benchmarks/compile_sm90.py`` reports the configurations models and the GPU benchmark launch.
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +47,7 @@ __all__ = [
     "launches",
     "record_model",
     "representative",
+    "meta",
 ]
 
 SM90 = ("cuda", 90, 32)  # Hopper (H100), warp size 32
@@ -446,7 +445,8 @@ def _first_lines(text: str, n: int = 5) -> str:
 # --- one configuration per kernel --------------------------------------------------------------
 
 
-def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty tensor on the meta device: launches are recorded without memory."""
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
@@ -457,38 +457,20 @@ def representative() -> list[tuple[str, tuple, dict[str, Any]]]:
     depth-2 Titans memory at widths 16 (C=16, momentum and forgetting) and AdamW over an aligned
     flat buffer."""
     B, T, H, D = 8, 32, 2, 32
-    g = _meta(B, T, H)
-    delta = ("linear_memory", (_meta(B, T, H, D), _meta(B, T, H, D), _meta(B, T, H, D), g, g, g),
-             {"initial_state": _meta(B, H, D, D), "chunk_size": 64})  # fmt: skip
+    g = meta(B, T, H)
+    delta = ("linear_memory", (meta(B, T, H, D), meta(B, T, H, D), meta(B, T, H, D), g, g, g),
+             {"initial_state": meta(B, H, D, D), "chunk_size": 64})  # fmt: skip
     B, C, H, I, O = 8, 8, 8, 32, 64
-    gate = _meta(B, C, H)
-    window = ("momentum_memory", (_meta(B, C, H, I), _meta(B, C, H, O), gate, gate, gate,
-                                  _meta(B, H, O, I), _meta(B, H, O, I)), {})  # fmt: skip
+    gate = meta(B, C, H)
+    window = ("momentum_memory", (meta(B, C, H, I), meta(B, C, H, O), gate, gate, gate,
+                                  meta(B, H, O, I), meta(B, H, O, I)), {})  # fmt: skip
     B, T, H, D = 4, 1024, 16, 16
-    x, gate = _meta(B, T, H, D), _meta(B, T, H)
-    w = {"W1": _meta(H, D, D), "W2": _meta(H, D, D)}
+    x, gate = meta(B, T, H, D), meta(B, T, H)
+    w = {"W1": meta(H, D, D), "W2": meta(H, D, D)}
     titans = ("deep_memory", (x, x, x, gate, gate, gate), {"params0": w, "chunk_size": 16})
     n = 4096 * 64
-    flat = _meta(n)
+    flat = meta(n)
     adamw = ("optimizer_update", (flat, flat, flat, flat, None, torch.tensor([[0, n]])),
              {"rule": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
               "weight_decay": 0.01, "decoupled": True})  # fmt: skip
     return [delta, window, titans, adamw]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Compile :func:`representative` for sm_90; one JSON object per launch on stdout."""
-    del argv
-    why = backend_missing()
-    if why is not None:
-        print(json.dumps({"skip": why}))
-        return 0
-    for op, args, kwargs in representative():
-        found, note = launches(op, *args, **kwargs)
-        for ln in found:
-            print(json.dumps({"op": op, "note": note, **asdict(compile_launch(ln))}), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
