@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from nlgraph._errors import CompileError
+from nlgraph.compiler.memory import scalar_value
 from nlgraph.compiler.modules import MLPBlock
-from nlgraph.compiler.reference_loop import apply_rules, scalar_value, scalars_of, shaped
+from nlgraph.compiler.reference_loop import apply_rules, scalars_of, shaped
 from nlgraph.level import Level
 
 __all__ = [

@@ -18,8 +18,8 @@ from nlgraph.compiler.program import MemoryCfg
 from nlgraph.kernels import _dispatch
 
 __all__ = [
-    "heads", "gate", "bounded", "backend_of", "run_memory", "attention", "detach_state",
-    "SIGNAL_ACT",
+    "heads", "gate", "scalar_value", "bounded", "backend_of", "run_memory", "attention",
+    "detach_state", "SIGNAL_ACT",
 ]  # fmt: skip
 
 SIGNAL_ACT = {
@@ -42,24 +42,38 @@ def bounded(raw: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tens
     return raw
 
 
-def gate(learner: Any, cfg: MemoryCfg, which: str, args: tuple, like: torch.Tensor):
-    """A gate ``[B, T, H]`` (or None), from its static description."""
-    spec = getattr(cfg, which)
-    B, T, H = like.shape[0], like.shape[1], cfg.heads
+def scalar_value(spec: tuple, learned: Any, signal: Any) -> Any:
+    """A rule's scalar from its static description (``program._rule_cfg``): None, a float,
+    ``learned(spec)``, or ``act(signal(index)) * scale`` for a per-token signal."""
     kind = spec[0]
     if kind == "none":
         return None
     if kind == "const":
-        return torch.full((B, T, H), spec[1], dtype=like.dtype, device=like.device)
+        return spec[1]
     if kind == "learned":
-        return bounded(learner.scalars[spec[1]], spec[2], spec[3]).to(like.dtype).expand(B, T, H)
-    x = SIGNAL_ACT[spec[2]](args[spec[1]]) * spec[3]
-    if x.shape[-1] not in (1, H):
-        raise CompileError(
-            f"level {cfg.name!r}: the {which} signal has width {x.shape[-1]}; expected 1 or "
-            f"heads={H}"
-        )
-    return x.expand(B, T, H)
+        return learned(spec)
+    return SIGNAL_ACT[spec[2]](signal(spec[1])) * spec[3]
+
+
+def gate(learner: Any, cfg: MemoryCfg, which: str, args: tuple, like: torch.Tensor):
+    """A gate ``[B, T, H]`` (or None), from its static description."""
+    B, T, H = like.shape[0], like.shape[1], cfg.heads
+
+    def signal(i: int) -> torch.Tensor:
+        if args[i].shape[-1] not in (1, H):
+            raise CompileError(
+                f"level {cfg.name!r}: the {which} signal has width {args[i].shape[-1]}; "
+                f"expected 1 or heads={H}"
+            )
+        return args[i]
+
+    def learned(spec: tuple) -> torch.Tensor:
+        return bounded(learner.scalars[spec[1]], spec[2], spec[3]).to(like.dtype)
+
+    value = scalar_value(getattr(cfg, which), learned, signal)
+    if value is None or isinstance(value, torch.Tensor):
+        return None if value is None else value.expand(B, T, H)
+    return torch.full((B, T, H), value, dtype=like.dtype, device=like.device)
 
 
 def backend_of(learner: Any, op: str | None = None) -> str:

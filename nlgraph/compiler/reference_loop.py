@@ -34,13 +34,13 @@ from typing import Any
 
 import torch
 
-from nlgraph.compiler.memory import SIGNAL_ACT, bounded, heads
+from nlgraph.compiler.memory import bounded, heads, scalar_value
 from nlgraph.compiler.modules import ACT
 from nlgraph.compiler.program import MemoryCfg
 
 __all__ = [
     "run_reference_loop", "accumulate", "token_step", "rule_scalars", "updates_at", "apply_rules",
-    "orthogonalize", "newton_schulz", "shaped", "scalar_value", "scalars_of",
+    "orthogonalize", "newton_schulz", "shaped", "scalars_of",
 ]  # fmt: skip
 
 
@@ -148,19 +148,6 @@ def _inner_grad(cfg: MemoryCfg, ws: list[torch.Tensor], k: torch.Tensor, v: torc
     if not meta:
         inputs = [x.detach() for x in inputs]
     return grads, inputs
-
-
-def scalar_value(spec: tuple, learned: Any, signal: Any) -> Any:
-    """A rule's scalar from its static description (``program._rule_cfg``): None, a float,
-    ``learned(spec)``, or ``act(signal(index)) * scale`` for a per-token signal."""
-    kind = spec[0]
-    if kind == "none":
-        return None
-    if kind == "const":
-        return spec[1]
-    if kind == "learned":
-        return learned(spec)
-    return SIGNAL_ACT[spec[2]](signal(spec[1])) * spec[3]
 
 
 def scalars_of(rule: tuple, value: Any, flow: Any) -> dict:
