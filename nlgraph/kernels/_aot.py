@@ -161,12 +161,12 @@ def _linear_memory(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Launch], s
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     C = min(a["chunk_size"], T)  # as linear_memory_triton
-    Qg, A, U, Wk, Kc, gC = W._summaries(
-        q, k, v, a["alpha"], a["b"], a["c"], a["scale"], a["read"], C
-    )
+    gates = (a["alpha"], a["b"], a["c"])
+    Qg, A, U, Wk, Kc, gC = W._summaries(q, k, v, *gates, a["scale"], a["read"], C)
     s0 = a["initial_state"]
     s0 = None if s0 is None else s0.to(torch.float32).reshape(B * H, Dv, Dk)
     with recording(K) as out:
+        K.summaries_forward(q, k, v, *gates, a["scale"], a["read"], C)
         o, s_end, s_all, w = K.scan_forward(*map(_contig, (Qg, A, U, Wk, Kc, gC, s0)))
         # backward; the final state has a cotangent where a later segment or the loss reads it
         ds_last = s_end if final_state_grad else None

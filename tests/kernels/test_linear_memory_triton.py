@@ -197,6 +197,77 @@ def test_hard_resets_and_tiny_decays_stay_exact():
         _close(got, want, TOL[torch.float32], name)
 
 
+# --- the chunk-summaries kernel against its batched PyTorch form ----------------------------
+
+# gates present as (alpha, b, c): every combination the instances make, plus c alone
+GATES = [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 0, 0), (1, 1, 0), (0, 0, 1)]
+
+
+def _summaries_pair(q, k, v, gates, read, C, scale=0.5):
+    from nlgraph.kernels.linear_memory import _triton_kernels as K
+    from nlgraph.kernels.linear_memory import triton as tr
+
+    want = tr._summaries(q, k, v, *gates, scale, read, C)
+    got = K.summaries_forward(q, k, v, *gates, scale, read, C)
+    return got, want
+
+
+def _check_summaries(got, want, tol):
+    for name, x, w in zip(("Qg", "A", "U", "Wk", "Kc", "gC"), got, want, strict=True):
+        if w is None:  # Wk without b, gC without alpha
+            assert x.numel() == 0, name
+            continue
+        assert x.dtype == torch.float32 and x.shape == w.shape, name
+        _close(x, w, tol, name)
+
+
+@pytest.mark.parametrize("read", ["after", "before"])
+@pytest.mark.parametrize("gates", GATES, ids=lambda g: "".join("abc"[i] for i in range(3) if g[i]))
+@pytest.mark.parametrize(
+    "B,T,H,Dk,Dv,C",
+    [(2, 7, 3, 5, 6, 4), (1, 37, 2, 16, 24, 16), (1, 19, 1, 8, 4, 5), (1, 40, 2, 32, 20, 32)],
+    ids=["ragged-odd", "C16-D16x24", "C5-not-pow2", "C32"],
+)
+def test_summaries_kernel_equals_its_pytorch_form(B, T, H, Dk, Dv, C, gates, read):
+    """Decay products, the UT solve, the masked attention and the decayed queries and keys of
+    every chunk (ragged last chunk, C and widths not powers of two) equal :func:`_summaries`."""
+    g = torch.Generator().manual_seed(T + C)
+    q = torch.randn(B, T, H, Dk, generator=g)
+    k = F.normalize(torch.randn(B, T, H, Dk, generator=g), dim=-1)
+    v = torch.randn(B, T, H, Dv, generator=g)
+    u = lambda lo: lo + (1 - lo) * torch.rand(B, T, H, generator=g)
+    present = [u(0.5), u(0.0), u(0.0)]
+    chosen = [x if on else None for x, on in zip(present, gates, strict=True)]
+    _check_summaries(*_summaries_pair(q, k, v, chosen, read, C), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_summaries_kernel_reads_strided_views(dtype):
+    """q, k, v as views of one fused projection and gates as transposed views, in each input
+    dtype: the kernel reads them in place (no copies) and computes in fp32."""
+    g = torch.Generator().manual_seed(7)
+    B, T, H, Dk, Dv = 2, 21, 3, 16, 8
+    qkv = torch.randn(B, T, H, 2 * Dk + Dv, generator=g).to(dtype)
+    q, k, v = qkv.split([Dk, Dk, Dv], dim=-1)
+    k = k / 4
+    assert not q.is_contiguous()
+    packed = torch.rand(B, H, T, 3, generator=g).to(dtype)
+    gates = [packed[..., i].transpose(1, 2) for i in range(3)]
+    _check_summaries(*_summaries_pair(q, k, v, gates, "after", 8), 1e-5)
+
+
+def test_summaries_kernel_keeps_hard_resets_exact():
+    """alpha = 0 and 1e-30 in the chunk: products, never ratios, so the summaries stay finite
+    and equal the PyTorch form."""
+    q, k, v, alpha, _, beta, _ = _gdn_inputs(T=24, Dk=8, Dv=8, seed=3)
+    alpha = alpha.clone()
+    alpha[:, 5] = 0.0
+    alpha[:, 13:16] = 1e-30
+    got, want = _summaries_pair(q, k, v, (alpha, alpha * beta, beta), "after", 8)
+    assert all(torch.isfinite(x).all() for x in got)
+    _check_summaries(got, want, 1e-5)
+
+
 def test_float64_is_refused_with_a_way_out():
     q, k, v, *_ = _gdn_inputs()
     with pytest.raises(ValueError, match="float64.*backend='chunk'"):
@@ -238,6 +309,9 @@ def test_custom_ops_pass_opcheck():
     args = [x.detach().contiguous().requires_grad_() for x in summaries]
     s0 = M0.reshape(2, 4, 6).clone().requires_grad_()  # [B*H, Dv, Dk]
     torch.library.opcheck(tr.linear_memory_scan, (*args, s0))
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v, a, b, c)]
+    for gates in (xs[3:], (None, xs[4], None), (xs[3], None, xs[5])):
+        torch.library.opcheck(tr.linear_memory_summaries, (*xs[:3], *gates, 0.5, "before", 4))
 
 
 # --- GPU: the compiled (non-interpreted) kernels -------------------------------------------

@@ -1,9 +1,10 @@
-"""Triton kernels of the inter-chunk part of the linear memory (imported only when Triton is).
+"""Triton kernels of the linear memory (imported only when Triton is).
 
-Each chunk n of C tokens is summarised by tensors that :mod:`.triton` computes in batched PyTorch
-(the WY/UT form of :mod:`.chunk`): Qg ``[C, Dk]`` (decayed, scaled queries), A ``[C, C]`` (masked
-intra-chunk attention), U ``[C, Dv]`` and Wk ``[C, Dk]`` (the solved writes), Kc ``[C, Dk]`` (keys
-decayed to the chunk end) and gC (the chunk's total decay). Given the state S_n at its start:
+Each chunk n of C tokens is summarised (``_summaries_fwd``, one program per (b*h, chunk), reading
+q, k, v ``[B, T, H, D]`` in place) by Qg ``[C, Dk]`` (decayed, scaled queries), A ``[C, C]``
+(masked intra-chunk attention), U ``[C, Dv]`` and Wk ``[C, Dk]`` (the solved writes), Kc
+``[C, Dk]`` (keys decayed to the chunk end) and gC (the chunk's total decay): the WY/UT form of
+:mod:`.chunk`, equal to ``triton._summaries``. Given the state S_n at its start:
 
     W_n     = U_n - Wk_n S_n^T                           (the chunk's effective writes)
     O_n     = Qg_n S_n^T + A_n W_n                       (outputs)
@@ -16,7 +17,8 @@ Backward, with dO_n and dS_{n+1} (the cotangent of S_{n+1}, dS_N from the final 
     dQg_n = dO_n S_n,  dA_n = dO_n W_n^T,  dU_n = dW_n,  dWk_n = -dW_n S_n,
     dKc_n = W_n dS_{n+1},  dgC_n = <dS_{n+1}, S_n>
 
-Kernels, all on contiguous fp32 tensors laid out ``[B*H, N, C, D]`` / ``[B*H, N, Dv, Dk]``:
+Kernels of the scan, all on contiguous fp32 tensors laid out ``[B*H, N, C, D]`` /
+``[B*H, N, Dv, Dk]``:
 
 - ``_state_fwd``: grid (B*H, Dv blocks); walks the chunks in order holding a ``[BV, Dk]`` slab
   of S in registers, stores S_n and W_n. The only sequential forward work.
@@ -33,6 +35,8 @@ so padded rows and columns stay exactly zero.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -255,6 +259,162 @@ def _chunk_grads(
         )
 
 
+# --- chunk summaries --------------------------------------------------------------------------
+
+
+@triton.jit
+def _decays(al_ptr, g_off, tok, rc, shift, H, T, C):
+    """The chunk's decay factors shifted by ``shift`` tokens (a_{r+shift} at row r), 1 outside
+    the chunk and past T (padding leaves the state as it is)."""
+    t = tok + shift
+    keep = (rc + shift >= 0) & (rc + shift < C) & (t < T)
+    return tl.load(al_ptr + g_off + t * H, mask=keep, other=1.0).to(tl.float32)
+
+
+@triton.jit
+def _products(a, row, col, START: tl.constexpr):
+    """P[r, j] = prod of a[m] for j + START <= m <= r (1 where empty), as a cumprod down the
+    columns: no division, so tiny or zero factors stay exact (module docstring of .chunk)."""
+    return tl.cumprod(tl.where(row >= col + START, a[:, None], 1.0), axis=0)
+
+
+@triton.jit
+def _summaries_fwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    al_ptr,
+    b_ptr,
+    c_ptr,
+    qg_ptr,
+    a_ptr,
+    u_ptr,
+    wk_ptr,
+    kc_ptr,
+    gc_ptr,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
+    T,
+    H,
+    N,
+    C,
+    DK,
+    DV,
+    scale,
+    HAS_A: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_C: tl.constexpr,
+    READ_AFTER: tl.constexpr,
+    LOW_DOT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    bi = bh // H
+    hi = bh % H
+    rc = tl.arange(0, BC)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    tok = n * C + rc
+    mc = rc < C
+    mt = mc & (tok < T)  # real tokens: padding reads q = k = v = 0, alpha = 1, b = c = 0
+    mk, mv = rk < DK, rv < DV
+    row = rc[:, None]
+    col = rc[None, :]
+    chunk = bh * N + n
+    ck_out = chunk * C * DK + row * DK + rk[None, :]
+    ck_msk = mc[:, None] & mk[None, :]
+    g_off = bi * T * H + hi  # gates are contiguous [B, T, H]
+
+    k_raw = tl.load(
+        k_ptr + bi * sk_b + tok[:, None] * sk_t + hi * sk_h + rk[None, :],
+        mask=mt[:, None] & mk[None, :],
+        other=0.0,
+    )
+    kf = k_raw.to(tl.float32)
+    if HAS_A:
+        al = _decays(al_ptr, g_off, tok, rc, 0, H, T, C)
+        al_prev = _decays(al_ptr, g_off, tok, rc, -1, H, T, C)  # a_{r-1}
+        g_cur = tl.cumprod(al, axis=0)  # Gamma_r
+        g_prev = tl.cumprod(al_prev, axis=0)  # Gamma_{r-1}
+        # Decay from token r to the chunk end: prod_{m > r} a_m.
+        p_end = tl.cumprod(_decays(al_ptr, g_off, tok, rc, 1, H, T, C), axis=0, reverse=True)
+        tl.store(gc_ptr + chunk, tl.sum(tl.where(rc == BC - 1, g_cur, 0.0), axis=0))
+        tl.store(kc_ptr + ck_out, p_end[:, None] * kf, mask=ck_msk)
+    else:
+        tl.store(kc_ptr + ck_out, kf, mask=ck_msk)
+
+    v = tl.load(
+        v_ptr + bi * sv_b + tok[:, None] * sv_t + hi * sv_h + rv[None, :],
+        mask=mt[:, None] & mv[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if HAS_C:
+        v *= tl.load(c_ptr + g_off + tok * H, mask=mt, other=0.0).to(tl.float32)[:, None]
+    if HAS_B:
+        bb = tl.load(b_ptr + g_off + tok * H, mask=mt, other=0.0).to(tl.float32)
+        # 16-bit keys: their products are exact in fp32, so the tensor cores lose nothing.
+        if LOW_DOT:
+            gram = tl.dot(k_raw, tl.trans(k_raw))
+        else:
+            gram = tl.dot(kf, tl.trans(kf), input_precision=PREC)
+        if HAS_A:
+            gram *= _products(al_prev, row, col, 2)  # P[r-1, j] = prod_{j < m < r} a_m
+        lo = tl.where(row > col, bb[:, None] * gram, 0.0)
+        # (I + L)^-1 by forward substitution, a row at a time: row r of the inverse is
+        # e_r - sum_{j < r} L[r, j] row_j, and the rows j < r are final when row r is formed.
+        inv = tl.where(row == col, 1.0, 0.0)
+        for r in range(1, BC):
+            l_r = tl.sum(tl.where(row == r, lo, 0.0), axis=0)  # L[r, :]
+            upd = tl.sum(l_r[:, None] * inv, axis=0)
+            inv = tl.where(row == r, inv - upd[None, :], inv)
+        u = tl.dot(inv, v, input_precision=PREC)
+        if HAS_A:
+            bb *= g_prev
+        wk = tl.dot(inv, bb[:, None] * kf, input_precision=PREC)
+        tl.store(wk_ptr + ck_out, wk, mask=ck_msk)
+    else:
+        u = v
+    tl.store(u_ptr + chunk * C * DV + row * DV + rv[None, :], u, mask=mc[:, None] & mv[None, :])
+
+    q_raw = tl.load(
+        q_ptr + bi * sq_b + tok[:, None] * sq_t + hi * sq_h + rk[None, :],
+        mask=mt[:, None] & mk[None, :],
+        other=0.0,
+    )
+    if LOW_DOT:
+        att = tl.dot(q_raw, tl.trans(k_raw)) * scale
+    else:
+        att = tl.dot(q_raw.to(tl.float32) * scale, tl.trans(kf), input_precision=PREC)
+    qf = q_raw.to(tl.float32) * scale
+    if READ_AFTER:
+        keep = row >= col
+        if HAS_A:
+            att *= _products(al, row, col, 1)  # P[r, j] = prod_{j < m <= r} a_m
+            qf *= g_cur[:, None]
+    else:
+        keep = row > col
+        if HAS_A:
+            att *= _products(al_prev, row, col, 2)
+            qf *= g_prev[:, None]
+    tl.store(
+        a_ptr + chunk * C * C + row * C + col,
+        tl.where(keep, att, 0.0),
+        mask=mc[:, None] & mc[None, :],
+    )
+    tl.store(qg_ptr + ck_out, qf, mask=ck_msk)
+
+
 # --- launchers --------------------------------------------------------------------------------
 
 _PREC = "ieee"  # full fp32 products: tf32 (10-bit mantissa) would break the 1e-4 agreement
@@ -402,3 +562,61 @@ def scan_backward(qg, a, wk, kc, gc, s_all, w, do, ds_last):
     )
     dgc = dgc_part.sum(-1) if gc is not None else dgc_part
     return dqg, da, dw, dwk, dkc, dgc, ds0
+
+
+def _summary_config(BC: int, width: int) -> tuple[str, int]:
+    """Product precision and warps of the summaries kernel, from sm_90 compile figures
+    (compile_sm90.md; no timing behind them). Its four C x C x d products in IEEE fp32 run on the
+    FMA units holding whole rows per thread: at C = d = 64 that spills 12 KB a thread (fp32
+    inputs; 0.5 KB with bf16 q, k). As 3xTF32 (each operand split into two tf32 parts, three
+    tensor-core products: relative error ~2^-21 a product, against 2^-24) it spills 20-300 bytes
+    at 4 warps. Tiles up to 32 x 32 compile without spills in IEEE at 8 warps. The interpreter
+    computes IEEE either way."""
+    if BC >= 64:
+        return "tf32x3", 4 if width <= 64 else 8
+    return _PREC, 8 if BC * width >= 1024 else 4
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def summaries_forward(q, k, v, alpha, b, c, scale: float, read: str, C: int):
+    """The chunk summaries ``(qg, a, u, wk, kc, gc)`` that :func:`scan_forward` takes, in fp32,
+    from q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]`` (any strides with a unit last one) and the
+    gates ``[B, T, H]`` (alpha, b, c; None for absent). wk is ``[0]`` when b is None and gc is
+    ``[0]`` when alpha is None.
+    """
+    B, T, H, DK = k.shape
+    DV = v.shape[-1]
+    N = triton.cdiv(T, C)
+    f32 = torch.float32
+    new = lambda *shape: torch.empty(*shape, dtype=f32, device=k.device)
+    qg, kc, u, a = (
+        new(B * H, N, C, DK),
+        new(B * H, N, C, DK),
+        new(B * H, N, C, DV),
+        new(B * H, N, C, C),
+    )
+    wk = new(B * H, N, C, DK) if b is not None else new(0)
+    gc = new(B * H, N) if alpha is not None else new(0)
+    gates = [None if x is None else x.contiguous() for x in (alpha, b, c)]
+    stand_in = next((x for x in gates if x is not None), k)
+    # 16-bit q and k go to tl.dot as they are (exact products, fp32 sums: the tensor cores
+    # lose nothing). Triton's interpreter multiplies bfloat16 tiles wrongly, so under it they
+    # are widened first: the same values, summed in another order.
+    low = q.dtype == k.dtype and (
+        q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not _interpreted())
+    )
+    BC, BK, BV = _pow2(C), _pow2(DK), _pow2(DV)
+    prec, warps = _summary_config(BC, max(BK, BV))
+    _summaries_fwd[(B * H, N)](
+        q, k, v, *(stand_in if x is None else x for x in gates),
+        qg, a, u, kc if b is None else wk, kc, kc if alpha is None else gc,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), T, H, N, C, DK, DV, scale,
+        HAS_A=alpha is not None, HAS_B=b is not None, HAS_C=c is not None,
+        READ_AFTER=read == "after", LOW_DOT=low, BC=BC, BK=BK, BV=BV, PREC=prec,
+        num_warps=warps,
+    )  # fmt: skip
+    return qg, a, u, wk, kc, gc

@@ -1,5 +1,5 @@
-"""Triton backend of the linear memory: chunk summaries in batched PyTorch, the sequential scan
-across chunks (forward and reverse) in Triton, registered as torch custom ops.
+"""Triton backend of the linear memory: chunk summaries and the sequential scan across chunks
+(forward and reverse) in Triton, registered as torch custom ops.
 
 Same recurrence and results as :mod:`.naive` / :mod:`.chunk` (api.py; NL paper Eqs. 14-18, 56-57,
 64-65, 83, 88):
@@ -9,28 +9,34 @@ Same recurrence and results as :mod:`.naive` / :mod:`.chunk` (api.py; NL paper E
 
 Kernel split, for chunks of C tokens, N = ceil(T / C):
 
-1. Chunk summaries, embarrassingly parallel over chunks, batched PyTorch (:func:`_summaries`):
-   segment decay products P, the UT transform (I + L) [U | Wk] = [diag(c) V | diag(b Gamma) K]
-   (one unit-triangular solve per chunk; skipped when b is None), the masked intra-chunk
-   attention A = tril(Q K^T * P_read), the decayed queries Qg = scale Gamma_read Q, the keys
-   decayed to the chunk end Kc = P[C, :] K and the chunk decay gC = Gamma_C. The maths and the
-   numerics (products, never ratios of cumulative decays) are those of :mod:`.chunk`.
+1. Chunk summaries, ``nlgraph::linear_memory_summaries`` (Triton, one program per (b*h, chunk),
+   reading q, k, v and the gates in place): segment decay products P (cumulative products in
+   registers, never ratios), the UT transform (I + L) [U | Wk] = [diag(c) V | diag(b Gamma) K]
+   (the inverse of the unit lower-triangular I + L by forward substitution, then two products;
+   skipped when b is None), the masked intra-chunk attention A = tril(Q K^T * P_read), the
+   decayed queries Qg = scale Gamma_read Q, the keys decayed to the chunk end Kc = P[C, :] K and
+   the chunk decay gC = Gamma_C. The maths and numerics are those of :mod:`.chunk`;
+   :func:`_summaries` is the same computation in batched PyTorch. Its backward is **not a
+   kernel**: the VJP of :func:`_summaries`, recomputed from q, k, v and the gates.
 2. The scan, ``nlgraph::linear_memory_scan`` (Triton, :mod:`._triton_kernels`): one program per
    (b, h, Dv block) carries the state across chunks, W_n = U_n - Wk_n S_n^T,
    S_{n+1} = gC_n S_n + W_n^T Kc_n; a second kernel, parallel over chunks, forms
    O_n = Qg_n S_n^T + A_n W_n.
 3. Backward of the scan, ``nlgraph::linear_memory_scan_bwd`` (Triton): the reverse recurrence
    dS_n = gC_n dS_{n+1} + dO_n^T Qg_n - dW_n^T Wk_n, then the per-chunk gradients of Qg, A, U, Wk,
-   Kc, gC in parallel. Autograd carries them back through step 1 (solve_triangular and cumprod
-   have exact derivatives) to q, k, v, alpha, b, c; dS_0 is the gradient of initial_state.
+   Kc, gC in parallel. They reach q, k, v, alpha, b, c through step 1's backward; dS_0 is the
+   gradient of initial_state.
 
-Stored vs recomputed: the scan saves its inputs and the chunk-start states S_n ``[B*H, N, Dv, Dk]``
-and writes W_n ``[B*H, N, C, Dv]`` (both fp32) that its forward produces anyway, so backward
-recomputes nothing inside the scan; step 1's tensors are kept by autograd (C x C per chunk).
+Stored vs recomputed: the summaries (fp32, C x C per chunk for A) are kept for the scan's
+backward; the scan saves its chunk-start states S_n ``[B*H, N, Dv, Dk]`` and writes W_n
+``[B*H, N, C, Dv]`` (both fp32) that its forward produces anyway; step 1's PyTorch intermediates
+(P, the Gram matrix, L) exist only inside the backward's recomputation.
 
-Precision: everything is computed in float32 (products in IEEE fp32, not tf32); float32, bfloat16
-and float16 inputs are accepted and results are cast back to the input dtype. float64 is refused
-(the kernels have no fp64 path): use ``backend="chunk"`` for it.
+Precision: everything is computed in float32; float32, bfloat16 and float16 inputs are accepted
+and results are cast back to the input dtype. The scan's products are IEEE fp32 (not tf32). The
+summaries kernel multiplies 16-bit q and k as they are (exact products, fp32 sums) and its fp32
+products at C = 64 as 3xTF32 (``_triton_kernels._summary_config``). float64 is refused (the
+kernels have no fp64 path): use ``backend="chunk"`` for it.
 """
 
 import torch
@@ -166,12 +172,95 @@ def _backward(ctx, do, ds_last, _ds_all, _dw):
 linear_memory_scan.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- chunk summaries (batched PyTorch) -------------------------------------------------------
+# --- chunk summaries --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nlgraph::linear_memory_summaries", mutates_args=())
+def linear_memory_summaries(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: Tensor | None,
+    b: Tensor | None,
+    c: Tensor | None,
+    scale: float,
+    read: str,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The chunk summaries ``(Qg, A, U, Wk, Kc, gC)`` of :func:`_summaries`, fp32
+    ``[B*H, N, C, *]`` (gC ``[B*H, N]``), by one Triton program per (batch * head, chunk) that
+    reads q, k, v in place. Wk is ``[0]`` when b is None and gC is ``[0]`` when alpha is None."""
+    return _kernels().summaries_forward(
+        _unit_last(q), _unit_last(k), _unit_last(v), alpha, b, c, scale, read, chunk_size
+    )
+
+
+@linear_memory_summaries.register_fake
+def _(q, k, v, alpha, b, c, scale, read, chunk_size):
+    B, T, H, Dk = k.shape
+    N = -(-T // chunk_size)
+    new = lambda *shape: k.new_empty(shape, dtype=torch.float32)
+    return (
+        new(B * H, N, chunk_size, Dk),
+        new(B * H, N, chunk_size, chunk_size),
+        new(B * H, N, chunk_size, v.shape[-1]),
+        new(B * H, N, chunk_size, Dk) if b is not None else new(0),
+        new(B * H, N, chunk_size, Dk),
+        new(B * H, N) if alpha is not None else new(0),
+    )
+
+
+def _unit_last(x: Tensor) -> Tensor:
+    """The kernel takes any batch, time and head strides; the feature axis must be dense."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _summaries_setup(ctx, inputs, output):
+    q, k, v, alpha, b, c, scale, read, chunk_size = inputs
+    ctx.present = [x is not None for x in (alpha, b, c)]
+    ctx.opts = (scale, read, chunk_size)
+    ctx.save_for_backward(q, k, v, *(x for x in (alpha, b, c) if x is not None))
+
+
+def _summaries_backward(ctx, *grads):
+    """Not a kernel: the VJP of :func:`_summaries` (batched PyTorch, the same algebra),
+    recomputed from the saved inputs, so none of the forward's C x C intermediates is kept."""
+    q, k, v, *saved = ctx.saved_tensors
+    it = iter(saved)
+    gates = [next(it) if p else None for p in ctx.present]
+    prim = [x for x in (q, k, v, *gates) if x is not None]
+    # Wk (index 3) and gC (index 5) are absent without b and alpha.
+    live = [i for i in range(6) if not (i == 3 and not ctx.present[1])]
+    live = [i for i in live if not (i == 5 and not ctx.present[0])]
+
+    def fn(*xs):
+        it = iter(xs[3:])
+        opt = [next(it) if p else None for p in ctx.present]
+        outs = _summaries(*xs[:3], *opt, *ctx.opts)
+        return tuple(outs[i] for i in live)
+
+    outs, vjp = torch.func.vjp(fn, *prim)
+    # An unused result has no cotangent: it contributes nothing.
+    cot = tuple(
+        torch.zeros_like(o) if grads[i] is None else grads[i]
+        for i, o in zip(live, outs, strict=True)
+    )
+    it = iter(vjp(cot))
+    dq, dk, dv = next(it), next(it), next(it)
+    dgates = [next(it) if p else None for p in ctx.present]
+    return (dq, dk, dv, *dgates, None, None, None)
+
+
+linear_memory_summaries.register_autograd(_summaries_backward, setup_context=_summaries_setup)
+
+
+# --- chunk summaries in batched PyTorch: the reference the kernel equals, and its backward ----
 
 
 def _summaries(q, k, v, alpha, b, c, scale: float, read: str, C: int):
     """Per-chunk Qg, A, U, Wk, Kc, gC in fp32, ``[B*H, N, C, *]`` (gC ``[B*H, N]``); Wk and gC
-    are None when b, alpha are None. Same algebra as :func:`.chunk.linear_memory_chunk`."""
+    are None when b, alpha are None. Same algebra as :func:`.chunk.linear_memory_chunk`; what
+    the summaries kernel computes, and what its backward differentiates."""
     dt = torch.float32
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
@@ -264,7 +353,9 @@ def linear_memory_triton(
     Dv = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
-    Qg, A, U, Wk, Kc, gC = _summaries(q, k, v, alpha, b, c, scale, read, C)
+    Qg, A, U, Wk, Kc, gC = linear_memory_summaries(q, k, v, alpha, b, c, scale, read, C)
+    Wk = Wk if b is not None else None
+    gC = gC if alpha is not None else None
     s0 = None
     if initial_state is not None:
         s0 = initial_state.to(torch.float32).reshape(B * H, Dv, Dk)
