@@ -171,6 +171,10 @@ def _linear_memory(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Launch], s
         # backward; the final state has a cotangent where a later segment or the loss reads it
         ds_last = s_end if final_state_grad else None
         K.scan_backward(*map(_contig, (Qg, A, Wk, Kc, gC, s_all, w, torch.empty_like(o), ds_last)))
+        if K.backward_fits(C, Dk, Dv):  # else the summaries' backward is batched PyTorch
+            cot = [torch.empty(0, device=k.device) if x is None else x
+                   for x in (Qg, A, U, Wk, Kc, gC)]  # fmt: skip
+            K.summaries_backward(q, k, v, *gates, a["scale"], a["read"], C, cot)
     return out, ""
 
 

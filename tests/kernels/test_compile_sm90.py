@@ -22,12 +22,13 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Kernels the code documents as spill-free at these shapes: the linear memory's summaries (32 x
-# 32 tiles) and recurrences (a [BV, BK] slab of the state per program), the momentum memory's
-# window (slabs <= 8192 values), the deep memory inside its bound at 4 or 8 warps (widths 16),
-# the optimizer update.
+# Kernels the code documents as spill-free at these shapes: the linear memory's summaries and
+# the reads' part of their backward (32 x 32 tiles), its recurrences (a [BV, BK] slab of the
+# state per program), the momentum memory's window (slabs <= 8192 values), the deep memory
+# inside its bound at 4 or 8 warps (widths 16), the optimizer update.
 NO_SPILL = {
     "_summaries_fwd",
+    "_summaries_bwd_read",
     "_state_fwd",
     "_state_bwd",
     "_window_fwd",
@@ -124,7 +125,8 @@ def test_refuses_to_run_under_the_interpreter():
 def test_the_wrappers_launches_are_recorded(compiled):
     launched = compiled["launched"]
     assert launched["linear_memory"] == [
-        "_summaries_fwd", "_state_fwd", "_output_fwd", "_state_bwd", "_chunk_grads"
+        "_summaries_fwd", "_state_fwd", "_output_fwd", "_state_bwd", "_chunk_grads",
+        "_summaries_bwd_read", "_summaries_bwd_write",
     ]  # fmt: skip
     assert launched["momentum_memory"] == ["_window_fwd"]
     assert launched["deep_memory"] == ["_deep_memory_fwd"]

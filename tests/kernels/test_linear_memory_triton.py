@@ -110,6 +110,8 @@ SHAPES = [
     pytest.param(1, 11, 1, 7, 2, 1, "after", "gated_deltanet", id="C1-token-steps"),
     # Dk = Dv = 70: two Dv blocks in the scans and two Dk blocks in the per-chunk gradients
     pytest.param(1, 6, 1, 70, 70, 4, "after", "gated_deltanet", id="D70-split-blocks"),
+    # past backward_fits (tiles 64 x 32 once padded): the summaries' backward is the PyTorch VJP
+    pytest.param(1, 70, 1, 20, 5, 40, "before", "gated_deltanet", id="C40-pytorch-backward"),
 ]
 
 
@@ -203,21 +205,44 @@ def test_hard_resets_and_tiny_decays_stay_exact():
 GATES = [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 0, 0), (1, 1, 0), (0, 0, 1)]
 
 
-def _summaries_pair(q, k, v, gates, read, C, scale=0.5):
+def _check_summaries(q, k, v, gates, read, C, scale=0.5, tol=1e-5, seed=0):
+    """The summaries kernel's six results equal :func:`_summaries`, and the backward kernel's
+    gradients (q, k, v and the present gates) equal its VJP for random cotangents."""
     from nlgraph.kernels.linear_memory import _triton_kernels as K
     from nlgraph.kernels.linear_memory import triton as tr
 
     want = tr._summaries(q, k, v, *gates, scale, read, C)
     got = K.summaries_forward(q, k, v, *gates, scale, read, C)
-    return got, want
-
-
-def _check_summaries(got, want, tol):
     for name, x, w in zip(("Qg", "A", "U", "Wk", "Kc", "gC"), got, want, strict=True):
         if w is None:  # Wk without b, gC without alpha
             assert x.numel() == 0, name
             continue
         assert x.dtype == torch.float32 and x.shape == w.shape, name
+        assert torch.isfinite(x).all(), name
+        _close(x, w, tol, name)
+
+    live = [i for i, w in enumerate(want) if w is not None]
+    prim = [x for x in (q, k, v, *gates) if x is not None]
+
+    def fn(*xs):
+        it = iter(xs[3:])
+        opt = [None if x is None else next(it) for x in gates]
+        outs = tr._summaries(*xs[:3], *opt, scale, read, C)
+        return tuple(outs[i] for i in live)
+
+    g = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(want[i].shape, generator=g) for i in live]
+    ref = torch.func.vjp(fn, *(x.float() for x in prim))[1](tuple(cot))
+    full = [torch.zeros(0)] * 6
+    for i, c in zip(live, cot, strict=True):
+        full[i] = c
+    grads = K.summaries_backward(q, k, v, *gates, scale, read, C, full)
+    names = ["dq", "dk", "dv"] + [f"d{n}" for n, x in zip(("alpha", "b", "c"), gates, strict=True)
+                                  if x is not None]  # fmt: skip
+    grads = [x for x in grads if x is not None]
+    for name, x, w in zip(names, grads, ref, strict=True):
+        assert x.dtype == torch.float32 and x.shape == w.shape, name
+        assert torch.isfinite(x).all(), name
         _close(x, w, tol, name)
 
 
@@ -228,9 +253,10 @@ def _check_summaries(got, want, tol):
     [(2, 7, 3, 5, 6, 4), (1, 37, 2, 16, 24, 16), (1, 19, 1, 8, 4, 5), (1, 40, 2, 32, 20, 32)],
     ids=["ragged-odd", "C16-D16x24", "C5-not-pow2", "C32"],
 )
-def test_summaries_kernel_equals_its_pytorch_form(B, T, H, Dk, Dv, C, gates, read):
+def test_summaries_kernels_equal_their_pytorch_form(B, T, H, Dk, Dv, C, gates, read):
     """Decay products, the UT solve, the masked attention and the decayed queries and keys of
-    every chunk (ragged last chunk, C and widths not powers of two) equal :func:`_summaries`."""
+    every chunk (ragged last chunk, C and widths not powers of two) equal :func:`_summaries`,
+    and so do their gradients."""
     g = torch.Generator().manual_seed(T + C)
     q = torch.randn(B, T, H, Dk, generator=g)
     k = F.normalize(torch.randn(B, T, H, Dk, generator=g), dim=-1)
@@ -238,13 +264,13 @@ def test_summaries_kernel_equals_its_pytorch_form(B, T, H, Dk, Dv, C, gates, rea
     u = lambda lo: lo + (1 - lo) * torch.rand(B, T, H, generator=g)
     present = [u(0.5), u(0.0), u(0.0)]
     chosen = [x if on else None for x, on in zip(present, gates, strict=True)]
-    _check_summaries(*_summaries_pair(q, k, v, chosen, read, C), 1e-5)
+    _check_summaries(q, k, v, chosen, read, C)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_summaries_kernel_reads_strided_views(dtype):
+def test_summaries_kernels_read_strided_views(dtype):
     """q, k, v as views of one fused projection and gates as transposed views, in each input
-    dtype: the kernel reads them in place (no copies) and computes in fp32."""
+    dtype: the kernels read them in place (no copies) and compute in fp32."""
     g = torch.Generator().manual_seed(7)
     B, T, H, Dk, Dv = 2, 21, 3, 16, 8
     qkv = torch.randn(B, T, H, 2 * Dk + Dv, generator=g).to(dtype)
@@ -253,19 +279,19 @@ def test_summaries_kernel_reads_strided_views(dtype):
     assert not q.is_contiguous()
     packed = torch.rand(B, H, T, 3, generator=g).to(dtype)
     gates = [packed[..., i].transpose(1, 2) for i in range(3)]
-    _check_summaries(*_summaries_pair(q, k, v, gates, "after", 8), 1e-5)
+    _check_summaries(q, k, v, gates, "after", 8)
 
 
-def test_summaries_kernel_keeps_hard_resets_exact():
-    """alpha = 0 and 1e-30 in the chunk: products, never ratios, so the summaries stay finite
-    and equal the PyTorch form."""
+def test_summaries_kernels_keep_hard_resets_exact():
+    """alpha = 0 and 1e-30 in the chunk: products, never ratios (the gradient of a product
+    leaves the factor out instead of dividing by it), so the summaries and their gradients stay
+    finite and equal the PyTorch form."""
     q, k, v, alpha, _, beta, _ = _gdn_inputs(T=24, Dk=8, Dv=8, seed=3)
     alpha = alpha.clone()
     alpha[:, 5] = 0.0
     alpha[:, 13:16] = 1e-30
-    got, want = _summaries_pair(q, k, v, (alpha, alpha * beta, beta), "after", 8)
-    assert all(torch.isfinite(x).all() for x in got)
-    _check_summaries(got, want, 1e-5)
+    for read in ("after", "before"):
+        _check_summaries(q, k, v, (alpha, alpha * beta, beta), read, 8)
 
 
 def test_float64_is_refused_with_a_way_out():
@@ -312,6 +338,11 @@ def test_custom_ops_pass_opcheck():
     xs = [x.detach().clone().requires_grad_() for x in (q, k, v, a, b, c)]
     for gates in (xs[3:], (None, xs[4], None), (xs[3], None, xs[5])):
         torch.library.opcheck(tr.linear_memory_summaries, (*xs[:3], *gates, 0.5, "before", 4))
+        shapes = tr._summaries_shapes(k, v, gates[0] is not None, gates[1] is not None, 4)
+        cot = [torch.randn(shape) for shape in shapes]
+        # first-order only, like the scan's backward: no gradient of a gradient
+        plain = [None if x is None else x.detach() for x in (*xs[:3], *gates)]
+        torch.library.opcheck(tr.linear_memory_summaries_bwd, (*plain, 0.5, "after", 4, cot))
 
 
 # --- GPU: the compiled (non-interpreted) kernels -------------------------------------------

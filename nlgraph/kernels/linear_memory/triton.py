@@ -195,19 +195,24 @@ def linear_memory_summaries(
     )
 
 
+def _summaries_shapes(k, v, has_alpha: bool, has_b: bool, C: int) -> list[tuple[int, ...]]:
+    """Shapes of the six summaries (``(0,)`` for Wk without b and gC without alpha)."""
+    B, T, H, Dk = k.shape
+    N = -(-T // C)
+    return [
+        (B * H, N, C, Dk),
+        (B * H, N, C, C),
+        (B * H, N, C, v.shape[-1]),
+        (B * H, N, C, Dk) if has_b else (0,),
+        (B * H, N, C, Dk),
+        (B * H, N) if has_alpha else (0,),
+    ]
+
+
 @linear_memory_summaries.register_fake
 def _(q, k, v, alpha, b, c, scale, read, chunk_size):
-    B, T, H, Dk = k.shape
-    N = -(-T // chunk_size)
-    new = lambda *shape: k.new_empty(shape, dtype=torch.float32)
-    return (
-        new(B * H, N, chunk_size, Dk),
-        new(B * H, N, chunk_size, chunk_size),
-        new(B * H, N, chunk_size, v.shape[-1]),
-        new(B * H, N, chunk_size, Dk) if b is not None else new(0),
-        new(B * H, N, chunk_size, Dk),
-        new(B * H, N) if alpha is not None else new(0),
-    )
+    shapes = _summaries_shapes(k, v, alpha is not None, b is not None, chunk_size)
+    return tuple(k.new_empty(s, dtype=torch.float32) for s in shapes)
 
 
 def _unit_last(x: Tensor) -> Tensor:
@@ -222,45 +227,93 @@ def _summaries_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, *(x for x in (alpha, b, c) if x is not None))
 
 
+@torch.library.custom_op("nlgraph::linear_memory_summaries_bwd", mutates_args=())
+def linear_memory_summaries_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: Tensor | None,
+    b: Tensor | None,
+    c: Tensor | None,
+    scale: float,
+    read: str,
+    chunk_size: int,
+    grads: list[Tensor],
+) -> list[Tensor]:
+    """Gradients ``[dq, dk, dv, dalpha, db, dc]`` of :func:`linear_memory_summaries` from the
+    cotangents of its six results, in the dtypes of the inputs; the gradient of an absent gate
+    is ``[0]``. One Triton program per (batch * head, chunk) recomputes the chunk's decays and
+    solve and forms all of them (module docstring)."""
+    out = _kernels().summaries_backward(
+        _unit_last(q), _unit_last(k), _unit_last(v), alpha, b, c, scale, read, chunk_size,
+        [g.contiguous() for g in grads],
+    )  # fmt: skip
+    like = (q, k, v, alpha, b, c)
+    return [q.new_empty(0) if d is None else d.to(x.dtype) for d, x in zip(out, like, strict=True)]
+
+
+@linear_memory_summaries_bwd.register_fake
+def _(q, k, v, alpha, b, c, scale, read, chunk_size, grads):
+    dense = torch.contiguous_format
+    return [q.new_empty(0) if x is None else torch.empty_like(x, memory_format=dense)
+            for x in (q, k, v, alpha, b, c)]  # fmt: skip
+
+
 def _summaries_backward(ctx, *grads):
-    """Not a kernel: the VJP of :func:`_summaries` (batched PyTorch, the same algebra),
-    recomputed from the saved inputs, so none of the forward's C x C intermediates is kept."""
     q, k, v, *saved = ctx.saved_tensors
     it = iter(saved)
     gates = [next(it) if p else None for p in ctx.present]
+    C = ctx.opts[2]
+    if not _kernels().backward_fits(C, k.shape[-1], v.shape[-1]):
+        d = _summaries_vjp(q, k, v, gates, ctx.opts, grads)
+    else:
+        shapes = _summaries_shapes(k, v, gates[0] is not None, gates[1] is not None, C)
+        # An unused result has no cotangent: it contributes nothing.
+        cot = [
+            g if g is not None else k.new_zeros(shape, dtype=torch.float32)
+            for g, shape in zip(grads, shapes, strict=True)
+        ]
+        d = linear_memory_summaries_bwd(q, k, v, *gates, *ctx.opts, cot)
+    return (*d[:3], *(x if p else None for x, p in zip(d[3:], ctx.present, strict=True)),
+            None, None, None)  # fmt: skip
+
+
+def _summaries_vjp(q, k, v, gates, opts, grads):
+    """The summaries' backward where its kernels do not fit (``backward_fits``): the VJP of
+    :func:`_summaries` (batched PyTorch, the same algebra) recomputed from the inputs. Returns
+    ``[dq, dk, dv, dalpha, db, dc]`` (None for an absent gate)."""
+    present = [x is not None for x in gates]
     prim = [x for x in (q, k, v, *gates) if x is not None]
     # Wk (index 3) and gC (index 5) are absent without b and alpha.
-    live = [i for i in range(6) if not (i == 3 and not ctx.present[1])]
-    live = [i for i in live if not (i == 5 and not ctx.present[0])]
+    live = [
+        i for i in range(6) if not (i == 3 and not present[1]) and not (i == 5 and not present[0])
+    ]
 
     def fn(*xs):
         it = iter(xs[3:])
-        opt = [next(it) if p else None for p in ctx.present]
-        outs = _summaries(*xs[:3], *opt, *ctx.opts)
+        opt = [next(it) if p else None for p in present]
+        outs = _summaries(*xs[:3], *opt, *opts)
         return tuple(outs[i] for i in live)
 
     outs, vjp = torch.func.vjp(fn, *prim)
-    # An unused result has no cotangent: it contributes nothing.
     cot = tuple(
         torch.zeros_like(o) if grads[i] is None else grads[i]
         for i, o in zip(live, outs, strict=True)
     )
     it = iter(vjp(cot))
-    dq, dk, dv = next(it), next(it), next(it)
-    dgates = [next(it) if p else None for p in ctx.present]
-    return (dq, dk, dv, *dgates, None, None, None)
+    return [next(it), next(it), next(it), *(next(it) if p else None for p in present)]
 
 
 linear_memory_summaries.register_autograd(_summaries_backward, setup_context=_summaries_setup)
 
 
-# --- chunk summaries in batched PyTorch: the reference the kernel equals, and its backward ----
+# --- chunk summaries in batched PyTorch: the reference the kernels equal ---------------------
 
 
 def _summaries(q, k, v, alpha, b, c, scale: float, read: str, C: int):
     """Per-chunk Qg, A, U, Wk, Kc, gC in fp32, ``[B*H, N, C, *]`` (gC ``[B*H, N]``); Wk and gC
     are None when b, alpha are None. Same algebra as :func:`.chunk.linear_memory_chunk`; what
-    the summaries kernel computes, and what its backward differentiates."""
+    the summaries kernels compute forward and backward (their tests compare the two)."""
     dt = torch.float32
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
