@@ -351,30 +351,37 @@ _GPU_SCRIPT = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
     from nlgraph.kernels.linear_memory import linear_memory_naive, linear_memory_triton
+    from nlgraph.kernels.linear_memory import _triton_kernels as K
     torch.manual_seed(0)
     dev = "cuda"
-    B, T, H, Dk, Dv, C = 2, 300, 3, 64, 40, 64  # ragged T, Dv not a power of two
-    q = torch.randn(B, T, H, Dk, device=dev, dtype=torch.float64)
-    k = F.normalize(torch.randn(B, T, H, Dk, device=dev, dtype=torch.float64), dim=-1)
-    v = torch.randn(B, T, H, Dv, device=dev, dtype=torch.float64)
-    alpha = 0.9 + 0.1 * torch.rand(B, T, H, device=dev, dtype=torch.float64)
-    beta = torch.rand(B, T, H, device=dev, dtype=torch.float64)
-    M0 = torch.randn(B, H, Dv, Dk, device=dev, dtype=torch.float64)
-    go = torch.randn(B, T, H, Dv, device=dev, dtype=torch.float64)
     worst = 0.0
-    for read in ("after", "before"):
-        for gates in ((None, None, None), (alpha, alpha * beta, beta)):
-            res = []
-            pairs = ((linear_memory_naive, torch.float64), (linear_memory_triton, torch.float32))
-            for fn, dt in pairs:
-                xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v, M0)]
-                g = [None if x is None else x.to(dt) for x in gates]
-                o, s = fn(*xs[:3], *g, initial_state=xs[3], scale=Dk ** -0.5, read=read)
-                grads = torch.autograd.grad((o * go.to(dt)).sum() + s.square().sum(), xs)
-                res.append((o, s, *grads))
-            for got, want in zip(res[1], res[0]):
-                err = (got.double() - want).abs().max() / want.abs().max()
-                worst = max(worst, err.item())
+    # ragged T, Dv not a power of two; C=64 d=64 (3xTF32 summaries, PyTorch backward of them),
+    # C=32 d=32 and C=16 d=64 (IEEE summaries, backward kernels)
+    for T, Dk, Dv, C in ((300, 64, 40, 64), (150, 32, 24, 32), (100, 64, 40, 16)):
+        assert K.backward_fits(C, Dk, Dv) == (C < 64)
+        B, H = 2, 3
+        q = torch.randn(B, T, H, Dk, device=dev, dtype=torch.float64)
+        k = F.normalize(torch.randn(B, T, H, Dk, device=dev, dtype=torch.float64), dim=-1)
+        v = torch.randn(B, T, H, Dv, device=dev, dtype=torch.float64)
+        alpha = 0.9 + 0.1 * torch.rand(B, T, H, device=dev, dtype=torch.float64)
+        beta = torch.rand(B, T, H, device=dev, dtype=torch.float64)
+        M0 = torch.randn(B, H, Dv, Dk, device=dev, dtype=torch.float64)
+        go = torch.randn(B, T, H, Dv, device=dev, dtype=torch.float64)
+        for read in ("after", "before"):
+            for gates in ((None, None, None), (alpha, alpha * beta, beta)):
+                res = []
+                pairs = ((linear_memory_naive, torch.float64, {}),
+                         (linear_memory_triton, torch.float32, {"chunk_size": C}))
+                for fn, dt, kw in pairs:
+                    xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v, M0, alpha, beta)]
+                    g = (None, None, None) if gates[0] is None else (xs[4], xs[4] * xs[5], xs[5])
+                    o, s = fn(*xs[:3], *g, initial_state=xs[3], scale=Dk ** -0.5, read=read, **kw)
+                    loss = (o * go.to(dt)).sum() + s.square().sum()
+                    grads = torch.autograd.grad(loss, xs, allow_unused=True)
+                    res.append((o, s, *(d for d in grads if d is not None)))
+                for got, want in zip(res[1], res[0], strict=True):
+                    err = (got.double() - want).abs().max() / want.abs().max()
+                    worst = max(worst, err.item())
     print("WORST", worst)
     assert worst < 1e-4, worst
     """
@@ -385,5 +392,6 @@ _GPU_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_compiled_kernels_match_the_token_loop():
     """Runs in a fresh interpreter with TRITON_INTERPRET=0: this process's kernels were defined
-    under the interpreter (tests/conftest.py). float32 kernels vs the float64 loop, T=300."""
+    under the interpreter (tests/conftest.py). float32 kernels vs the float64 loop, every
+    gradient (gates included), three chunk / head-width configurations."""
     run_compiled(_GPU_SCRIPT)
