@@ -185,10 +185,15 @@ def _momentum_memory(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Launch],
     a = _bind(W.momentum_memory_triton, args, kwargs)
     if a["x"].shape[1] > MAX_TRITON_WINDOW:
         return [], f"window {a['x'].shape[1]} > {MAX_TRITON_WINDOW}: refused by the wrapper"
-    with recording(W._kernels()) as out:
-        W._kernels().window_forward(*(_contig(a[n]) for n in ("x", "delta", "b", "a", "mu", "w0",
-                                                                "s0")))  # fmt: skip
-    return out, "backward: chunk form (no kernel)"
+    K = W._kernels()
+    ins = [_contig(a[n]) for n in ("x", "delta", "b", "a", "mu", "w0", "s0")]
+    with recording(K) as out:
+        K.window_forward(*ins)
+        if K.backward_fits(a["x"].shape[1], a["x"].shape[-1]):
+            K.window_backward(*ins, ins[5], ins[6])
+    if len(out) == 1:
+        return out, "backward: chunk form (no kernel at this size)"
+    return out, ""
 
 
 def _deep_memory(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Launch], str]:

@@ -24,14 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Kernels the code documents as spill-free at these shapes: the linear memory's summaries and
 # the reads' part of their backward (32 x 32 tiles), its recurrences (a [BV, BK] slab of the
-# state per program), the momentum memory's window (slabs <= 8192 values), the deep memory
-# inside its bound at 4 or 8 warps (widths 16), the optimizer update.
+# state per program), the momentum memory's window (slabs <= 8192 values) and its backward
+# (16-row slabs), the deep memory inside its bound at 4 or 8 warps (widths 16), the optimizer
+# update.
 NO_SPILL = {
     "_summaries_fwd",
     "_summaries_bwd_read",
     "_state_fwd",
     "_state_bwd",
     "_window_fwd",
+    "_window_bwd",
     "_deep_memory_fwd",
     "_update_kernel",
 }
@@ -128,7 +130,7 @@ def test_the_wrappers_launches_are_recorded(compiled):
         "_summaries_fwd", "_state_fwd", "_output_fwd", "_state_bwd", "_chunk_grads",
         "_summaries_bwd_read", "_summaries_bwd_write",
     ]  # fmt: skip
-    assert launched["momentum_memory"] == ["_window_fwd"]
+    assert launched["momentum_memory"] == ["_window_fwd", "_window_bwd"]
     assert launched["deep_memory"] == ["_deep_memory_fwd"]
     assert launched["optimizer_update"] == ["_update_kernel"]
     n, note = compiled["wide"]

@@ -82,8 +82,13 @@ SHAPES = [
     pytest.param(1, 8, 3, 20, 9, False, True, True, id="C8-no-b-I20-O9"),
     pytest.param(2, 16, 2, 5, 12, True, True, True, id="C16-zero-gates"),
     pytest.param(1, 16, 1, 6, 6, False, False, False, id="C16-no-gates"),
-    # I = 130 (block 256) caps the O block at 32: O = 70 spans three programs per head
+    # I = 130 (block 256) caps the O block at 32: O = 70 spans three programs per head; keys
+    # over 64 features take the recomputed VJP for backward
     pytest.param(1, 5, 1, 130, 70, True, True, False, id="C5-I130-O70-split"),
+    # O = 40: three blocks of 16 rows in the backward kernel, their dx and gate parts summed
+    pytest.param(2, 7, 2, 10, 40, True, True, True, id="C7-O40-backward-blocks"),
+    # windows over 16 tokens: the backward is the recomputed VJP of the chunk form
+    pytest.param(1, 20, 1, 6, 5, True, True, True, id="C20-pytorch-backward"),
 ]
 
 
@@ -149,13 +154,40 @@ def test_refusals_say_what_to_do():
         momentum_memory(*args, backend="fused")
 
 
+@pytest.mark.parametrize("with_b,with_a", [(True, True), (True, False), (False, True),
+                                           (False, False)])  # fmt: skip
+def test_backward_kernel_equals_the_chunk_forms_vjp(with_b, with_a):
+    """The backward kernel against the VJP of the closed form it replaces, on the same float32
+    inputs (gates of exactly 0 included, O over three blocks of 16 rows)."""
+    from nlgraph.kernels.momentum_memory import _triton_kernels as K
+    from nlgraph.kernels.momentum_memory import triton as tr
+
+    ins = {
+        n: None if t is None else t.float()
+        for n, t in _inputs(2, 11, 2, 9, 35, with_b, with_a, zeros=True, seed=4).items()
+    }
+    g = torch.Generator().manual_seed(5)
+    cot = [torch.randn(ins["w0"].shape, generator=g) for _ in range(2)]  # fmt: skip
+    args = [ins[n] for n in NAMES]
+    assert K.backward_fits(11, 9)
+    want = tr._window_vjp(*args, *cot)
+    got = K.window_backward(*args, *cot)
+    for name, x, w in zip(("dx", "ddelta", "db", "da", "dmu", "dw0", "ds0"), got, want,
+                          strict=True):  # fmt: skip
+        if w is None:
+            assert x is None, name
+            continue
+        assert x.dtype == torch.float32 and torch.isfinite(x).all(), name
+        _close(x, w, 1e-5, name)
+
+
 def test_auto_never_sends_cpu_tensors_to_the_interpreter():
     assert _dispatch.resolve_backend("momentum_memory", "auto", torch.device("cpu")) == "chunk"
 
 
 def test_torch_compile_traces_without_graph_breaks():
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward through
-    the custom op's fake implementation and the recomputed VJP, then runs the real kernel."""
+    the custom ops' fake implementations, then runs the real kernels."""
     torch._dynamo.reset()
     ins = {n: t.float() for n, t in _inputs(2, 5, 2, 6, 3, True, True, seed=3).items()}
 
@@ -183,6 +215,10 @@ def test_custom_op_passes_opcheck():
     ins = _inputs(1, 4, 2, 5, 3, True, False, seed=6)
     args = [None if t is None else t.float().requires_grad_() for t in (ins[n] for n in NAMES)]
     torch.library.opcheck(tr.momentum_memory_op, tuple(args))
+    # first-order only: the backward op has no gradient of its own
+    plain = [None if t is None else t.detach() for t in args]
+    cot = [torch.randn(plain[5].shape) for _ in range(2)]
+    torch.library.opcheck(tr.momentum_memory_bwd, (*plain, *cot))
 
 
 # --- GPU: the compiled (non-interpreted) kernel --------------------------------------------
@@ -226,5 +262,5 @@ _GPU_SCRIPT = textwrap.dedent(
 def test_gpu_compiled_kernel_matches_the_token_loop():
     """Runs in a fresh interpreter with TRITON_INTERPRET=0: this process's kernel was defined
     under the interpreter (tests/conftest.py). float32 kernel vs the float64 loop, C up to 64,
-    O split across programs."""
+    O split across programs; the first shape's backward is the kernel, the others' the VJP."""
     run_compiled(_GPU_SCRIPT)

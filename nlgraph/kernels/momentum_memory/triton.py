@@ -10,12 +10,16 @@ Forward, ``nlgraph::momentum_memory`` (:mod:`._triton_kernels`): one program per
 products, the Gram matrix, the C x C unit lower-triangular solve by forward substitution and the
 rank-C updates of W and S. Nothing is stored for backward but the inputs.
 
-Backward (``register_autograd``): **not a Triton kernel**. It recomputes the window in the
-closed form of :func:`~nlgraph.kernels.momentum_memory.chunk.momentum_memory_chunk` (batched
-PyTorch, float32) from the saved inputs and takes its vector-Jacobian product with
-``torch.func.vjp``. Under ``torch.compile`` AOT autograd traces that recomputation into the
-backward graph like any PyTorch code, so neither pass breaks the graph. Its cost is one
-chunk-form forward plus its backward (C x C matrices per head, no per-token ``[O, I]`` matrix).
+Backward, ``nlgraph::momentum_memory_bwd`` (``register_autograd``), for windows of at most 16
+tokens and keys of at most 64 features (``_triton_kernels.backward_fits``): one program per
+(batch, head, block of 16 output rows) recomputes the window's products, solve and terms and
+forms every gradient in registers: ddelta, dW0 and dS0 of its rows whole, and its block's part
+of dx and of the gates' gradients, which the launcher sums over the blocks. Gradients of the
+gate products leave the factor out instead of dividing by it, so gates of exactly 0 stay exact.
+Larger windows (their C x C matrices fill the registers) take the VJP of the closed form of
+:func:`~nlgraph.kernels.momentum_memory.chunk.momentum_memory_chunk` (batched PyTorch, float32),
+recomputed from the saved inputs with ``torch.func.vjp``. Under ``torch.compile`` both trace
+into the backward graph without breaks.
 
 Precision: everything is computed in float32 (products in IEEE fp32, not tf32); float32,
 bfloat16 and float16 inputs are accepted and results and gradients come back in the input
@@ -94,6 +98,33 @@ def _window_vjp(x, delta, b, a, mu, w0, s0, dw, ds):
     return dx, dd, db, da, dmu, dw0, ds0
 
 
+@torch.library.custom_op("nlgraph::momentum_memory_bwd", mutates_args=())
+def momentum_memory_bwd(
+    x: Tensor,
+    delta: Tensor,
+    b: Tensor | None,
+    a: Tensor | None,
+    mu: Tensor,
+    w0: Tensor,
+    s0: Tensor,
+    dw: Tensor,
+    ds: Tensor,
+) -> list[Tensor]:
+    """``[dx, ddelta, db, da, dmu, dw0, ds0]`` of one window by the backward kernel, in the
+    inputs' dtypes; db / da are ``[0]`` when b / a are None."""
+    grads = _kernels().window_backward(*(contig(t) for t in (x, delta, b, a, mu, w0, s0, dw, ds)))
+    like = (x, delta, b, a, mu, w0, s0)
+    return [
+        x.new_empty(0) if g is None else g.to(t.dtype) for g, t in zip(grads, like, strict=True)
+    ]
+
+
+@momentum_memory_bwd.register_fake
+def _(x, delta, b, a, mu, w0, s0, dw, ds):
+    return [x.new_empty(0) if t is None else torch.empty_like(t) for t in
+            (x, delta, b, a, mu, w0, s0)]  # fmt: skip
+
+
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -103,7 +134,10 @@ def _backward(ctx, dw, ds):
     # An unused result has no cotangent: it contributes nothing.
     dw = torch.zeros_like(w0) if dw is None else dw
     ds = torch.zeros_like(s0) if ds is None else ds
-    return _window_vjp(x, delta, b, a, mu, w0, s0, dw, ds)
+    if not _kernels().backward_fits(x.shape[1], x.shape[-1]):
+        return _window_vjp(x, delta, b, a, mu, w0, s0, dw, ds)
+    dx, dd, db, da, dmu, dw0, ds0 = momentum_memory_bwd(x, delta, b, a, mu, w0, s0, dw, ds)
+    return dx, dd, db if b is not None else None, da if a is not None else None, dmu, dw0, ds0
 
 
 momentum_memory_op.register_autograd(_backward, setup_context=_setup_context)
