@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nlgraph.kernels._triton_lib import product_grad, products, shift_back, unit_lower_inverse
+
 
 @triton.jit
 def _state_fwd(
@@ -272,26 +274,6 @@ def _decays(al_ptr, g_off, tok, rc, shift, H, T, C):
 
 
 @triton.jit
-def _products(a, row, col, START: tl.constexpr):
-    """P[r, j] = prod of a[m] for j + START <= m <= r (1 where empty), as a cumprod down the
-    columns: no division, so tiny or zero factors stay exact (module docstring of .chunk)."""
-    return tl.cumprod(tl.where(row >= col + START, a[:, None], 1.0), axis=0)
-
-
-@triton.jit
-def _unit_lower_inverse(lo, row, col, BC: tl.constexpr):
-    """(I + L)^-1 for a strictly lower-triangular ``lo`` by forward substitution, a row at a
-    time: row r of the inverse is e_r - sum_{j < r} L[r, j] row_j, and the rows j < r are final
-    when row r is formed."""
-    inv = tl.where(row == col, 1.0, 0.0)
-    for r in range(1, BC):
-        l_r = tl.sum(tl.where(row == r, lo, 0.0), axis=0)  # L[r, :]
-        upd = tl.sum(l_r[:, None] * inv, axis=0)
-        inv = tl.where(row == r, inv - upd[None, :], inv)
-    return inv
-
-
-@triton.jit
 def _summaries_fwd(
     q_ptr,
     k_ptr,
@@ -382,9 +364,9 @@ def _summaries_fwd(
         else:
             gram = tl.dot(kf, tl.trans(kf), input_precision=PREC)
         if HAS_A:
-            gram *= _products(al_prev, row, col, 2)  # P[r-1, j] = prod_{j < m < r} a_m
+            gram *= products(al_prev, row, col, 2)  # P[r-1, j] = prod_{j < m < r} a_m
         lo = tl.where(row > col, bb[:, None] * gram, 0.0)
-        inv = _unit_lower_inverse(lo, row, col, BC)
+        inv = unit_lower_inverse(lo, row, col, BC)
         u = tl.dot(inv, v, input_precision=PREC)
         if HAS_A:
             bb *= g_prev
@@ -407,12 +389,12 @@ def _summaries_fwd(
     if READ_AFTER:
         keep = row >= col
         if HAS_A:
-            att *= _products(al, row, col, 1)  # P[r, j] = prod_{j < m <= r} a_m
+            att *= products(al, row, col, 1)  # P[r, j] = prod_{j < m <= r} a_m
             qf *= g_cur[:, None]
     else:
         keep = row > col
         if HAS_A:
-            att *= _products(al_prev, row, col, 2)
+            att *= products(al_prev, row, col, 2)
             qf *= g_prev[:, None]
     tl.store(
         a_ptr + chunk * C * C + row * C + col,
@@ -423,28 +405,11 @@ def _summaries_fwd(
 
 
 @triton.jit
-def _product_grad(dm, x, x_prev, row, col, O: tl.constexpr, PREC: tl.constexpr):
-    """d x_m of sum_{r, j} dM[r, j] M[r, j] for M[r, j] = prod_{j + O < s <= r} x_s, without
-    division: M[r, j] / x_m = E[m, j] F[r, m] with E[m, j] = prod_{j + O < s < m} x_s (from
-    ``x_prev``, x shifted by one token) and F[r, m] = prod_{m < s <= r} x_s, so the gradient is
-    sum_r F[r, m] (dM E^T)[r, m]. Zero and tiny factors stay exact."""
-    e = tl.where(row >= col + O + 1, _products(x_prev, row, col, O + 2), 0.0)
-    f = tl.where(row >= col, _products(x, row, col, 1), 0.0)
-    return tl.sum(f * tl.dot(dm, tl.trans(e), input_precision=PREC), axis=0)
-
-
-@triton.jit
 def _gram(k_raw, kf, LOW_DOT: tl.constexpr, PREC: tl.constexpr):
     """K K^T: 16-bit keys as they are (exact products, fp32 sums), else fp32 at PREC."""
     if LOW_DOT:
         return tl.dot(k_raw, tl.trans(k_raw))
     return tl.dot(kf, tl.trans(kf), input_precision=PREC)
-
-
-@triton.jit
-def _shift_back(x, row, col):
-    """y[r] = x[r + 1] (0 at the end): the gradient of a factor read one token late."""
-    return tl.sum(tl.where(col == row + 1, x[None, :], 0.0), axis=1)
 
 
 @triton.jit
@@ -515,7 +480,7 @@ def _summaries_bwd_read(
         dp_end = tl.sum(dkc * kf, axis=1)
         # p_end[j] = prod_{j < m} a_m and gC = prod_m a_m: leaving a_m out of each product,
         # p_end[m] prod_{j < s < m} a_s and Gamma_{m-1} p_end[m]
-        p_prev = _products(al_prev, row, col, 2)
+        p_prev = products(al_prev, row, col, 2)
         dal = tl.sum(tl.where(row > col, p_prev, 0.0) * dp_end[None, :], axis=1)
         dal = p_end * (dal + tl.load(dgc_ptr + chunk) * g_prev)
     else:
@@ -537,7 +502,7 @@ def _summaries_bwd_read(
         dp_read *= da * scale
         dg_read = scale * tl.sum(dqg * qf, axis=1)
         if READ_AFTER:
-            ds = da * _products(al, row, col, 1)
+            ds = da * products(al, row, col, 1)
             dq = g_cur[:, None] * dqg
         else:
             ds = da * p_prev
@@ -553,15 +518,15 @@ def _summaries_bwd_read(
         # P_cur and Gamma_r are products of a; P_prev and Gamma_{r-1} of a read one token late
         # (al_prev), whose gradient moves back one row.
         if READ_AFTER:
-            dal += _product_grad(dp_read, al, al_prev, row, col, 0, PREC)
-            f_cur = tl.where(row >= col, _products(al, row, col, 1), 0.0)
+            dal += product_grad(dp_read, al, al_prev, row, col, 0, PREC)
+            f_cur = tl.where(row >= col, products(al, row, col, 1), 0.0)
             dal += tl.sum(dg_read[:, None] * f_cur, axis=0) * g_prev
         else:
             al_prev2 = _decays(al_ptr, g_off, tok, rc, -2, H, T, C)
-            dsh = _product_grad(dp_read, al_prev, al_prev2, row, col, 1, PREC)
-            f_prev = tl.where(row >= col, _products(al_prev, row, col, 1), 0.0)
+            dsh = product_grad(dp_read, al_prev, al_prev2, row, col, 1, PREC)
+            f_prev = tl.where(row >= col, products(al_prev, row, col, 1), 0.0)
             dsh += tl.sum(dg_read[:, None] * f_prev, axis=0) * tl.cumprod(al_prev2, axis=0)
-            dal += _shift_back(dsh, row, col)
+            dal += shift_back(dsh, row, col)
         tl.store(dal_ptr + g_off + tok * H, dal, mask=mt)
 
 
@@ -647,8 +612,8 @@ def _summaries_bwd_write(
             bg = bb
         gg = _gram(k_raw, kf, LOW_DOT, PREC)
         if HAS_A:
-            gg *= _products(al_prev, row, col, 2)
-        inv = _unit_lower_inverse(tl.where(row > col, bb[:, None] * gg, 0.0), row, col, BC)
+            gg *= products(al_prev, row, col, 2)
+        inv = unit_lower_inverse(tl.where(row > col, bb[:, None] * gg, 0.0), row, col, BC)
         # X = (I + L)^-1 R: dR = (I + L)^-T dX, and dL = -dR X^T on the strict lower triangle.
         # The Gram matrix and P_prev are formed again after these products rather than kept
         # live through them (registers, not FLOPs, bound this kernel).
@@ -669,7 +634,7 @@ def _summaries_bwd_write(
         gram = _gram(k_raw, kf, LOW_DOT, PREC)
         dgg = bb[:, None] * dl
         if HAS_A:
-            p_prev = _products(al_prev, row, col, 2)
+            p_prev = products(al_prev, row, col, 2)
             db = tl.sum(dl * gram * p_prev, axis=1) + dbg * g_prev
             dp_prev = dgg * gram
             dgg *= p_prev
@@ -682,11 +647,11 @@ def _summaries_bwd_write(
         if HAS_A:
             # P_prev and Gamma_{r-1} are products of a read one token late (al_prev)
             al_prev2 = _decays(al_ptr, g_off, tok, rc, -2, H, T, C)
-            dsh = _product_grad(dp_prev, al_prev, al_prev2, row, col, 1, PREC)
-            f_prev = tl.where(row >= col, _products(al_prev, row, col, 1), 0.0)
+            dsh = product_grad(dp_prev, al_prev, al_prev2, row, col, 1, PREC)
+            f_prev = tl.where(row >= col, products(al_prev, row, col, 1), 0.0)
             dsh += tl.sum((bb * dbg)[:, None] * f_prev, axis=0) * tl.cumprod(al_prev2, axis=0)
             dal = tl.load(dal_ptr + g_off + tok * H, mask=mt, other=0.0)
-            tl.store(dal_ptr + g_off + tok * H, dal + _shift_back(dsh, row, col), mask=mt)
+            tl.store(dal_ptr + g_off + tok * H, dal + shift_back(dsh, row, col), mask=mt)
     else:
         dru = du
     if HAS_C:

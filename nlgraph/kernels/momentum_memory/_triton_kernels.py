@@ -28,7 +28,28 @@ import torch
 import triton
 import triton.language as tl
 
+from nlgraph.kernels._triton_lib import product_grad, products, shift_back, unit_lower_inverse
+
 __all__ = ["window_forward", "window_backward"]
+
+
+@triton.jit
+def _gate_products(mu, a, a_prev, a_next, rc, rows, cols, mc, BC: tl.constexpr):
+    """The window's gate products (module docstring): momentum products Pm (lower, unit
+    diagonal) and gm, whose last rows give S_C; retention products shifted to the state before
+    each token (Ea, ea) and to the window end (pa), ga; and the Q terms qa, ra (how S_0 and each
+    delta_j reach W through later momentum steps)."""
+    pm = tl.where(rows >= cols, products(mu, rows, cols, 1), 0.0)
+    gm = tl.cumprod(mu, axis=0)
+    gm_end = tl.sum(tl.where(rc == BC - 1, gm, 0.0), axis=0)
+    pm_end = tl.sum(tl.where(rows == BC - 1, pm, 0.0), axis=0)
+    ea_m = tl.where(rows > cols, products(a_prev, rows, cols, 2), 0.0)
+    ea = tl.cumprod(a_prev, axis=0)
+    pa = tl.where(mc, tl.cumprod(a_next, axis=0, reverse=True), 0.0)
+    ga = tl.sum(tl.where(rc == BC - 1, tl.cumprod(a, axis=0), 0.0), axis=0)
+    qa = tl.sum(pa[:, None] * pm, axis=0) - pa
+    ra = tl.sum(pa * gm, axis=0)
+    return pm, gm, gm_end, pm_end, ea_m, ea, pa, ga, qa, ra
 
 
 @triton.jit
@@ -90,22 +111,9 @@ def _window_fwd(
         a_prev = a
         a_next = a
 
-    # Momentum products: Pm (lower, unit diagonal) and gm; their last rows give S_C.
-    pm = tl.cumprod(tl.where(rows > cols, mu[:, None], 1.0), axis=0)
-    pm = tl.where(rows >= cols, pm, 0.0)
-    gm = tl.cumprod(mu, axis=0)
-    gm_end = tl.sum(tl.where(rc == BC - 1, gm, 0.0), axis=0)
-    pm_end = tl.sum(tl.where(rows == BC - 1, pm, 0.0), axis=0)
-
-    # Retention products, shifted to the state before each token (Ea, ea) and to the end (pa).
-    ea_m = tl.cumprod(tl.where(rows > cols + 1, a_prev[:, None], 1.0), axis=0)
-    ea_m = tl.where(rows > cols, ea_m, 0.0)
-    ea = tl.cumprod(a_prev, axis=0)
-    pa = tl.where(mc, tl.cumprod(a_next, axis=0, reverse=True), 0.0)
-    ga = tl.sum(tl.where(rc == BC - 1, tl.cumprod(a, axis=0), 0.0), axis=0)
-    # Q terms: how S_0 and each delta_j reach W through later momentum steps.
-    qa = tl.sum(pa[:, None] * pm, axis=0) - pa
-    ra = tl.sum(pa * gm, axis=0)
+    pm, gm, gm_end, pm_end, ea_m, ea, pa, ga, qa, ra = _gate_products(
+        mu, a, a_prev, a_next, rc, rows, cols, mc, BC
+    )
 
     if HAS_B:
         bv = tl.load(b_ptr + g_off, mask=mc, other=0.0).to(tl.float32)
@@ -130,30 +138,6 @@ def _window_fwd(
     s_new = gm_end * s0 + tl.dot(tl.trans(pm_end[:, None] * d), x, input_precision=PREC)
     tl.store(w_ptr + oi_off, w_new, mask=oi_msk)
     tl.store(s_ptr + oi_off, s_new, mask=oi_msk)
-
-
-@triton.jit
-def _unit_lower_inverse(lo, rows, cols, BC: tl.constexpr):
-    """(I + L)^-1 for a strictly lower-triangular ``lo``, by forward substitution a row at a
-    time (row t of the inverse is e_t - sum_{j < t} L[t, j] row_j)."""
-    inv = tl.where(rows == cols, 1.0, 0.0)
-    for t in range(1, BC):
-        l_row = tl.sum(tl.where(rows == t, lo, 0.0), axis=0)
-        upd = tl.sum(l_row[:, None] * inv, axis=0)
-        inv = tl.where(rows == t, inv - upd[None, :], inv)
-    return inv
-
-
-@triton.jit
-def _product_grad(dm, x, x_prev, rows, cols, O: tl.constexpr, PREC: tl.constexpr):
-    """d x_m of sum_{t, j} dM[t, j] M[t, j] for M[t, j] = prod_{j + O < r <= t} x_r, without
-    division (``x_prev``: x one token late): M[t, j] / x_m = E[m, j] F[t, m] with
-    E[m, j] = prod_{j + O < r < m} x_r and F[t, m] = prod_{m < r <= t} x_r."""
-    e = tl.cumprod(tl.where(rows >= cols + O + 2, x_prev[:, None], 1.0), axis=0)
-    e = tl.where(rows >= cols + O + 1, e, 0.0)
-    f = tl.cumprod(tl.where(rows >= cols + 1, x[:, None], 1.0), axis=0)
-    f = tl.where(rows >= cols, f, 0.0)
-    return tl.sum(f * tl.dot(dm, tl.trans(e), input_precision=PREC), axis=0)
 
 
 @triton.jit
@@ -224,19 +208,9 @@ def _window_bwd(
         a_prev = a
         a_next = a
 
-    # The forward's products (as _window_fwd)
-    pm = tl.cumprod(tl.where(rows > cols, mu[:, None], 1.0), axis=0)
-    pm = tl.where(rows >= cols, pm, 0.0)
-    gm = tl.cumprod(mu, axis=0)
-    gm_end = tl.sum(tl.where(rc == BC - 1, gm, 0.0), axis=0)
-    pm_end = tl.sum(tl.where(rows == BC - 1, pm, 0.0), axis=0)
-    ea_m = tl.cumprod(tl.where(rows > cols + 1, a_prev[:, None], 1.0), axis=0)
-    ea_m = tl.where(rows > cols, ea_m, 0.0)
-    ea = tl.cumprod(a_prev, axis=0)
-    pa = tl.where(mc, tl.cumprod(a_next, axis=0, reverse=True), 0.0)
-    ga = tl.sum(tl.where(rc == BC - 1, tl.cumprod(a, axis=0), 0.0), axis=0)
-    qa = tl.sum(pa[:, None] * pm, axis=0) - pa
-    ra = tl.sum(pa * gm, axis=0)
+    pm, gm, gm_end, pm_end, ea_m, ea, pa, ga, qa, ra = _gate_products(
+        mu, a, a_prev, a_next, rc, rows, cols, mc, BC
+    )
 
     # W_C = ga W0 + ra S0 + Coef^T X,  S_C = gm_end S0 + (diag(pm_end) Delta)^T X
     dcoef = tl.dot(x, tl.trans(dw), input_precision=PREC)  # [C, BO]
@@ -260,7 +234,7 @@ def _window_bwd(
         m2 = tl.dot(x, tl.trans(s0), input_precision=PREC)
         qg = qe * gram
         acc = ea[:, None] * m1 + re[:, None] * m2 + tl.dot(qg, d, input_precision=PREC)
-        inv = _unit_lower_inverse(bv[:, None] * ea_m * gram, rows, cols, BC)
+        inv = unit_lower_inverse(bv[:, None] * ea_m * gram, rows, cols, BC)
         wt = tl.dot(inv, d - bv[:, None] * acc, input_precision=PREC)
         dx += tl.dot(pa[:, None] * wt + qa[:, None] * d, dw, input_precision=PREC)
         dpa = tl.sum(dcoef * wt, axis=1)
@@ -303,7 +277,7 @@ def _window_bwd(
     dgm += dra * pa + tl.where(rc == BC - 1, dgm_end, 0.0)
 
     # Momentum gates: Pm and gm are products of mu (gm with mu_prev: prod_{r < m} mu_r).
-    dmu = _product_grad(dpm, mu, mu_prev, rows, cols, 0, PREC)
+    dmu = product_grad(dpm, mu, mu_prev, rows, cols, 0, PREC)
     dmu += tl.sum(dgm[:, None] * pm, axis=0) * tl.cumprod(mu_prev, axis=0)
     tl.store(dmu_ptr + ob * B * C * H + g_off, dmu, mask=mc)
     if HAS_A:
@@ -314,11 +288,10 @@ def _window_bwd(
             # back one row.
             a_prev2 = tl.load(a_ptr + g_off - 2 * H, mask=(rc >= 2) & (rc <= C + 1), other=1.0)
             a_prev2 = a_prev2.to(tl.float32)
-            dsh = _product_grad(dea_m, a_prev, a_prev2, rows, cols, 1, PREC)
-            f_prev = tl.cumprod(tl.where(rows >= cols + 1, a_prev[:, None], 1.0), axis=0)
-            f_prev = tl.where(rows >= cols, f_prev, 0.0)
+            dsh = product_grad(dea_m, a_prev, a_prev2, rows, cols, 1, PREC)
+            f_prev = tl.where(rows >= cols, products(a_prev, rows, cols, 1), 0.0)
             dsh += tl.sum(dea[:, None] * f_prev, axis=0) * tl.cumprod(a_prev2, axis=0)
-            da += tl.sum(tl.where(cols == rows + 1, dsh[None, :], 0.0), axis=1)
+            da += shift_back(dsh, rows, cols)
         tl.store(da_ptr + ob * B * C * H + g_off, da, mask=mc)
 
     tl.store(dx_ptr + ob * B * C * H * DI + ci_off, dx, mask=ci_msk)
