@@ -355,7 +355,7 @@ def backward_fits(C: int, DI: int) -> bool:
     """Whether a window's backward runs as the kernel (else as the recomputed VJP of the chunk
     form): windows of at most 16 tokens and keys of at most 64 features. From sm_90 compile
     figures (compile_sm90.md; no timing behind them): inside the bound the kernel keeps 214
-    registers and no spill at 8 warps; keys of 128 spill 168 bytes a thread, windows of 32 or
+    registers and no spill at 8 warps; keys of 128 spill 170-200 bytes a thread, windows of 32 or
     64 tokens 5-31 KB (about a dozen [C, C] matrices live at once, against four in the
     forward)."""
     return _pow2(C) <= 16 and _pow2(DI) <= 64
