@@ -16,8 +16,12 @@ Kernel split, for chunks of C tokens, N = ceil(T / C):
    skipped when b is None), the masked intra-chunk attention A = tril(Q K^T * P_read), the
    decayed queries Qg = scale Gamma_read Q, the keys decayed to the chunk end Kc = P[C, :] K and
    the chunk decay gC = Gamma_C. The maths and numerics are those of :mod:`.chunk`;
-   :func:`_summaries` is the same computation in batched PyTorch. Its backward is **not a
-   kernel**: the VJP of :func:`_summaries`, recomputed from q, k, v and the gates.
+   :func:`_summaries` is the same computation in batched PyTorch. Its backward,
+   ``nlgraph::linear_memory_summaries_bwd``, is two such kernels (the reads' part, A, Qg, Kc,
+   gC; then the writes' part, U, Wk) that recompute the chunk's decays and solve and form dq,
+   dk, dv and the gates' gradients, where [C, d] tiles hold at most 1024 values
+   (``_triton_kernels.backward_fits``); larger ones spill kilobytes of registers, so their
+   backward is the VJP of :func:`_summaries`, recomputed from q, k, v and the gates.
 2. The scan, ``nlgraph::linear_memory_scan`` (Triton, :mod:`._triton_kernels`): one program per
    (b, h, Dv block) carries the state across chunks, W_n = U_n - Wk_n S_n^T,
    S_{n+1} = gC_n S_n + W_n^T Kc_n; a second kernel, parallel over chunks, forms
@@ -29,8 +33,8 @@ Kernel split, for chunks of C tokens, N = ceil(T / C):
 
 Stored vs recomputed: the summaries (fp32, C x C per chunk for A) are kept for the scan's
 backward; the scan saves its chunk-start states S_n ``[B*H, N, Dv, Dk]`` and writes W_n
-``[B*H, N, C, Dv]`` (both fp32) that its forward produces anyway; step 1's PyTorch intermediates
-(P, the Gram matrix, L) exist only inside the backward's recomputation.
+``[B*H, N, C, Dv]`` (both fp32) that its forward produces anyway; step 1's intermediates (P, the
+Gram matrix, L, the inverse) exist only inside its backward's recomputation.
 
 Precision: everything is computed in float32; float32, bfloat16 and float16 inputs are accepted
 and results are cast back to the input dtype. The scan's products are IEEE fp32 (not tf32). The
@@ -242,8 +246,9 @@ def linear_memory_summaries_bwd(
 ) -> list[Tensor]:
     """Gradients ``[dq, dk, dv, dalpha, db, dc]`` of :func:`linear_memory_summaries` from the
     cotangents of its six results, in the dtypes of the inputs; the gradient of an absent gate
-    is ``[0]``. One Triton program per (batch * head, chunk) recomputes the chunk's decays and
-    solve and forms all of them (module docstring)."""
+    is ``[0]``. Two launches of one program per (batch * head, chunk), each recomputing the
+    chunk's decays (and the second its solve); only where ``backward_fits`` (module
+    docstring)."""
     out = _kernels().summaries_backward(
         _unit_last(q), _unit_last(k), _unit_last(v), alpha, b, c, scale, read, chunk_size,
         [g.contiguous() for g in grads],
