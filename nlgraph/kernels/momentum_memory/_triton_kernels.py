@@ -174,7 +174,7 @@ def _window_bwd(
     the gates' gradients as this block's part ([n_O_blocks, ...] buffers, summed by the
     launcher). Recomputes the forward's products, solve and terms (module docstring)."""
     bh = tl.program_id(0).to(tl.int64)
-    ob = tl.program_id(1)
+    ob = tl.program_id(1).to(tl.int64)  # offsets into [n_o, ...] partial buffers
     bb = bh // H
     hh = bh % H
     rc = tl.arange(0, BC)
