@@ -5,7 +5,9 @@ self-modifying Titans inner step (momentum memory), the fused optimizer update a
 training step — it first checks every backend against the reference on a small float32 problem
 (and refuses to time a backend that disagrees), then times forward + backward (the optimizer: one
 step) for ``reference`` (token loops), ``chunk`` (batched PyTorch), ``chunk+compile``
-(``torch.compile`` of the chunked form) and ``triton``. It prints milliseconds, achieved TFLOP/s
+(``torch.compile`` of the chunked form) and ``triton``. The delta rule is timed again at C=16,
+``chunk`` and ``triton`` only: chunks whose summaries' backward runs as kernels (at C=64 it is the
+recomputed PyTorch VJP). It prints milliseconds, achieved TFLOP/s
 and GB/s, and both as a fraction of the card's peaks measured in the same run (a large
 device-to-device copy for bandwidth, a large bf16 matmul for compute).
 
@@ -230,6 +232,15 @@ def delta_rule(b: Bench) -> None:
     )
 
     b.run_kernel("delta rule", "linear_memory", step, xs, check, reps=3 if b.tiny else 10)
+
+    # Same inputs in chunks small enough for the summaries' backward kernels (at C=64 that
+    # backward is the recomputed PyTorch VJP: linear_memory._triton_kernels.backward_fits).
+    C2 = 8 if b.tiny else 16
+    name = f"delta rule C={C2}"
+    b.work[name] = (flops_of(lambda: step(_leaves(*xs), "chunk", C2)), b.work["delta rule"][1])
+    b.run(name, {
+        be: (lambda be=be: lambda: step(_leaves(*xs), be, C2)) for be in ("chunk", "triton")
+    }, check, reps=3 if b.tiny else 10)  # fmt: skip
 
 
 def titans_memory(b: Bench) -> None:

@@ -22,8 +22,8 @@ def test_gpu_benchmark_runs_on_tiny_shapes(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     text = out.read_text()
-    for workload in ("delta rule", "titans memory", "self-mod inner step", "optimizer update",
-                     "hope train step", "hope read-only step"):  # fmt: skip
+    for workload in ("delta rule", "delta rule C=8", "titans memory", "self-mod inner step",
+                     "optimizer update", "hope train step", "hope read-only step"):  # fmt: skip
         assert f"| {workload} | chunk |" in text
     rows = [r for r in text.splitlines() if r.startswith("| ") and "| triton |" in r]
     assert rows and not any("NOT TIMED" in r or "failed" in r for r in rows), rows
