@@ -1,13 +1,14 @@
 """Compile every Triton kernel of nlgraph for an H100 (sm_90) on this machine, without a GPU.
 
-For the shapes of ``benchmarks/gpu.py`` (the gated delta rule B=8, T=4096, H=16, d=64 in bf16, the
-Titans memory, the self-modifying inner step, the optimizer update; plus the two kernel
-specialisations a carried state adds) and for one training step of the library's models at the
-``tiny`` preset (batch 8, 32 tokens, as ``nlgraph train``), it takes the launches the wrappers
-make (:mod:`nlgraph.kernels._aot`: the wrappers' own block sizes and ``num_warps``), compiles
-each distinct one with Triton's bundled ptxas and prints registers per thread, spill bytes
-(stores / loads), stack frame and shared memory. Compiled only: nothing here runs on a GPU, so
-there are no timings, and a configuration that compiles can still be slow or wrong there.
+For the shapes of ``benchmarks/gpu.py`` (the gated delta rule B=8, T=4096, H=16, d=64 in bf16 at
+C=64 and C=16, the Titans memory, the self-modifying inner step, the optimizer update; plus the
+two kernel specialisations a carried state adds) and for one training step of the library's
+models at the ``tiny`` preset (batch 8, 32 tokens, as ``nlgraph train``), it takes the launches
+the wrappers make (:mod:`nlgraph.kernels._aot`: the wrappers' own block sizes and
+``num_warps``), compiles each distinct one with Triton's bundled ptxas and prints registers per
+thread, spill bytes (stores / loads), stack frame and shared memory. Compiled only: nothing here
+runs on a GPU, so there are no timings, and a configuration that compiles can still be slow or
+wrong there.
 
 Run (about 2 minutes on one core)::
 
@@ -47,6 +48,7 @@ def gpu_workloads() -> list[tuple[str, list[tuple[str, tuple, dict]]]]:
     g = _aot.meta(B, T, H, dtype=bf)
     delta_kw = {"chunk_size": 64, "scale": D**-0.5}
     delta = ("linear_memory", (*qkv, g, g, g), delta_kw)
+    delta16 = ("linear_memory", (*qkv, g, g, g), {**delta_kw, "chunk_size": 16})
     carried = ("linear_memory", (*qkv, g, g, g),
                {**delta_kw, "initial_state": _aot.meta(B, H, D, D, dtype=bf),
                 "final_state_grad": True})  # fmt: skip
@@ -75,6 +77,7 @@ def gpu_workloads() -> list[tuple[str, list[tuple[str, tuple, dict]]]]:
               "weight_decay": 0.01, "decoupled": True})  # fmt: skip
     return [
         ("delta rule (gpu.py)", [delta]),
+        ("delta rule C=16 (gpu.py)", [delta16]),
         ("delta rule, carried state", [carried]),
         ("titans memory (gpu.py)", [titans]),
         ("titans memory, continued mid-chunk", [titans_mid]),
