@@ -293,9 +293,12 @@ def sequence_forward(q, k, v, lr, mom, fg, ps, ss, starts, phase, chunk_size, re
     second = 1 if depth == 2 else 0  # depth 1: W2 operands are never read; W1 stands in
     BC = block(min(chunk_size, T))
     # Measured for sm_90 (ptxas, see triton.py): 4 warps keep the smallest tiles spill-free,
-    # 8 up to state x chunk = 16384 (255 registers), 16 (128 registers per thread) beyond.
+    # 8 up to state x chunk = 16384 (255 registers). Beyond, 8 warps still spill least with
+    # keys of at most 32 (depth 2 at widths 32: 136 bytes, against 404 at 16 warps; depth 1 at
+    # 32 -> 64: 124 against 1236); wider keys spill least at 16 (depth 1 at 64 -> 32: 1388
+    # bytes, against 3716 at 8).
     tile = state_size(DK, DV, DH if depth == 2 else None) * BC
-    warps = 4 if tile <= 4096 else 8 if tile <= 16384 else 16
+    warps = 4 if tile <= 4096 else 8 if tile <= 16384 or block(DK) <= 32 else 16
     _deep_memory_fwd[(B * H,)](
         q, k, v, lr, lr if mom is None else mom, lr if fg is None else fg,
         ps[0], ss[0], starts[0], ps[second], ss[second], starts[second],

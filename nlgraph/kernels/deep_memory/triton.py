@@ -26,13 +26,12 @@ layers, every width padded to a power of two of at least 16: depth 2 with Dk, Dv
 measured by compiling the kernel for sm_90 without a GPU (Triton 3.9, IEEE fp32 ``tl.dot`` on
 FMA units; ``cuobjdump --dump-resource-usage`` of the cubin). Inside it: at most 255 registers
 per thread and no spill at 4 or 8 warps (depth 2 at widths 16, or 16 / 32 / 16; depth 1 at 16),
-120 bytes of stack for depth 1 at 32 x 32 and 128 registers with 360-440 bytes of stack for
-depth 2 at widths 32 (16 warps; 440 when a carried state continues mid-chunk). Just past it
+120 bytes of stack for depth 1 at 32 x 32 and 136-184 bytes of spill for depth 2 at widths 32
+(8 warps; 184 when a carried state continues mid-chunk; 16 warps spilled 404-488). Just past it
 ptxas spills kilobytes per thread: 2.5 KB for depth 2 at 32 / 64 / 32, 3-8 KB at widths 64 or
 with C = 32 at widths 32. So the per-chunk tiles, not the fast weights (4 x 32 x 32 values at
 the bound), set the limit: each fp32 ``tl.dot`` keeps whole K-rows and K-columns of its operands
-per thread. The interpreter has no limit. No timing on a
-GPU has been made yet.
+per thread. The interpreter has no limit. No timing on a GPU has been made yet.
 
 Shapes beyond the bound are **delegated to the chunk form** with a one-time log message
 (``nlgraph.kernels`` logger, WARNING), not refused: ``backend="triton"`` on a learner means "the
