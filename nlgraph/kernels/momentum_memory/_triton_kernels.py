@@ -34,6 +34,21 @@ __all__ = ["window_forward", "window_backward"]
 
 
 @triton.jit
+def _retention(a_ptr, g_off, rc, C, H, HAS_A: tl.constexpr, BC: tl.constexpr):
+    """The retention gates a_t, a_{t-1} and a_{t+1} (1 outside the window, and all 1 without a
+    gate): the shifted ones give the products Ea, ea and pa."""
+    if HAS_A:
+        a = tl.load(a_ptr + g_off, mask=rc < C, other=1.0).to(tl.float32)
+        a_prev = tl.load(a_ptr + g_off - H, mask=(rc >= 1) & (rc <= C), other=1.0).to(tl.float32)
+        a_next = tl.load(a_ptr + g_off + H, mask=rc + 1 < C, other=1.0).to(tl.float32)
+    else:
+        a = tl.full([BC], 1.0, tl.float32)
+        a_prev = a
+        a_next = a
+    return a, a_prev, a_next
+
+
+@triton.jit
 def _gate_products(mu, a, a_prev, a_next, rc, rows, cols, mc, BC: tl.constexpr):
     """The window's gate products (module docstring): momentum products Pm (lower, unit
     diagonal) and gm, whose last rows give S_C; retention products shifted to the state before
@@ -101,15 +116,7 @@ def _window_fwd(
     w0 = tl.load(w0_ptr + oi_off, mask=oi_msk, other=0.0).to(tl.float32)
     s0 = tl.load(s0_ptr + oi_off, mask=oi_msk, other=0.0).to(tl.float32)
     mu = tl.load(mu_ptr + g_off, mask=mc, other=1.0).to(tl.float32)
-    if HAS_A:
-        a = tl.load(a_ptr + g_off, mask=mc, other=1.0).to(tl.float32)
-        # a_{t-1} and a_{t+1} (1 outside the window): the shifted products Ea, ea, pa
-        a_prev = tl.load(a_ptr + g_off - H, mask=(rc >= 1) & (rc <= C), other=1.0).to(tl.float32)
-        a_next = tl.load(a_ptr + g_off + H, mask=rc + 1 < C, other=1.0).to(tl.float32)
-    else:
-        a = tl.full([BC], 1.0, tl.float32)
-        a_prev = a
-        a_next = a
+    a, a_prev, a_next = _retention(a_ptr, g_off, rc, C, H, HAS_A, BC)
 
     pm, gm, gm_end, pm_end, ea_m, ea, pa, ga, qa, ra = _gate_products(
         mu, a, a_prev, a_next, rc, rows, cols, mc, BC
@@ -199,14 +206,7 @@ def _window_bwd(
     ds = tl.load(ds_ptr + oi_off, mask=oi_msk, other=0.0).to(tl.float32)
     mu = tl.load(mu_ptr + g_off, mask=mc, other=1.0).to(tl.float32)
     mu_prev = tl.load(mu_ptr + g_off - H, mask=(rc >= 1) & (rc <= C), other=1.0).to(tl.float32)
-    if HAS_A:
-        a = tl.load(a_ptr + g_off, mask=mc, other=1.0).to(tl.float32)
-        a_prev = tl.load(a_ptr + g_off - H, mask=(rc >= 1) & (rc <= C), other=1.0).to(tl.float32)
-        a_next = tl.load(a_ptr + g_off + H, mask=rc + 1 < C, other=1.0).to(tl.float32)
-    else:
-        a = tl.full([BC], 1.0, tl.float32)
-        a_prev = a
-        a_next = a
+    a, a_prev, a_next = _retention(a_ptr, g_off, rc, C, H, HAS_A, BC)
 
     pm, gm, gm_end, pm_end, ea_m, ea, pa, ga, qa, ra = _gate_products(
         mu, a, a_prev, a_next, rc, rows, cols, mc, BC
