@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from nlgraph.kernels._triton import interpreted
+
 __all__ = [
     "Launch",
     "Compiled",
@@ -74,7 +76,7 @@ def backend_missing() -> str | None:
 
 
 def _check_compiled_mode() -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         raise RuntimeError(
             "nlgraph.kernels._aot compiles the kernels, which TRITON_INTERPRET=1 replaces by "
             "interpreted functions: run it in a process without TRITON_INTERPRET"

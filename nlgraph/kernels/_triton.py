@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["triton_available", "check_device", "contig"]
+__all__ = ["triton_available", "check_device", "contig", "interpreted"]
+
+
+def interpreted() -> bool:
+    """True when Triton's CPU interpreter replaces compiled kernels (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_available() -> bool:
@@ -16,7 +21,7 @@ def triton_available() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or interpreted()
 
 
 def contig(x: Any) -> Any:
@@ -27,7 +32,7 @@ def contig(x: Any) -> Any:
 def check_device(op: str, x: Any) -> None:
     """Refuse tensors the kernels cannot reach: they run on CUDA, or anywhere through the CPU
     interpreter."""
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type != "cuda" and not interpreted():
         from nlgraph._errors import BackendUnavailableError
 
         raise BackendUnavailableError(

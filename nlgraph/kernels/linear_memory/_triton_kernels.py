@@ -36,12 +36,11 @@ so padded rows and columns stay exactly zero.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from nlgraph.kernels._triton import interpreted
 from nlgraph.kernels._triton_lib import product_grad, products, shift_back, unit_lower_inverse
 
 
@@ -840,9 +839,8 @@ def _low_dot(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether 16-bit q and k go to tl.dot as they are (exact products, fp32 sums: the tensor
     cores lose nothing). Triton's interpreter multiplies bfloat16 tiles wrongly, so under it they
     are widened first: the same values, summed in another order."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return q.dtype == k.dtype and (
-        q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpreted)
+        q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpreted())
     )
 
 
