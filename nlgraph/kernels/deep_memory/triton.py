@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from nlgraph.kernels import _dispatch
-from nlgraph.kernels._triton import check_device, contig, triton_available
+from nlgraph.kernels._triton import check_device, contig, recomputed_vjp, triton_available
 from nlgraph.kernels.deep_memory._mlp import layer_names
 from nlgraph.kernels.deep_memory._validate import Dims, check_inputs, final_state, initial_state
 from nlgraph.kernels.deep_memory.chunk import deep_memory_chunk
@@ -168,37 +168,21 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     saved = list(ctx.saved_tensors)
     L = ctx.depth
-    q, k, v, lr = saved[:4]
     n_g = sum(ctx.gates)
-    gates = saved[4 : 4 + n_g]
+    it = iter(saved[4 : 4 + n_g])
+    gates = [next(it) if present else None for present in ctx.gates]
     state = saved[4 + n_g :]
     phase, chunk_size, read, objective, activation, residual = ctx.rest
-    prim = [q, k, v, lr, *gates, *state]
-    f32 = torch.float32
 
-    def fn(q, k, v, lr, *rest):
-        it = iter(rest[:n_g])
-        mom = next(it) if ctx.gates[0] else None
-        fg = next(it) if ctx.gates[1] else None
-        st = rest[n_g:]
+    def fn(q, k, v, lr, mom, fg, *st):
         return _chunk_outputs(
             q, k, v, lr, mom, fg, list(st[:L]), list(st[L : 2 * L]), list(st[2 * L :]), phase,
             chunk_size, read=read, objective=objective, activation=activation, residual=residual,
         )  # fmt: skip
 
-    outs, vjp = torch.func.vjp(fn, *(t.to(f32) for t in prim))
-    # An unused result has no cotangent: it contributes nothing.
-    cot = [
-        torch.zeros_like(o) if g is None else g.to(f32) for g, o in zip(grads, outs, strict=True)
-    ]
-    dx = [g.to(t.dtype) for g, t in zip(vjp(cot), prim, strict=True)]
-    dq, dk, dv, dlr = dx[:4]
-    dgates = iter(dx[4 : 4 + n_g])
-    dmom = next(dgates) if ctx.gates[0] else None
-    dfg = next(dgates) if ctx.gates[1] else None
-    dst = dx[4 + n_g :]
-    return (dq, dk, dv, dlr, dmom, dfg, dst[:L], dst[L : 2 * L], dst[2 * L :],
-            None, None, None, None, None, None)  # fmt: skip
+    d = recomputed_vjp(fn, [*saved[:4], *gates, *state], list(grads), dtype=torch.float32)
+    dst = d[6:]
+    return (*d[:6], dst[:L], dst[L : 2 * L], dst[2 * L :], None, None, None, None, None, None)
 
 
 deep_memory_op.register_autograd(_backward, setup_context=_setup_context)

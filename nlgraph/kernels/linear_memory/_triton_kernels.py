@@ -810,8 +810,8 @@ def scan_backward(qg, a, wk, kc, gc, s_all, w, do, ds_last):
 
 def backward_fits(C: int, DK: int, DV: int) -> bool:
     """Whether the summaries' backward runs as kernels (else as the recomputed VJP of the batched
-    PyTorch form, ``triton._summaries_vjp``): [C, d] tiles of at most 1024 padded values. From
-    sm_90 compile figures (compile_sm90.md; no timing behind them): inside the bound the two
+    PyTorch form ``triton._summaries``): [C, d] tiles of at most 1024 padded values. From sm_90
+    compile figures (compile_sm90.md; no timing behind them): inside the bound the two
     backward kernels spill 0-110 bytes a thread (C x d = 16 x 16, 16 x 64, 32 x 32); past it
     1.7 KB at 32 x 64 and 2.3-3.5 KB at 64 x 64 whatever the warps and product precision (about
     ten [C, C] and [C, d] fp32 tiles live at once, against five in the forward kernel), local-

@@ -21,7 +21,8 @@ Kernel split, for chunks of C tokens, N = ceil(T / C):
    gC; then the writes' part, U, Wk) that recompute the chunk's decays and solve and form dq,
    dk, dv and the gates' gradients, where [C, d] tiles hold at most 1024 values
    (``_triton_kernels.backward_fits``); larger ones spill kilobytes of registers, so their
-   backward is the VJP of :func:`_summaries`, recomputed from q, k, v and the gates.
+   backward is the VJP of :func:`_summaries`, recomputed from q, k, v and the gates
+   (``_triton.recomputed_vjp``).
 2. The scan, ``nlgraph::linear_memory_scan`` (Triton, :mod:`._triton_kernels`): one program per
    (b, h, Dv block) carries the state across chunks, W_n = U_n - Wk_n S_n^T,
    S_{n+1} = gC_n S_n + W_n^T Kc_n; a second kernel, parallel over chunks, forms
@@ -46,7 +47,7 @@ kernels have no fp64 path): use ``backend="chunk"`` for it.
 import torch
 from torch import Tensor
 
-from nlgraph.kernels._triton import check_device, contig, triton_available
+from nlgraph.kernels._triton import check_device, contig, recomputed_vjp, triton_available
 
 from ._validate import check_inputs
 from .chunk import _segment_products, _to_chunks
@@ -270,7 +271,8 @@ def _summaries_backward(ctx, *grads):
     gates = [next(it) if p else None for p in ctx.present]
     C = ctx.opts[2]
     if not _kernels().backward_fits(C, k.shape[-1], v.shape[-1]):
-        d = _summaries_vjp(q, k, v, gates, ctx.opts, grads)
+        # the VJP of the batched PyTorch form, recomputed from the inputs
+        d = recomputed_vjp(lambda *a: _summaries(*a, *ctx.opts), [q, k, v, *gates], list(grads))
     else:
         shapes = _summaries_shapes(k, v, gates[0] is not None, gates[1] is not None, C)
         # An unused result has no cotangent: it contributes nothing.
@@ -281,32 +283,6 @@ def _summaries_backward(ctx, *grads):
         d = linear_memory_summaries_bwd(q, k, v, *gates, *ctx.opts, cot)
     return (*d[:3], *(x if p else None for x, p in zip(d[3:], ctx.present, strict=True)),
             None, None, None)  # fmt: skip
-
-
-def _summaries_vjp(q, k, v, gates, opts, grads):
-    """The summaries' backward where its kernels do not fit (``backward_fits``): the VJP of
-    :func:`_summaries` (batched PyTorch, the same algebra) recomputed from the inputs. Returns
-    ``[dq, dk, dv, dalpha, db, dc]`` (None for an absent gate)."""
-    present = [x is not None for x in gates]
-    prim = [x for x in (q, k, v, *gates) if x is not None]
-    # Wk (index 3) and gC (index 5) are absent without b and alpha.
-    live = [
-        i for i in range(6) if not (i == 3 and not present[1]) and not (i == 5 and not present[0])
-    ]
-
-    def fn(*xs):
-        it = iter(xs[3:])
-        opt = [next(it) if p else None for p in present]
-        outs = _summaries(*xs[:3], *opt, *opts)
-        return tuple(outs[i] for i in live)
-
-    outs, vjp = torch.func.vjp(fn, *prim)
-    cot = tuple(
-        torch.zeros_like(o) if grads[i] is None else grads[i]
-        for i, o in zip(live, outs, strict=True)
-    )
-    it = iter(vjp(cot))
-    return [next(it), next(it), next(it), *(next(it) if p else None for p in present)]
 
 
 linear_memory_summaries.register_autograd(_summaries_backward, setup_context=_summaries_setup)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nlgraph.kernels._triton import check_device, contig, triton_available
+from nlgraph.kernels._triton import check_device, contig, recomputed_vjp, triton_available
 
 from ._validate import MAX_TRITON_WINDOW, check_inputs
 from .chunk import momentum_memory_chunk
@@ -79,23 +79,8 @@ def _window_vjp(x, delta, b, a, mu, w0, s0, dw, ds):
     """Gradients ``(dx, ddelta, db, da, dmu, dw0, ds0)`` of the window from the cotangents dw,
     ds of (W_C, S_C): the chunk form recomputed in float32 and its VJP, in the inputs' dtypes
     (db / da None when b / a are None)."""
-    f32 = torch.float32
-    gates = [g.to(f32) for g in (b, a) if g is not None]
-
-    def window(x, delta, mu, w0, s0, *gs):
-        it = iter(gs)
-        bb = next(it) if b is not None else None
-        aa = next(it) if a is not None else None
-        return momentum_memory_chunk(x, delta, bb, aa, mu, w0, s0)
-
-    prim = (x, delta, mu, w0, s0)
-    _, vjp = torch.func.vjp(window, *(t.to(f32) for t in prim), *gates)
-    grads = vjp((dw.to(f32), ds.to(f32)))
-    dx, dd, dmu, dw0, ds0 = (g.to(t.dtype) for g, t in zip(grads[:5], prim, strict=True))
-    rest = iter(grads[5:])
-    db = next(rest).to(b.dtype) if b is not None else None
-    da = next(rest).to(a.dtype) if a is not None else None
-    return dx, dd, db, da, dmu, dw0, ds0
+    args = [x, delta, b, a, mu, w0, s0]
+    return tuple(recomputed_vjp(momentum_memory_chunk, args, [dw, ds], dtype=torch.float32))
 
 
 @torch.library.custom_op("nlgraph::momentum_memory_bwd", mutates_args=())
