@@ -264,6 +264,14 @@ def _chunk_grads(
 
 
 @triton.jit
+def _rows(ptr, bi, hi, tok, s_b, s_t, s_h, cols, mask):
+    """The rows ``tok`` of batch bi, head hi of a ``[B, T, H, D]`` tensor with any batch, time and
+    head strides and a dense feature axis (masked entries read 0), in its own dtype."""
+    return tl.load(ptr + bi * s_b + tok[:, None] * s_t + hi * s_h + cols[None, :], mask=mask,
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
 def _decays(al_ptr, g_off, tok, rc, shift, H, T, C):
     """The chunk's decay factors shifted by ``shift`` tokens (a_{r+shift} at row r), 1 outside
     the chunk and past T (padding leaves the state as it is)."""
@@ -330,11 +338,7 @@ def _summaries_fwd(
     ck_msk = mc[:, None] & mk[None, :]
     g_off = bi * T * H + hi  # gates are contiguous [B, T, H]
 
-    k_raw = tl.load(
-        k_ptr + bi * sk_b + tok[:, None] * sk_t + hi * sk_h + rk[None, :],
-        mask=mt[:, None] & mk[None, :],
-        other=0.0,
-    )
+    k_raw = _rows(k_ptr, bi, hi, tok, sk_b, sk_t, sk_h, rk, mt[:, None] & mk[None, :])
     kf = k_raw.to(tl.float32)
     if HAS_A:
         al = _decays(al_ptr, g_off, tok, rc, 0, H, T, C)
@@ -348,11 +352,7 @@ def _summaries_fwd(
     else:
         tl.store(kc_ptr + ck_out, kf, mask=ck_msk)
 
-    v = tl.load(
-        v_ptr + bi * sv_b + tok[:, None] * sv_t + hi * sv_h + rv[None, :],
-        mask=mt[:, None] & mv[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    v = _rows(v_ptr, bi, hi, tok, sv_b, sv_t, sv_h, rv, mt[:, None] & mv[None, :]).to(tl.float32)
     if HAS_C:
         v *= tl.load(c_ptr + g_off + tok * H, mask=mt, other=0.0).to(tl.float32)[:, None]
     if HAS_B:
@@ -375,11 +375,7 @@ def _summaries_fwd(
         u = v
     tl.store(u_ptr + chunk * C * DV + row * DV + rv[None, :], u, mask=mc[:, None] & mv[None, :])
 
-    q_raw = tl.load(
-        q_ptr + bi * sq_b + tok[:, None] * sq_t + hi * sq_h + rk[None, :],
-        mask=mt[:, None] & mk[None, :],
-        other=0.0,
-    )
+    q_raw = _rows(q_ptr, bi, hi, tok, sq_b, sq_t, sq_h, rk, mt[:, None] & mk[None, :])
     if LOW_DOT:
         att = tl.dot(q_raw, tl.trans(k_raw)) * scale
     else:
@@ -463,9 +459,7 @@ def _summaries_bwd_read(
     g_off = bi * T * H + hi
     tk_out = ((bi * T + tok[:, None]) * H + hi) * DK + rk[None, :]
 
-    k_raw = tl.load(
-        k_ptr + bi * sk_b + tok[:, None] * sk_t + hi * sk_h + rk[None, :], mask=tk_msk, other=0.0
-    )
+    k_raw = _rows(k_ptr, bi, hi, tok, sk_b, sk_t, sk_h, rk, tk_msk)
     kf = k_raw.to(tl.float32)
     # Kc = P[C, :] K and gC = Gamma_C
     dkc = tl.load(dkc_ptr + ck_in, mask=ck_msk, other=0.0)
@@ -486,9 +480,7 @@ def _summaries_bwd_read(
         dk = dkc
 
     # A = scale (Q K^T) * P_read, masked; Qg = scale Gamma_read Q
-    q_raw = tl.load(
-        q_ptr + bi * sq_b + tok[:, None] * sq_t + hi * sq_h + rk[None, :], mask=tk_msk, other=0.0
-    )
+    q_raw = _rows(q_ptr, bi, hi, tok, sq_b, sq_t, sq_h, rk, tk_msk)
     qf = q_raw.to(tl.float32)
     da = tl.load(da_ptr + chunk * C * C + row * C + col, mask=mc[:, None] & mc[None, :], other=0.0)
     da = tl.where(row >= col, da, 0.0) if READ_AFTER else tl.where(row > col, da, 0.0)
@@ -587,20 +579,14 @@ def _summaries_bwd_write(
     tk_out = ((bi * T + tok[:, None]) * H + hi) * DK + rk[None, :]
     tv_out = ((bi * T + tok[:, None]) * H + hi) * DV + rv[None, :]
 
-    v = tl.load(
-        v_ptr + bi * sv_b + tok[:, None] * sv_t + hi * sv_h + rv[None, :], mask=tv_msk, other=0.0
-    ).to(tl.float32)
+    v = _rows(v_ptr, bi, hi, tok, sv_b, sv_t, sv_h, rv, tv_msk).to(tl.float32)
     if HAS_C:
         cc = tl.load(c_ptr + g_off + tok * H, mask=mt, other=0.0).to(tl.float32)
     du = tl.load(
         du_ptr + chunk * C * DV + row * DV + rv[None, :], mask=mc[:, None] & mv[None, :], other=0.0
     )
     if HAS_B:
-        k_raw = tl.load(
-            k_ptr + bi * sk_b + tok[:, None] * sk_t + hi * sk_h + rk[None, :],
-            mask=tk_msk,
-            other=0.0,
-        )
+        k_raw = _rows(k_ptr, bi, hi, tok, sk_b, sk_t, sk_h, rk, tk_msk)
         kf = k_raw.to(tl.float32)
         bb = tl.load(b_ptr + g_off + tok * H, mask=mt, other=0.0).to(tl.float32)
         if HAS_A:
