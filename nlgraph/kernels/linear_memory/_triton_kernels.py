@@ -850,12 +850,11 @@ def summaries_forward(q, k, v, alpha, b, c, scale: float, read: str, C: int):
     wk = new(B * H, N, C, DK) if b is not None else new(0)
     gc = new(B * H, N) if alpha is not None else new(0)
     gates = [None if x is None else x.contiguous() for x in (alpha, b, c)]
-    stand_in = next((x for x in gates if x is not None), k)
     BC, BK, BV = _pow2(C), _pow2(DK), _pow2(DV)
     low = _low_dot(q, k)
     prec, warps = _summary_config(BC, max(BK, BV), low)
     _summaries_fwd[(B * H, N)](
-        q, k, v, *(stand_in if x is None else x for x in gates),
+        q, k, v, *(k if x is None else x for x in gates),  # absent: never read
         qg, a, u, kc if b is None else wk, kc, kc if alpha is None else gc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), T, H, N, C, DK, DV, scale,
