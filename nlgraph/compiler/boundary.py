@@ -25,9 +25,13 @@ starting from the block's initial parameters (meta-learned by the outer loop whe
 buffers (one per gd rule with momentum: ``"momentum"``, then ``"momentum2"``, ... in chain
 order) are per sample too and carried across segments.
 
-The learner cuts a sequence at every boundary of every such block and runs the pieces one after
-another with carried state; the reference backend cuts at every token instead (the token loop),
-which must give the same result.
+The learner cuts a sequence at every boundary of every such block (the ticks of its CMS clock;
+:func:`cut_points`) and runs the pieces one after another with carried state. The cuts belong to
+the semantics, not to a backend: a piece's signal is the gradient of its loss through every path
+inside the piece (across tokens: attention, convolutions, the in-piece writes of fast memories)
+with everything it receives held fixed, so cutting finer would change the signal. The reference
+backend therefore cuts at the same ticks and runs its token loops inside each piece
+(docs/compiler.md, "What a CMS signal differentiates").
 """
 
 from __future__ import annotations

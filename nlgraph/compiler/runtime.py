@@ -9,7 +9,6 @@ per-sequence reset) and returns the new one, so k segments with carried state eq
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -249,9 +248,10 @@ class CompiledLearner(nn.Module):
             return outputs, state
         periods = {lv.name: self.plan.levels[lv.name].chunk for lv in blocks}
         phases = {lv.name: state[lv.name]["phase"] for lv in blocks}
-        # The reference backend cuts at every token (the token loop), and so does a block whose
-        # rate is per token: each token's gradient is weighted by its own rate (Eq. 71).
-        every_token = (os.environ.get("NLGRAPH_BACKEND") or self.backend) == "reference" or any(
+        # Pieces end at the ticks of the CMS clock, on every backend (the cuts are part of what
+        # a block's signal means); a block whose rate is per token makes every token a tick:
+        # each token's gradient is weighted by its own rate (Eq. 71).
+        every_token = any(
             boundary.token_weighted(self.program.block_rules[lv.name]) is not None for lv in blocks
         )
         rates = {lv.name: self._block_rates(lv) for lv in blocks}  # the same for every piece
