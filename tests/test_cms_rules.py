@@ -15,7 +15,7 @@ import torch
 
 import nlgraph as nl
 from nlgraph.compiler import compile
-from nlgraph.compiler.reference_loop import orthogonalize
+from nlgraph.compiler.lowerings.rules import orthogonalize
 
 DT = torch.float64
 B, T, C, D = 2, 7, 3, 4  # T is not a multiple of the chunk

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import nlgraph as nl
 from nlgraph.compiler import compile
-from nlgraph.compiler.cluster import mlp_forward
+from nlgraph.compiler.lowerings.mlp import mlp_forward
 from nlgraph.library import get
 
 D = 4

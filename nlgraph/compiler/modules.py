@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
+from nlgraph._resolve import resolve
 from nlgraph.level import Level
 
 __all__ = ["ACT", "CausalConv", "MLPBlock", "build_slow", "dim"]
@@ -100,8 +101,6 @@ def build_slow(lv: Level, dims: dict[str, int]) -> nn.Module:
         return MLPBlock(d_in, d_out, dim(st.width, dims, where), st.depth, st.activation,
                         st.residual)  # fmt: skip
     if st.kind == "module":
-        from nlgraph.library import resolve
-
         cls = resolve(st.path)
         try:
             mod = cls(**st.kwargs)

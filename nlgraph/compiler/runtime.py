@@ -17,8 +17,12 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph._errors import CompileError
-from nlgraph.compiler import boundary
-from nlgraph.compiler.memory import bounded, run_memory
+from nlgraph._resolve import resolve
+from nlgraph.compiler.lowerings import boundary
+from nlgraph.compiler.lowerings._scalars import bounded
+from nlgraph.compiler.lowerings._state import at_cut, detach_state, truncation_segments
+from nlgraph.compiler.lowerings.cluster import run_cluster
+from nlgraph.compiler.lowerings.memory import run_memory
 from nlgraph.compiler.modules import CausalConv, build_slow, dim
 from nlgraph.compiler.ops import UNARY
 from nlgraph.compiler.plan import Plan
@@ -366,9 +370,6 @@ class CompiledLearner(nn.Module):
         ``k`` of its chunks counted from the start of the sequence (its state carries the token
         count, ``"tokens"``): the sequence runs as segments cut there, which equal one pass, and
         a sequence run in segments detaches at the same tokens."""
-        from nlgraph.compiler.cluster import run_cluster
-        from nlgraph.compiler.memory import at_cut, detach_state, truncation_segments
-
         c = self.program.clusters[cid]
         every = {n: m.truncate for n, m in c.members.items() if m.truncate is not None}
         if not every or not self.writes:
@@ -429,8 +430,6 @@ class CompiledLearner(nn.Module):
 def _load_pretrained(block: nn.Module, lv: Level) -> None:
     """Ad-hoc level stacking (PAPER.md 5.5): copy a pre-trained MLP's linear layers, in order,
     into the block. The import path names an ``nn.Module`` or a callable returning one."""
-    from nlgraph.library import resolve
-
     where = f"level {lv.name!r}, init {lv.init.path}"
     src = resolve(lv.init.path)
     src = src() if callable(src) and not isinstance(src, nn.Module) else src

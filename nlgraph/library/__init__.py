@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nlgraph._base import IMPORT_PATH_RE
 from nlgraph._errors import SpecError
+from nlgraph._resolve import resolve
 from nlgraph.graph import Graph
 
 __all__ = ["Entry", "register", "names", "entries", "get", "resolve", "builder"]
@@ -60,23 +60,6 @@ def entries(kind: str | None = None) -> list[Entry]:
 
 def names(kind: str | None = None) -> list[str]:
     return [e.name for e in entries(kind)]
-
-
-def resolve(path: str) -> Any:
-    """Import ``package.module:attr`` (raising :class:`SpecError` naming the path on failure)."""
-    if not IMPORT_PATH_RE.match(path):
-        raise SpecError(f"{path!r} is not an import path of the form 'package.module:attribute'")
-    mod_name, _, attr = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as err:
-        raise SpecError(f"cannot import module {mod_name!r} of {path!r}: {err}") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise SpecError(f"{path!r}: module {mod_name!r} has no attribute {attr!r}") from None
-    return obj
 
 
 def get(name: str, **kwargs: Any) -> Graph:

@@ -24,8 +24,8 @@ one autograd call gives every sample's gradient (samples never mix); the gradien
 ``create_graph`` whenever gradients are enabled, so meta-gradients flow through every update.
 
 The state ``{"running", "visible", "acc", "buffers", "tokens"}`` is explicit and per sample, so
-segments with carried state equal one pass. The rule step (:func:`apply_rules`) is shared with
-the boundary updates of CMS blocks (:mod:`nlgraph.compiler.boundary`).
+segments with carried state equal one pass. The rule step (:mod:`.rules`) is shared with the
+boundary updates of CMS blocks (:mod:`.boundary`).
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ from typing import Any
 
 import torch
 
-from nlgraph.compiler.memory import bounded, heads, scalar_value
+from nlgraph._errors import CompileError
+from nlgraph._resolve import resolve
+from nlgraph.compiler.lowerings._scalars import bounded, scalar_value, scalars_of
+from nlgraph.compiler.lowerings._state import heads
+from nlgraph.compiler.lowerings.rules import apply_rules
 from nlgraph.compiler.modules import ACT
 from nlgraph.compiler.program import MemoryCfg
 
-__all__ = [
-    "run_reference_loop", "accumulate", "token_step", "rule_scalars", "updates_at", "apply_rules",
-    "orthogonalize", "newton_schulz", "shaped", "scalars_of",
-]  # fmt: skip
+__all__ = ["run_reference_loop", "accumulate", "token_step", "rule_scalars", "updates_at"]
 
 
 def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
@@ -129,8 +130,6 @@ def _objective(cfg: MemoryCfg, out: torch.Tensor, v: torch.Tensor) -> torch.Tens
         return 0.5 * ((out - v) ** 2).sum()
     if cfg.objective == "lp":
         return ((out - v).abs() ** cfg.p).sum() / cfg.p
-    from nlgraph.library import resolve
-
     return resolve(cfg.custom)(out, v).sum()
 
 
@@ -150,25 +149,7 @@ def _inner_grad(cfg: MemoryCfg, ws: list[torch.Tensor], k: torch.Tensor, v: torc
     return grads, inputs
 
 
-def scalars_of(rule: tuple, value: Any, flow: Any) -> dict:
-    """One rule's scalars by name: ``value(spec)`` resolves each scalar, ``flow(index)`` gives a
-    raw per-token flow (the preconditioner ``by``). Memories and CMS blocks differ only in
-    those two (per token and head here, at a chunk's last token in a block)."""
-    kind = rule[0]
-    if kind in ("gd", "dgd"):
-        return {n: value(s) for n, s in zip(("lr", "momentum", "retain"), rule[1:4], strict=True)}
-    if kind == "ema":
-        return {"beta": value(rule[1])}
-    if kind == "weight_decay":
-        return {"rate": value(rule[1])}
-    if kind == "precondition":
-        return {"by": flow(rule[1])}
-    return {}
-
-
 def _per_head(cfg: MemoryCfg, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    from nlgraph._errors import CompileError
-
     H = cfg.heads
     if x.shape[-1] not in (1, H):
         raise CompileError(
@@ -199,100 +180,3 @@ def token_step(cfg, running, d, bufs, scalars, inputs, t):
     """Apply the rule chain once, with the scalars of token ``t``."""
     at = [{n: _at(v, t) for n, v in sc.items()} for sc in scalars]
     return apply_rules(cfg.rules, running, d, bufs, at, inputs, lead=2)
-
-
-def shaped(x: Any, w: torch.Tensor) -> Any:
-    """A scalar (float, 0-d tensor, or a tensor over the leading axes of ``w``) shaped to scale
-    ``w``."""
-    if isinstance(x, torch.Tensor) and x.dim():
-        return x.reshape(*x.shape, *([1] * (w.dim() - x.dim())))
-    return x
-
-
-def apply_rules(rules, weights, d, bufs, scalars, inputs=None, lead=2, unit_lr=None):
-    """Apply a rule chain once: returns the new weights and momentum buffers.
-
-    ``rules``: static rule tuples (``program._rule_cfg``); ``weights`` and the direction ``d``:
-    lists of tensors whose first ``lead`` axes are per sample (memories: ``[B, H, out, in]``,
-    ``lead=2``; CMS blocks: ``[B, *param_shape]``, ``lead=1``); ``scalars``: one dict per rule
-    of its scalars at the update's token (floats, learned 0-d tensors, or tensors over the
-    ``lead`` axes); ``bufs``: momentum buffers by rule index (``str(i)``); ``inputs``: each
-    layer's input (``dgd`` only). ``unit_lr``: index of a gd/ema rule whose rate already weights
-    ``d`` (a per-token rate inside the sum, CMS Eq. 71): it steps with rate 1.
-    """
-    s, bufs = list(weights), dict(bufs)
-    for i, (rule, sc) in enumerate(zip(rules, scalars, strict=True)):
-        kind = rule[0]
-        if kind == "weight_decay":
-            s = [(1 - shaped(sc["rate"], w)) * w for w in s]
-        elif kind == "precondition":
-            d = [g / (shaped(sc["by"], g) ** rule[2] + rule[3]) for g in d]
-        elif kind == "newton_schulz":
-            d = [orthogonalize(g, rule[1], rule[2], lead) for g in d]
-        elif kind in ("gd", "ema"):
-            rate = 1 - sc["beta"] if kind == "ema" else sc["lr"]
-            lr = 1.0 if i == unit_lr else rate
-            mu = None if kind == "ema" else sc["momentum"]
-            a = 1.0 if kind == "ema" or sc["retain"] is None else sc["retain"]
-            if mu is None:
-                s = [shaped(a, w) * w - shaped(lr, g) * g for w, g in zip(s, d, strict=True)]
-            else:
-                old = bufs.get(str(i)) or [torch.zeros_like(g) for g in d]
-                buf = [shaped(mu, b) * b - shaped(lr, g) * g for b, g in zip(old, d, strict=True)]
-                bufs[str(i)] = buf
-                look = (
-                    [shaped(mu, b) * b - shaped(lr, g) * g for b, g in zip(buf, d, strict=True)]
-                    if rule[4]
-                    else buf
-                )
-                s = [shaped(a, w) * w + u for w, u in zip(s, look, strict=True)]
-        else:  # dgd, per layer with that layer's input x (PAPER.md 3.1, Eq. 88)
-            new_s, buf = [], []
-            old = bufs.get(str(i)) or [torch.zeros_like(g) for g in d]
-            for w, g, x, b in zip(s, d, inputs, old, strict=True):
-                lr, mu = shaped(sc["lr"], w), shaped(sc["momentum"], w)
-                a = 1.0 if sc["retain"] is None else shaped(sc["retain"], w)
-                x = x[:, 0]  # [B, H, in]
-                step = lr / (1 + lr * (x * x).sum(-1)[..., None, None]) if rule[4] else lr
-                decayed = a * w - step * torch.einsum("bho,bhi->bhoi", torch.einsum(
-                    "bhoi,bhi->bho", w, x), x)  # fmt: skip
-                if mu is None:
-                    new_s.append(decayed - step * g)
-                else:
-                    b = mu * b - ((1 - mu) if rule[5] else 1.0) * step * g
-                    buf.append(b)
-                    new_s.append(decayed + b)
-            s = new_s
-            if sc["momentum"] is not None:
-                bufs[str(i)] = buf
-    return s, bufs
-
-
-def orthogonalize(g: torch.Tensor, steps: int, variant: str, lead: int) -> torch.Tensor:
-    """Newton–Schulz on each per-sample tensor of ``g`` (its axes after the first ``lead``): a
-    matrix is orthogonalised; a vector (a bias) passes through unchanged, as in Muon-with-AdamW
-    splits; a tensor of more axes is orthogonalised as the matrix ``[shape[0], prod(rest)]``
-    (Muon's convention for convolution filters)."""
-    core = g.shape[lead:]
-    if len(core) < 2:
-        return g
-    if len(core) == 2:
-        return newton_schulz(g, steps, variant)
-    flat = g.reshape(*g.shape[:lead], core[0], -1)
-    return newton_schulz(flat, steps, variant).reshape(g.shape)
-
-
-def newton_schulz(x: torch.Tensor, steps: int, variant: str) -> torch.Tensor:
-    """Orthogonalise each matrix of ``x [..., out, in]`` as Muon does (PAPER.md 2.5): scale to
-    unit Frobenius norm, then ``steps`` cubic or quintic Newton–Schulz iterations on the wide
-    orientation (the same map as :func:`nlgraph.compiler.optim_ops.newton_schulz` per matrix)."""
-    tall = x.shape[-2] > x.shape[-1]
-    o = x.transpose(-1, -2) if tall else x
-    o = o / torch.linalg.matrix_norm(o, keepdim=True).clamp_min(1e-7)
-    for _ in range(steps):
-        gram = o @ o.transpose(-1, -2)
-        if variant == "cubic":
-            o = 1.5 * o - 0.5 * gram @ o
-        else:
-            o = 3.4445 * o + (-4.7750 * gram + 2.0315 * gram @ gram) @ o
-    return o.transpose(-1, -2) if tall else o

@@ -11,48 +11,19 @@ import os
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
+from nlgraph.compiler.lowerings._scalars import bounded, scalar_value
+from nlgraph.compiler.lowerings._state import at_cut, detach_state, heads, truncation_segments
+from nlgraph.compiler.lowerings.mlp import mlp_forward
+from nlgraph.compiler.lowerings.reference_loop import run_reference_loop
 from nlgraph.compiler.program import MemoryCfg
 from nlgraph.kernels import _dispatch
+from nlgraph.kernels.attention import attention as attention_kernel
+from nlgraph.kernels.deep_memory import deep_memory
+from nlgraph.kernels.linear_memory import linear_memory
 
-__all__ = [
-    "heads", "gate", "scalar_value", "bounded", "backend_of", "run_memory", "attention",
-    "detach_state", "SIGNAL_ACT",
-]  # fmt: skip
-
-SIGNAL_ACT = {
-    "identity": lambda x: x, "sigmoid": torch.sigmoid, "softplus": F.softplus, "exp": torch.exp,
-}  # fmt: skip
-
-
-def heads(x: torch.Tensor, H: int, norm: bool) -> torch.Tensor:
-    """``[B, T, H * D] -> [B, T, H, D]``; a normalised key/query is normalised per head."""
-    x = x.reshape(*x.shape[:2], H, -1)
-    return F.normalize(x, dim=-1) if norm else x
-
-
-def bounded(raw: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
-    """A learned scalar kept in its declared range (sigmoid for [lo, hi], softplus for >= lo)."""
-    if lo is not None and hi is not None:
-        return lo + (hi - lo) * torch.sigmoid(raw)
-    if lo is not None:
-        return lo + F.softplus(raw)
-    return raw
-
-
-def scalar_value(spec: tuple, learned: Any, signal: Any) -> Any:
-    """A rule's scalar from its static description (``program._rule_cfg``): None, a float,
-    ``learned(spec)``, or ``act(signal(index)) * scale`` for a per-token signal."""
-    kind = spec[0]
-    if kind == "none":
-        return None
-    if kind == "const":
-        return spec[1]
-    if kind == "learned":
-        return learned(spec)
-    return SIGNAL_ACT[spec[2]](signal(spec[1])) * spec[3]
+__all__ = ["gate", "backend_of", "run_memory", "attention"]
 
 
 def gate(learner: Any, cfg: MemoryCfg, which: str, args: tuple, like: torch.Tensor):
@@ -108,24 +79,8 @@ def run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
     return outs_cat, {"state": inner, "tokens": seen + T}
 
 
-def truncation_segments(T: int, counts: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``(start, end)`` of the segments a call of ``T`` tokens runs in so that every truncated
-    state, ``(tokens seen before the call, k)``, can be detached at the multiples of ``k``
-    counted from the start of the sequence (:func:`at_cut` at each segment's start)."""
-    cuts = sorted({T, *(t for seen, k in counts for t in range(-seen % k or k, T, k))})
-    return list(zip([0, *cuts[:-1]], cuts, strict=True))
-
-
-def at_cut(token: int, k: int) -> bool:
-    """Whether a truncated(k) state is detached before ``token`` (counted from the sequence
-    start): at every multiple of ``k`` but the first token."""
-    return token > 0 and token % k == 0
-
-
 def _run_segment(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
     if cfg.lowering == "reference_loop" and not learner.writes:
-        from nlgraph.compiler.reference_loop import run_reference_loop
-
         return run_reference_loop(learner, cfg, args, prev)
     if not learner.writes and cfg.lowering != "attention":
         return _read_only(learner, cfg, args, prev)
@@ -143,8 +98,6 @@ def _read_only(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
         m = prev if prev is not None else learner._initial(cfg.name, "M").expand(B, -1, -1, -1)
         outs = tuple(torch.einsum("bhvk,bthk->bthv", m, q).reshape(B, T, -1) for q in queries)
         return outs, prev
-    from nlgraph.compiler.cluster import mlp_forward
-
     if prev is not None:
         src = prev["params"] if cfg.read_after else prev["chunk_start"]
         ws = [src[f"W{cfg.depth - i}"] for i in range(cfg.depth)]
@@ -157,25 +110,12 @@ def _read_only(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tu
     return outs, prev
 
 
-def detach_state(state: Any) -> Any:
-    """A fast state (tensors in dicts, lists, tuples) with every tensor detached."""
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(detach_state(v) for v in state)
-    return state
-
-
 def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
     H = cfg.heads
     k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
     queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]
     B, T = k.shape[0], k.shape[1]
     if cfg.lowering == "reference_loop":
-        from nlgraph.compiler.reference_loop import run_reference_loop
-
         return run_reference_loop(learner, cfg, args, prev)
     if cfg.lowering == "attention":
         outs, final = [], prev
@@ -188,8 +128,6 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
     lr = gate(learner, cfg, "lr", args, k)
     retain = gate(learner, cfg, "retain", args, k)
     if cfg.lowering == "linear_memory":
-        from nlgraph.kernels.linear_memory import linear_memory
-
         if len(queries) > 1:
             raise CompileError(f"level {cfg.name!r}: a linear memory is read by one query")
         if cfg.rule == "dgd":
@@ -208,8 +146,6 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
             chunk_size=cfg.chunk, backend=backend_of(learner, "linear_memory"),
         )  # fmt: skip
         return (o.reshape(B, T, -1),), final
-    from nlgraph.kernels.deep_memory import deep_memory
-
     params0 = {f"W{i}": learner._initial(cfg.name, f"W{i}") for i in range(1, cfg.depth + 1)}
     # The kernel's L2 objective is ||M(k) - v||^2, the DSL's 1/2 ||.||^2: halve lr.
     lr_k = lr / 2.0 if cfg.objective == "l2" else lr
@@ -230,6 +166,6 @@ def _run_memory(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[t
 def attention(cfg: MemoryCfg, q, k, v, cache, backend: str = "auto"):
     """Causal softmax attention (Eq. 62; Eq. 63 with a window); the key/value cache is the
     memory's state."""
-    from nlgraph.kernels.attention import attention as kernel
-
-    return kernel(q, k, v, cache=cache, window=cfg.window, scale=cfg.temperature, backend=backend)
+    return attention_kernel(
+        q, k, v, cache=cache, window=cfg.window, scale=cfg.temperature, backend=backend
+    )

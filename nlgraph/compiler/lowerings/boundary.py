@@ -6,7 +6,7 @@ at the chunk's end (Eq. 71, with exactly the C tokens of the chunk) the directio
     d = sum_{t in chunk} grad_theta L_t(theta_chunk_start)
 
 goes through the block's rule chain, in order, with the reference loop's meaning
-(:func:`nlgraph.compiler.reference_loop.apply_rules`): ``weight_decay`` theta <- (1 - rate) theta;
+(:func:`nlgraph.compiler.lowerings.rules.apply_rules`): ``weight_decay`` theta <- (1 - rate) theta;
 ``precondition`` d <- d / (by ** power + eps); ``newton_schulz`` d <- NS(d) per weight matrix
 (bias vectors pass through unchanged); ``gd`` S <- mu S - lr d, theta <- a theta + S (without
 momentum theta <- a theta - lr d; Nesterov theta <- a theta + mu S - lr d); ``ema`` is gd with
@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from nlgraph._errors import CompileError
-from nlgraph.compiler.memory import scalar_value
+from nlgraph.compiler.lowerings._scalars import scalar_value, scalars_of, shaped
+from nlgraph.compiler.lowerings.rules import apply_rules
 from nlgraph.compiler.modules import MLPBlock
-from nlgraph.compiler.reference_loop import apply_rules, scalars_of, shaped
 from nlgraph.level import Level
 
 __all__ = [

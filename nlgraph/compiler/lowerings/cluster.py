@@ -41,54 +41,25 @@ another at="new" updates after it within the token (``ClusterCfg.stages``, Def. 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
-from nlgraph.compiler.boundary import cut_points
-from nlgraph.compiler.memory import backend_of, gate, heads
-from nlgraph.compiler.modules import ACT
+from nlgraph._resolve import resolve
+from nlgraph.compiler.lowerings._state import heads
+from nlgraph.compiler.lowerings.boundary import cut_points
+from nlgraph.compiler.lowerings.memory import backend_of, gate
+from nlgraph.compiler.lowerings.mlp import act_grad, mlp_forward
+from nlgraph.compiler.lowerings.reference_loop import accumulate, rule_scalars
 from nlgraph.compiler.ops import BINARY, UNARY
 from nlgraph.compiler.program import key
-from nlgraph.compiler.reference_loop import accumulate, rule_scalars
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.linear_memory import linear_memory
 from nlgraph.kernels.momentum_memory import momentum_memory
 
-__all__ = ["run_cluster", "mlp_forward"]
-
-
-def _act_grad(name: str, z: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    if name == "tanh":
-        return 1 - torch.tanh(z) ** 2
-    if name == "sigmoid":
-        s = torch.sigmoid(z)
-        return s * (1 - s)
-    if name == "gelu":
-        return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(
-            2 * math.pi
-        )
-    return torch.ones_like(z)
-
-
-def mlp_forward(ws: list[torch.Tensor], x: torch.Tensor, act: str, residual: bool):
-    """Per-(batch, head) MLP: ``ws`` in application order, each ``[B, H, out, in]``; ``x``
-    ``[B, C, H, in]``. Returns the output and the per-layer inputs and pre-activations."""
-    h, inputs, pre = x, [], []
-    for i, w in enumerate(ws):
-        inputs.append(h)
-        z = torch.einsum("bhoi,bchi->bcho", w, h)
-        pre.append(z)
-        h = ACT[act](z) if i < len(ws) - 1 else z
-    return (x + h if residual else h), inputs, pre
+__all__ = ["run_cluster"]
 
 
 class _Member:
@@ -236,8 +207,6 @@ def output_error(cfg: Any, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if cfg.objective == "lp":
         r = out - v
         return torch.sign(r) * r.abs() ** (cfg.p - 1)
-    from nlgraph.library import resolve
-
     fn = resolve(cfg.custom)
     with torch.enable_grad():
         o = out if out.requires_grad else out.detach().requires_grad_()
@@ -257,7 +226,7 @@ def _layer_errors(mem: _Member, args: tuple) -> tuple[torch.Tensor, list, list]:
     deltas = [output_error(cfg, out, v)]
     for i in range(len(visible) - 1, 0, -1):  # backprop to every layer's output
         up = torch.einsum("bhoi,bcho->bchi", visible[i], deltas[0])
-        deltas.insert(0, up * _act_grad(cfg.activation, pre[i - 1]))
+        deltas.insert(0, up * act_grad(cfg.activation, pre[i - 1]))
     return k, inputs, deltas
 
 
