@@ -4,7 +4,7 @@ For the shapes of ``benchmarks/gpu.py`` (the gated delta rule B=8, T=4096, H=16,
 C=64 and C=16, the Titans memory, the self-modifying inner step, the optimizer update; plus the
 two kernel specialisations a carried state adds) and for one training step of the library's
 models at the ``tiny`` preset (batch 8, 32 tokens, as ``nlgraph train``), it takes the launches
-the wrappers make (:mod:`nlgraph.kernels._aot`: the wrappers' own block sizes and
+the wrappers make (``benchmarks/_aot.py``: the wrappers' own block sizes and
 ``num_warps``), compiles each distinct one with Triton's bundled ptxas and prints registers per
 thread, spill bytes (stores / loads), stack frame and shared memory. Compiled only: nothing here
 runs on a GPU, so there are no timings, and a configuration that compiles can still be slow or
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from nlgraph.kernels import _aot  # noqa: E402
+import _aot  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
@@ -196,7 +196,7 @@ def report(rows, notes, workloads, sweep: bool) -> str:
         + (" --sweep" if sweep else "")
         + "`).",
         "",
-        "Launch configurations are the wrappers' own (`nlgraph/kernels/_aot.py` runs each "
+        "Launch configurations are the wrappers' own (`benchmarks/_aot.py` runs each "
         "launcher on meta tensors and records its launches); spills are bytes per thread "
         "(stores / loads), stack the stack frame in bytes, smem the shared memory per block in "
         f"bytes (at most {_aot.MAX_SHARED[90]} on sm_90).",

@@ -38,3 +38,22 @@ def test_unavailable_backend_is_a_clear_error(op):
         _dispatch.resolve_backend(op, "triton")
     with pytest.raises(BackendUnavailableError, match="unknown backend"):
         _dispatch.resolve_backend(op, "cuda")
+
+
+def test_eligibility_is_per_op_and_only_for_auto(op, monkeypatch):
+    monkeypatch.delenv("NLGRAPH_BACKEND", raising=False)
+    _dispatch.register(op, "triton", lambda n: "triton", eligible=lambda n: n <= 4)
+    gpu = torch.device("cuda", 0)
+    assert _dispatch.resolve_backend(op, "auto", gpu, (4,)) == "triton"
+    assert _dispatch.resolve_backend(op, "auto", gpu, (5,)) == "chunk"
+    assert _dispatch.resolve_backend(op, "auto", gpu) == "triton"  # no inputs: the device decides
+    assert _dispatch.resolve_backend(op, "triton", gpu, (5,)) == "triton"  # by name: not asked
+    assert _dispatch.call(op, "triton", None, 5) == "triton"
+    monkeypatch.setenv("NLGRAPH_BACKEND", "triton")  # forced: not asked either
+    assert _dispatch.resolve_backend(op, "auto", gpu, (5,)) == "triton"
+
+
+def test_env_names_no_backend_is_a_clear_error(op, monkeypatch):
+    monkeypatch.setenv("NLGRAPH_BACKEND", "foreach")
+    with pytest.raises(BackendUnavailableError, match="NLGRAPH_BACKEND='foreach'.*reference"):
+        _dispatch.resolve_backend(op)

@@ -264,3 +264,21 @@ def test_gpu_compiled_kernel_matches_the_token_loop():
     under the interpreter (tests/conftest.py). float32 kernel vs the float64 loop, C up to 64,
     O split across programs; the first shape's backward is the kernel, the others' the VJP."""
     run_compiled(_GPU_SCRIPT)
+
+
+def test_auto_on_a_gpu_leaves_what_the_kernel_cannot_take_to_chunk(monkeypatch):
+    """The dispatcher's eligibility rule, not the op: float64 and windows over 64 tokens."""
+    monkeypatch.delenv("NLGRAPH_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "_auto_eligible", lambda backend, device: True)
+    if "triton" not in _dispatch.available("momentum_memory"):
+        pytest.skip("triton is not available here")
+    cpu = torch.device("cpu")
+
+    def pick(T, dtype):
+        x = torch.zeros(1, T, 1, 2, dtype=dtype)
+        args = (x, x, None, None, x[..., 0], torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+        return _dispatch.resolve_backend("momentum_memory", "auto", cpu, args)
+
+    assert pick(64, torch.float32) == "triton"
+    assert pick(65, torch.float32) == "chunk"
+    assert pick(8, torch.float64) == "chunk"

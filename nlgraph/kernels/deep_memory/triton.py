@@ -59,7 +59,14 @@ from nlgraph.kernels.deep_memory._mlp import layer_names
 from nlgraph.kernels.deep_memory._validate import Dims, check_inputs, final_state, initial_state
 from nlgraph.kernels.deep_memory.chunk import deep_memory_chunk
 
-__all__ = ["deep_memory_triton", "triton_available", "fits", "MAX_STATE", "MAX_CHUNK"]
+__all__ = [
+    "deep_memory_triton",
+    "triton_available",
+    "triton_eligible",
+    "fits",
+    "MAX_STATE",
+    "MAX_CHUNK",
+]
 
 log = logging.getLogger("nlgraph.kernels")
 
@@ -96,6 +103,13 @@ def fits(dims: Dims, params0: dict[str, Tensor], chunk_size: int) -> str | None:
     if chunk_size > MAX_CHUNK:
         return f"chunk_size={chunk_size} is over {MAX_CHUNK}, whose tiles fill the registers"
     return None
+
+
+def triton_eligible(q: Tensor, *args: Any, **kwargs: Any) -> bool:
+    """Whether ``auto`` may send this call to the kernel (the dispatcher's ``eligible``): not
+    float64, which the kernel refuses. Shapes beyond its bound are eligible: it delegates them
+    to the chunk form itself (see the module docstring)."""
+    return q.dtype != torch.float64
 
 
 @torch.library.custom_op("nlgraph::deep_memory", mutates_args=())

@@ -14,7 +14,7 @@ from nlgraph.kernels import _dispatch
 from .api import momentum_memory
 from .chunk import momentum_memory_chunk
 from .naive import momentum_memory_naive
-from .triton import momentum_memory_triton, triton_available
+from .triton import momentum_memory_triton, triton_available, triton_eligible
 
 __all__ = [
     "momentum_memory",
@@ -25,5 +25,9 @@ __all__ = [
 
 _dispatch.register("momentum_memory", "reference", momentum_memory_naive)
 _dispatch.register("momentum_memory", "chunk", momentum_memory_chunk)
-# auto picks it only for CUDA tensors (see _dispatch); the interpreter serves tests by name.
-_dispatch.register("momentum_memory", "triton", momentum_memory_triton, available=triton_available)
+# auto picks it only for CUDA tensors it can take (see _dispatch); the interpreter serves tests
+# by name.
+_dispatch.register(
+    "momentum_memory", "triton", momentum_memory_triton,
+    available=triton_available, eligible=triton_eligible,
+)  # fmt: skip

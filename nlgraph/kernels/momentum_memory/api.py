@@ -13,13 +13,11 @@ and b = lr' = lr / (1 + lr ||x||^2) it is exact DGD with momentum on 1/2 ||W x -
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from nlgraph.kernels import _dispatch
 
-from ._validate import MAX_TRITON_WINDOW, check_inputs
+from ._validate import check_inputs
 
 __all__ = ["momentum_memory"]
 
@@ -49,7 +47,7 @@ def momentum_memory(
         backend: ``"auto"``, ``"reference"`` (token loop), ``"chunk"`` (closed form in PyTorch)
             or ``"triton"`` (one kernel per window; float32/bfloat16/float16, C <= 64);
             ``NLGRAPH_BACKEND`` overrides it. ``auto`` takes triton for CUDA tensors it can
-            serve and chunk otherwise.
+            serve (the dispatcher asks :func:`.triton.triton_eligible`) and chunk otherwise.
 
     Returns:
         ``(W_C, S_C)``, both ``[B, H, O, I]``.
@@ -63,9 +61,4 @@ def momentum_memory(
         (torch.Size([2, 3, 4, 5]), torch.Size([2, 3, 4, 5]))
     """
     check_inputs(x, delta, b, a, mu, w0, s0)
-    name = _dispatch.resolve_backend(_OP, backend, x.device)
-    # auto only picks triton for what the kernel can take; asking for it by name gets its error.
-    unfit = x.dtype == torch.float64 or x.shape[1] > MAX_TRITON_WINDOW
-    if name == "triton" and backend == "auto" and not os.environ.get("NLGRAPH_BACKEND") and unfit:
-        name = "chunk"
-    return _dispatch.get(_OP, name)(x, delta, b, a, mu, w0, s0)
+    return _dispatch.call(_OP, backend, x.device, x, delta, b, a, mu, w0, s0)

@@ -28,6 +28,8 @@ dtype. float64 is refused (the kernel has no fp64 path): use ``backend="chunk"``
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ from nlgraph.kernels._triton import check_device, contig, recomputed_vjp, triton
 from ._validate import MAX_TRITON_WINDOW, check_inputs
 from .chunk import momentum_memory_chunk
 
-__all__ = ["momentum_memory_triton", "triton_available"]
+__all__ = ["momentum_memory_triton", "triton_available", "triton_eligible"]
 
 
 def _kernels():
@@ -45,6 +47,12 @@ def _kernels():
     from . import _triton_kernels
 
     return _triton_kernels
+
+
+def triton_eligible(x: Tensor, *args: Any) -> bool:
+    """Whether ``auto`` may send this call to the kernel (the dispatcher's ``eligible``): what
+    the kernel takes, not float64 and windows of at most ``MAX_TRITON_WINDOW`` tokens."""
+    return x.dtype != torch.float64 and x.shape[1] <= MAX_TRITON_WINDOW
 
 
 @torch.library.custom_op("nlgraph::momentum_memory", mutates_args=())

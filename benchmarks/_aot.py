@@ -19,6 +19,10 @@ Triton ops answered by their chunked form), for the configurations a real model 
 Must run where ``TRITON_INTERPRET`` is not set (the interpreter replaces the jit functions);
 tests run it in a subprocess. :func:`representative` gives one configuration of every kernel;
 ``benchmarks/compile_sm90.py`` reports the configurations models and the GPU benchmark launch.
+
+It lives with the benchmarks, not in :mod:`nlgraph.kernels`, because it builds models
+(compiler, library, trainer, optimizers), which sit above the kernels. Import it with
+``benchmarks/`` on ``sys.path``, as ``import _aot``.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def backend_missing() -> str | None:
 def _check_compiled_mode() -> None:
     if interpreted():
         raise RuntimeError(
-            "nlgraph.kernels._aot compiles the kernels, which TRITON_INTERPRET=1 replaces by "
+            "benchmarks/_aot.py compiles the kernels, which TRITON_INTERPRET=1 replaces by "
             "interpreted functions: run it in a process without TRITON_INTERPRET"
         )
 
