@@ -23,7 +23,7 @@ from nlgraph.objectives import NEEDS_VALUE
 from nlgraph.optimizers import Follow, Learned, Signal, scalar_fields
 from nlgraph.topology import edges, frequency_key, same_tick_graph
 
-__all__ = ["validate", "errors", "format_validation_error"]
+__all__ = ["validate", "errors", "format_validation_error", "level_flows"]
 
 # Scalars that are rates in [0, 1]; learning rates only need to be >= 0.
 _UNIT_INTERVAL = {"momentum", "retain", "beta", "rate"}
@@ -89,7 +89,9 @@ def format_validation_error(err: ValidationError, data: Any = None) -> str:
 # ----------------------------------------------------------------------------------- checks
 
 
-def _flows(level: Level) -> Iterator[tuple[str, FlowBase]]:
+def level_flows(level: Level) -> Iterator[tuple[str, FlowBase]]:
+    """Every flow a level reads, as ``(where, flow)``: its context, its objective's target, its
+    rules' signals and ``by``/``update`` flows (``where`` names the field, for messages)."""
     if level.context is not None:
         yield "context", level.context
     target = getattr(level.objective, "target", None)
@@ -103,6 +105,9 @@ def _flows(level: Level) -> Iterator[tuple[str, FlowBase]]:
             v = getattr(rule, attr, None)
             if isinstance(v, FlowBase):
                 yield f"optimizer[{i}].{attr}", v
+
+
+_flows = level_flows  # the planner's old name; it imports level_flows from the next commit
 
 
 def _dim_of(spec: GraphSpec, flow: FlowBase) -> int | str | None:
@@ -161,7 +166,7 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
     if not NAME_RE.match(lv.name):
         yield f"{at}: invalid name; use identifiers, optionally dotted (e.g. 'block0.mem')"
     # references
-    for field, flow in _flows(lv):
+    for field, flow in level_flows(lv):
         for kind, ref, _ in references(flow, spec.flows):
             pool = inputs if kind == "input" else names
             if ref not in pool:
@@ -278,7 +283,7 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
 def _check_reads(spec: GraphSpec, names: set[str]) -> Iterator[str]:
     """Reads of a memory must feed it an input of the width it takes."""
     for lv in spec.levels:
-        for field, flow in _flows(lv):
+        for field, flow in level_flows(lv):
             for node in walk(flow, spec.flows):
                 if isinstance(node, Read) and node.level in names:
                     st = spec.level(node.level).state
@@ -302,7 +307,9 @@ def _check_named_flows(spec: GraphSpec, taken: set[str]) -> Iterator[str]:
     refs.add_nodes_from(spec.flows)
     sources = [(f"flow {n!r}", f) for n, f in spec.flows.items()]
     sources += [(f"output {n!r}", f) for n, f in spec.outputs.items()]
-    sources += [(f"level {lv.name!r}, {field}", f) for lv in spec.levels for field, f in _flows(lv)]
+    sources += [
+        (f"level {lv.name!r}, {field}", f) for lv in spec.levels for field, f in level_flows(lv)
+    ]
     for where, flow in sources:
         for node in walk(flow):
             if node.op == "ref":

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import nlgraph as nl
 import nlgraph.library as L
-from nlgraph.compiler.optim import OptimizerProgram, scan
+from nlgraph.compiler.optimizer import OptimizerProgram, scan
 from nlgraph.flows import Ticks, ticks
 from nlgraph.optim import compile_optimizer
 

@@ -11,7 +11,7 @@ import torch
 
 import nlgraph.library as L
 import nlgraph.optim as O
-from nlgraph.compiler.optim_ops import newton_schulz
+from nlgraph.compiler.optimizer.ops import newton_schulz
 from nlgraph.optim import compile_optimizer
 
 F64 = torch.float64

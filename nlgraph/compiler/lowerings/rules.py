@@ -11,36 +11,39 @@ from __future__ import annotations
 
 import torch
 
+from nlgraph.compiler import ir
 from nlgraph.compiler.lowerings._scalars import shaped
+from nlgraph.compiler.newton_schulz import newton_schulz
 
-__all__ = ["apply_rules", "orthogonalize", "newton_schulz"]
+__all__ = ["apply_rules", "orthogonalize"]
 
 
 def apply_rules(rules, weights, d, bufs, scalars, inputs=None, lead=2, unit_lr=None):
     """Apply a rule chain once: returns the new weights and momentum buffers.
 
-    ``rules``: static rule tuples (``program._rule_cfg``); ``weights`` and the direction ``d``:
-    lists of tensors whose first ``lead`` axes are per sample (memories: ``[B, H, out, in]``,
-    ``lead=2``; CMS blocks: ``[B, *param_shape]``, ``lead=1``); ``scalars``: one dict per rule
-    of its scalars at the update's token (floats, learned 0-d tensors, or tensors over the
-    ``lead`` axes); ``bufs``: momentum buffers by rule index (``str(i)``); ``inputs``: each
-    layer's input (``dgd`` only). ``unit_lr``: index of a gd/ema rule whose rate already weights
-    ``d`` (a per-token rate inside the sum, CMS Eq. 71): it steps with rate 1.
+    ``rules``: the chain (:data:`nlgraph.compiler.ir.Rule` values); ``weights`` and the
+    direction ``d``: lists of tensors whose first ``lead`` axes are per sample (memories:
+    ``[B, H, out, in]``, ``lead=2``; CMS blocks: ``[B, *param_shape]``, ``lead=1``);
+    ``scalars``: one dict per rule of its scalars at the update's token (floats, learned 0-d
+    tensors, or tensors over the ``lead`` axes); ``bufs``: momentum buffers by rule index
+    (``str(i)``); ``inputs``: each layer's input (``dgd`` only). ``unit_lr``: index of a gd/ema
+    rule whose rate already weights ``d`` (a per-token rate inside the sum, CMS Eq. 71): it
+    steps with rate 1.
     """
     s, bufs = list(weights), dict(bufs)
     for i, (rule, sc) in enumerate(zip(rules, scalars, strict=True)):
-        kind = rule[0]
-        if kind == "weight_decay":
+        if isinstance(rule, ir.DecayStep):
             s = [(1 - shaped(sc["rate"], w)) * w for w in s]
-        elif kind == "precondition":
-            d = [g / (shaped(sc["by"], g) ** rule[2] + rule[3]) for g in d]
-        elif kind == "newton_schulz":
-            d = [orthogonalize(g, rule[1], rule[2], lead) for g in d]
-        elif kind in ("gd", "ema"):
-            rate = 1 - sc["beta"] if kind == "ema" else sc["lr"]
+        elif isinstance(rule, ir.PreconditionStep):
+            d = [g / (shaped(sc["by"], g) ** rule.power + rule.eps) for g in d]
+        elif isinstance(rule, ir.OrthogonalizeStep):
+            d = [orthogonalize(g, rule.steps, rule.variant, lead) for g in d]
+        elif isinstance(rule, ir.GDStep | ir.EMAStep):
+            ema = isinstance(rule, ir.EMAStep)
+            rate = 1 - sc["beta"] if ema else sc["lr"]
             lr = 1.0 if i == unit_lr else rate
-            mu = None if kind == "ema" else sc["momentum"]
-            a = 1.0 if kind == "ema" or sc["retain"] is None else sc["retain"]
+            mu = None if ema else sc["momentum"]
+            a = 1.0 if ema or sc["retain"] is None else sc["retain"]
             if mu is None:
                 s = [shaped(a, w) * w - shaped(lr, g) * g for w, g in zip(s, d, strict=True)]
             else:
@@ -49,7 +52,7 @@ def apply_rules(rules, weights, d, bufs, scalars, inputs=None, lead=2, unit_lr=N
                 bufs[str(i)] = buf
                 look = (
                     [shaped(mu, b) * b - shaped(lr, g) * g for b, g in zip(buf, d, strict=True)]
-                    if rule[4]
+                    if rule.nesterov
                     else buf
                 )
                 s = [shaped(a, w) * w + u for w, u in zip(s, look, strict=True)]
@@ -60,13 +63,13 @@ def apply_rules(rules, weights, d, bufs, scalars, inputs=None, lead=2, unit_lr=N
                 lr, mu = shaped(sc["lr"], w), shaped(sc["momentum"], w)
                 a = 1.0 if sc["retain"] is None else shaped(sc["retain"], w)
                 x = x[:, 0]  # [B, H, in]
-                step = lr / (1 + lr * (x * x).sum(-1)[..., None, None]) if rule[4] else lr
+                step = lr / (1 + lr * (x * x).sum(-1)[..., None, None]) if rule.exact else lr
                 decayed = a * w - step * torch.einsum("bho,bhi->bhoi", torch.einsum(
                     "bhoi,bhi->bho", w, x), x)  # fmt: skip
                 if mu is None:
                     new_s.append(decayed - step * g)
                 else:
-                    b = mu * b - ((1 - mu) if rule[5] else 1.0) * step * g
+                    b = mu * b - ((1 - mu) if rule.dampen else 1.0) * step * g
                     buf.append(b)
                     new_s.append(decayed + b)
             s = new_s
@@ -87,19 +90,3 @@ def orthogonalize(g: torch.Tensor, steps: int, variant: str, lead: int) -> torch
         return newton_schulz(g, steps, variant)
     flat = g.reshape(*g.shape[:lead], core[0], -1)
     return newton_schulz(flat, steps, variant).reshape(g.shape)
-
-
-def newton_schulz(x: torch.Tensor, steps: int, variant: str) -> torch.Tensor:
-    """Orthogonalise each matrix of ``x [..., out, in]`` as Muon does (PAPER.md 2.5): scale to
-    unit Frobenius norm, then ``steps`` cubic or quintic Newton–Schulz iterations on the wide
-    orientation (the same map as :func:`nlgraph.compiler.optim_ops.newton_schulz` per matrix)."""
-    tall = x.shape[-2] > x.shape[-1]
-    o = x.transpose(-1, -2) if tall else x
-    o = o / torch.linalg.matrix_norm(o, keepdim=True).clamp_min(1e-7)
-    for _ in range(steps):
-        gram = o @ o.transpose(-1, -2)
-        if variant == "cubic":
-            o = 1.5 * o - 0.5 * gram @ o
-        else:
-            o = 3.4445 * o + (-4.7750 * gram + 2.0315 * gram @ gram) @ o
-    return o.transpose(-1, -2) if tall else o

@@ -1,12 +1,14 @@
 """Whole-graph lowerings onto torch's fused optimizer kernels, for graphs that are one of them.
 
 A foreach step makes one pass over memory per op (about six for Adam); torch's fused kernels
-make one. When an optimizer graph has the skeleton of the library's ``adam`` or ``adamw`` (any
-numbers, with or without AMSGrad or L2 decay; see :func:`nlgraph.compiler.optim.scan`), its
-step can run as ``torch._fused_adam_`` / ``torch._fused_adamw_``: the same update, read off the
-graph's numbers. Any other graph — a delta-rule first moment, a third memory — keeps the foreach
-lowering. The naive reference and the foreach program stay the definition; tests check the
-fused lowering against both.
+make one. When an optimizer graph has Adam's structure (:mod:`.pattern`: the moments, the
+debiased step, with or without AMSGrad, coupled L2 or decoupled decay; any names, any numbers),
+its step can run as ``torch._fused_adam_`` / ``torch._fused_adamw_``: the same update, read off
+the graph's numbers (:func:`~nlgraph.compiler.optimizer.skeleton.scan`). Any other graph — a
+delta-rule first moment, a fourth memory — keeps the foreach lowering, and so does an
+Adam-shaped graph whose numbers are not Adam's (a beta that differs between its EMA and its
+debias: :meth:`FusedLowering.applies`). The naive reference and the foreach program stay the
+definition; tests check the fused lowering against both.
 
 On CUDA (or when an optimizer's ``backend`` is ``"triton"``) the same match runs nlgraph's own
 kernel instead (:mod:`nlgraph.kernels.optimizer`): the group's parameters are packed into one
@@ -16,20 +18,19 @@ step count updates them all (:meth:`FusedLowering.flat_step`).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
 
-from nlgraph.compiler.optim import scan
+from nlgraph.compiler.optimizer.pattern import adam_shape
+from nlgraph.compiler.optimizer.skeleton import scan
 from nlgraph.kernels.optimizer import FlatParams, optimizer_update
+from nlgraph.level import GraphSpec
 
 __all__ = ["FusedLowering", "match"]
 
-# Distinct marker values: where each lands in a spec's numbers tells where to read it back.
-_LR, _B1, _B2, _EPS, _WD = 0.0123, 0.8765, 0.9876, 1.234e-5, 0.0456
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton kernel's
 
@@ -42,6 +43,15 @@ class FusedLowering:
     amsgrad: bool
     at: Mapping[str, int]  # lr, beta1, beta2, eps[, decay] -> index into the numbers
     keys: tuple[str, ...]  # storage keys of m, v[, vmax]
+    ties: tuple[tuple[int, int], ...] = ()  # indices of numbers that must be equal
+
+    def applies(self, numbers: list[float]) -> bool:
+        """Whether these numbers make the graph Adam: each beta the same in its EMA and its
+        debias (the structure allows two), and AdamW's decay readable as ``lr * wd``."""
+        if any(numbers[i] != numbers[j] for i, j in self.ties):
+            return False
+        return not (self.kernel == "adamw" and not numbers[self.at["lr"]]
+                    and numbers[self.at["decay"]])  # fmt: skip
 
     def eligible(self, params: list[torch.Tensor], steps: list[torch.Tensor]) -> bool:
         p = params[0]
@@ -92,34 +102,19 @@ class FusedLowering:
                          backend="triton", **self._hyper(numbers))  # fmt: skip
 
 
-@cache
-def _patterns() -> tuple[tuple[Hashable, str, bool, dict[str, int]], ...]:
-    from nlgraph.library import get
-
-    out = []
-    for kernel, amsgrad, decay in (
-        ("adam", False, False), ("adam", True, False), ("adam", False, True),
-        ("adam", True, True), ("adamw", False, True), ("adamw", True, True),
-    ):  # fmt: skip
-        kw = {"lr": _LR, "b1": _B1, "b2": _B2, "eps": _EPS, "amsgrad": amsgrad}
-        if kernel == "adamw":
-            kw["wd"] = _WD
-        elif decay:
-            kw["weight_decay"] = _WD
-        skeleton, numbers, _ = scan(get(kernel, **kw).spec)
-        marks = {"lr": -_LR, "beta1": _B1, "beta2": _B2, "eps": _EPS}
-        if decay:
-            marks["decay"] = _LR * _WD if kernel == "adamw" else _WD
-        at = {name: numbers.index(value) for name, value in marks.items()}
-        out.append((skeleton, kernel, amsgrad, at))
-    return tuple(out)
-
-
-def match(skeleton: Hashable, key: callable) -> FusedLowering | None:
-    """The fused lowering of a graph with this skeleton, if there is one (``key``: a level's
-    storage key in the per-parameter state)."""
-    for sk, kernel, amsgrad, at in _patterns():
-        if sk == skeleton:
-            names = ("m", "v", "vmax") if amsgrad else ("m", "v")
-            return FusedLowering(kernel, amsgrad, at, tuple(key(n) for n in names))
-    return None
+def match(spec: GraphSpec, key: Callable[[str], str]) -> FusedLowering | None:
+    """The fused lowering of a graph with ``spec``'s structure, if there is one (``key``: a
+    level's storage key in the per-parameter state). It holds for every spec with the same
+    skeleton; :meth:`FusedLowering.applies` says whether a spec's numbers may use it."""
+    _, _, sites = scan(spec)
+    shape = adam_shape(spec, {site: i for i, site in enumerate(sites)})
+    if shape is None:
+        return None
+    names = (shape.m, shape.v) + ((shape.vmax,) if shape.vmax else ())
+    return FusedLowering(
+        kernel="adamw" if shape.decay == "decoupled" else "adam",
+        amsgrad=shape.vmax is not None,
+        at=dict(shape.at),
+        keys=tuple(key(n) for n in names),
+        ties=shape.ties,
+    )

@@ -5,8 +5,8 @@ An optimizer graph has one or more ``params`` levels (the weights; ``params(min_
 belong to one of them: ``like`` its parameters (momentum, Adam's moments), or a small MLP per
 parameter tensor (deep momentum). One step evaluates a part's levels tier by tier, fastest first
 (PAPER.md 1.2), each level's rule chain applied to all parameters of a bucket at once with
-``torch._foreach_*`` ops (:mod:`nlgraph.compiler.optim_ops`); Newton–Schulz and the DGD solve are
-the matrix work per tensor.
+``torch._foreach_*`` ops (:mod:`nlgraph.compiler.optimizer.ops`); Newton–Schulz and the DGD
+solve are the matrix work per tensor.
 
 A level's update is a pipeline over a *direction* ``d``, the gradient of its objective at the
 state the step starts from: ``l2_to(t)``: ``S - t``; ``dot`` on value ``c``: ``-c``; keyed
@@ -17,64 +17,33 @@ a flow; ``dgd`` is the exact proximal step of a linear layer given its inputs. A
 updates every ``n > 1`` steps sums its directions over its period (at the state it holds, as a
 CMS level does, Eq. 71) and applies the sum at its ticks.
 
-Hyperparameters are runtime values: :func:`scan` splits a spec into a *skeleton* (its structure)
-and the list of its numbers, so a program compiled once serves every spec with the same skeleton
-— an LR scheduler changes numbers, not the program.
+Hyperparameters are runtime values: :func:`~nlgraph.compiler.optimizer.skeleton.scan` splits a
+spec into a *skeleton* (its structure) and the list of its numbers, so a program compiled once
+serves every spec with the same skeleton — an LR scheduler changes numbers, not the program.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
 from nlgraph._errors import CompileError
 from nlgraph.clock import Frequency
-from nlgraph.compiler import optim_ops as ops
+from nlgraph.compiler.optimizer import ops
+from nlgraph.compiler.optimizer.skeleton import scan
 from nlgraph.flows import KV, FlowBase, Grad, Read, State, Ticks, references, walk
 from nlgraph.level import GraphSpec, Level
 from nlgraph.optimizers import Learned, Signal, scalar_fields
 from nlgraph.topology import tiers
-from nlgraph.validation import _flows as _level_flows
-from nlgraph.validation import validate
+from nlgraph.validation import level_flows, validate
 
-__all__ = ["OptimizerProgram", "Part", "scan"]
+__all__ = ["OptimizerProgram", "Part"]
 
 Tensors = list[torch.Tensor]
 _ELEMENTWISE_RULES = ("gd", "ema", "precondition", "newton_schulz", "weight_decay", "follow")
-
-
-def scan(spec: GraphSpec) -> tuple[Hashable, list[float], list[tuple[int, str]]]:
-    """``(skeleton, numbers, sites)``: the spec's structure with every float replaced by a slot,
-    the floats in order, and where each sits (``(id(node), field)``). Docs and meta are left
-    out: they describe, they do not compute."""
-    numbers: list[float] = []
-    sites: list[tuple[int, str]] = []
-
-    def walk_(obj: Any) -> Hashable:
-        if isinstance(obj, BaseModel):
-            items = []
-            for name in type(obj).model_fields:
-                if name in ("doc", "meta"):
-                    continue
-                v = getattr(obj, name)
-                if isinstance(v, float):
-                    numbers.append(v)
-                    sites.append((id(obj), name))
-                    items.append((name, "#"))
-                else:
-                    items.append((name, walk_(v)))
-            return (type(obj).__name__, tuple(items))
-        if isinstance(obj, list | tuple):
-            return tuple(walk_(x) for x in obj)
-        if isinstance(obj, dict):
-            return tuple((k, walk_(v)) for k, v in obj.items())
-        return obj
-
-    return walk_(spec), numbers, sites
 
 
 def _count(freq: Frequency, step: int) -> int:
@@ -158,7 +127,7 @@ class OptimizerProgram:
             part.needs_inputs = any(r.rule == "dgd" for lv in levels for r in lv.optimizer)
             part.snapshot = self._snapshots(part)
             self.parts.append(part)
-        self.fused: Any = None  # a whole-graph kernel, set by the dispatcher (optim_fused)
+        self.fused: Any = None  # a whole-graph kernel, set by the front end (fused.match)
         self._by_ndim: dict[int, Part] = {}
         self._static = {n for n in spec.flows if self._is_static(spec.flows[n])}
         self._fns: dict[tuple[int, str], Callable[[_Env], ops.Value]] = {}
@@ -238,7 +207,7 @@ class OptimizerProgram:
             ctx = lv.context
             if not (isinstance(ctx, KV) and ctx.key is not None and ctx.value is not None):
                 raise CompileError(f"{where}: an l2 memory of gradients needs kv(key, value)")
-        for field_, flow in _level_flows(lv):
+        for field_, flow in level_flows(lv):
             for kind, ref, _ in references(flow, self.spec.flows):
                 if kind == "input":
                     raise CompileError(f"{where}, {field_}: an optimizer has no input {ref!r}")
@@ -284,7 +253,7 @@ class OptimizerProgram:
         pos = {lv.name: i for i, lv in enumerate(part.levels)}
         out = set()
         for i, lv in enumerate(part.levels):
-            for _, flow in _level_flows(lv):
+            for _, flow in level_flows(lv):
                 for kind, ref, at in references(flow, self.spec.flows):
                     later = ref in pos and (
                         pos[ref] < i or (ref == lv.name and len(lv.optimizer) > 1)

@@ -1,28 +1,21 @@
-"""Optimizers compiled from graphs of memories: real ``torch.optim.Optimizer`` subclasses.
+"""Optimizers compiled from graphs of memories: :class:`GraphOptimizer` and
+:func:`compile_optimizer`.
 
 ``compile_optimizer(builder)`` turns a graph builder (a function of hyperparameters returning an
 optimizer :class:`~nlgraph.Graph`, e.g. ``nlgraph.library.builder("adam")``) into an optimizer
 class whose param groups carry those hyperparameters. Each group's step is the compiled program
-of its graph (:mod:`nlgraph.compiler.optim`), fused over the group's tensors with foreach ops.
-
-The drop-ins below (``SGD``, ``Adam``, ``AdamW``, ``Adagrad``, ``RMSprop`` with torch's
-signatures and state layout; ``Muon``, ``M3``, ``DMGD``, ``DeltaMomentum``, ... with the
-paper's) are ``compile_optimizer`` applied to the library's graphs, with torch-style
-hyperparameter names mapped onto the builders' arguments::
-
-    opt = nlgraph.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), amsgrad=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+of its graph (:mod:`nlgraph.compiler.optimizer`), fused over the group's tensors with foreach
+ops, or one fused kernel when the graph has Adam's structure.
 
 Hyperparameters are runtime numbers: a scheduler that changes ``lr`` every step reuses the
 compiled program (the graph is rebuilt, not re-validated or re-compiled; see
-:func:`nlgraph.compiler.optim.scan`).
+:func:`nlgraph.compiler.optimizer.scan`).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
@@ -31,32 +24,13 @@ import torch
 from pydantic import ValidationError
 
 from nlgraph._errors import SpecError
-from nlgraph.compiler.optim import OptimizerProgram, scan
-from nlgraph.compiler.optim_fused import match
-from nlgraph.compiler.optim_reference import reference_step
+from nlgraph.compiler.optimizer import OptimizerProgram, match, reference_step, scan
 from nlgraph.graph import Graph
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.optimizer import FlatParams
-from nlgraph.library import builder as _library
 from nlgraph.validation import format_validation_error
 
-__all__ = [
-    "GraphOptimizer",
-    "compile_optimizer",
-    "SGD",
-    "Adam",
-    "AdamW",
-    "Adagrad",
-    "RMSprop",
-    "Momentum",
-    "AdagradMomentum",
-    "PreconditionedMomentum",
-    "DeltaMomentum",
-    "DMGD",
-    "Muon",
-    "M3",
-    "DGD",
-]
+__all__ = ["GraphOptimizer", "compile_optimizer"]
 
 _log = logging.getLogger("nlgraph.optim")
 _CACHE = 64  # hyperparameter settings kept bound per optimizer (an LR schedule visits many)
@@ -80,13 +54,13 @@ class GraphOptimizer(torch.optim.Optimizer):
 
     ``compilations`` counts the programs compiled (one per graph structure, not per number).
     ``backend``: ``"auto"`` (when the graph is one of torch's fused kernels,
-    :mod:`nlgraph.compiler.optim_fused`: on CUDA nlgraph's Triton kernel over the group packed
+    :mod:`nlgraph.compiler.optimizer.fused`: on CUDA nlgraph's Triton kernel over the group packed
     flat, elsewhere torch's fused kernel; else the foreach program), ``"triton"`` (the Triton
     kernel on any device, the interpreter on CPU; graphs it does not match keep the foreach
     program), ``"foreach"`` (always the foreach program) or ``"reference"`` (the naive
-    per-parameter interpreter, :mod:`nlgraph.compiler.optim_reference`); the environment
-    variable ``NLGRAPH_BACKEND`` (``foreach``/``reference``/``triton``) sets it for every
-    optimizer.
+    per-parameter interpreter, :mod:`nlgraph.compiler.optimizer.reference`); the environment
+    variable ``NLGRAPH_BACKEND`` (``reference``/``chunk``/``triton``; ``chunk`` selects the
+    foreach program) sets it for every optimizer.
 
     On the Triton path a param group's parameters (per device and dtype) are packed into one
     flat buffer the first time they step: their ``.data`` become views into it, and their state
@@ -105,8 +79,9 @@ class GraphOptimizer(torch.optim.Optimizer):
         self.compilations = 0
         self._flat: dict[tuple, tuple[Any, FlatParams]] = {}  # (group, device, dtype) ->
         # (part, its parameters packed); one per bucket, replaced when the structure changes
-        env = os.environ.get("NLGRAPH_BACKEND", "auto")
-        self.backend = env if env in ("reference", "foreach", "triton") else "auto"
+        # NLGRAPH_BACKEND, read by the kernels' dispatcher: "chunk" selects the foreach program
+        forced = _dispatch.forced_backend()
+        self.backend = {"chunk": "foreach"}.get(forced, forced) or "auto"
         super().__init__(params, defaults)
 
     def graph_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +112,7 @@ class GraphOptimizer(torch.optim.Optimizer):
         prog = self._programs.get(skeleton)
         if prog is None:
             prog = self._programs[skeleton] = OptimizerProgram(spec, self.state_names)
-            prog.fused = match(skeleton, prog.key)
+            prog.fused = match(spec, prog.key)
             self.compilations += 1
             _log.info(
                 "%s: graph %r lowers to %s", type(self).__name__, spec.name,
@@ -202,7 +177,7 @@ class GraphOptimizer(torch.optim.Optimizer):
                     grads = torch._foreach_neg(grads)
                 if self.backend == "reference":
                     self._step_reference(group, part, params, grads, states)
-                elif self._flat_wanted(prog, params):
+                elif self._flat_wanted(prog, params, numbers):
                     self._step_flat((i, group), prog, part, params, grads, states, numbers)
                 else:
                     self._step_bucket(prog, part, params, grads, states, numbers)
@@ -221,7 +196,7 @@ class GraphOptimizer(torch.optim.Optimizer):
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
         fused = prog.fused if self.backend == "auto" else None
-        if fused is not None and fused.eligible(params, steps):
+        if fused is not None and fused.applies(numbers) and fused.eligible(params, steps):
             fused(params, grads, states, steps, numbers)
             return
         counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
@@ -239,14 +214,16 @@ class GraphOptimizer(torch.optim.Optimizer):
                 keys = [torch.cat(self._inputs[p]) if p in self._inputs else None for p in ps]
             prog.step(part, ps, gs, sts, count, numbers, keys)
 
-    def _flat_wanted(self, prog: OptimizerProgram, params: list[torch.Tensor]) -> bool:
+    def _flat_wanted(
+        self, prog: OptimizerProgram, params: list[torch.Tensor], numbers: list[float]
+    ) -> bool:
         """Whether this bucket runs nlgraph's Triton kernel over a flat buffer."""
         if self.backend == "triton":
             _dispatch.resolve_backend("optimizer_update", "triton")  # a clear error if absent
         elif self.backend != "auto" or params[0].device.type != "cuda":
             return False
         fused = prog.fused
-        if fused is None or not fused.flat_eligible(params):
+        if fused is None or not fused.applies(numbers) or not fused.flat_eligible(params):
             if self.backend == "triton" and (prog.spec.name, params[0].dtype) not in _TOLD:
                 _TOLD.add((prog.spec.name, params[0].dtype))
                 _log.info("graph %r (%s) has no Triton lowering; it runs the foreach program",
@@ -361,223 +338,8 @@ def compile_optimizer(
         "__init__": __init__,
         "__doc__": doc or builder.__doc__,
         "state_names": dict(state_names or {}),
-        "__module__": __name__,
+        "__module__": "nlgraph.optim",  # where the drop-ins are found (and pickled) by name
     }
     if graph_kwargs is not None:
         attrs["graph_kwargs"] = lambda self, group: graph_kwargs(group)
     return type(cls_name, (GraphOptimizer,), attrs)
-
-
-# ------------------------------------------------------------------------------- drop-ins
-
-_TORCH = {"maximize": False, "foreach": None}  # foreach: accepted; the step always is
-
-
-def _sgd_kwargs(g: dict[str, Any]) -> dict[str, Any]:
-    if g["dampening"]:
-        raise ValueError(
-            f"SGD: dampening={g['dampening']} is not supported (torch skips it on the first "
-            "step, which no memory update reproduces); use dampening=0"
-        )
-    return {"lr": g["lr"], "momentum": g["momentum"], "nesterov": g["nesterov"],
-            "weight_decay": g["weight_decay"]}  # fmt: skip
-
-
-def _adamw_part(g: dict[str, Any]) -> dict[str, Any]:
-    """The AdamW part of Muon/M3: its lr follows the group's schedule (``lr / initial_lr``)."""
-    factor = g["lr"] / g.get("initial_lr", g["lr"]) if g.get("initial_lr") else 1.0
-    b1, b2 = g["adamw_betas"]
-    return {"adamw_lr": g["adamw_lr"] * factor, "adamw_b1": b1, "adamw_b2": b2,
-            "adamw_eps": g["adamw_eps"], "adamw_wd": g["adamw_weight_decay"]}  # fmt: skip
-
-
-_ADAMW_PART = {"adamw_lr": 3e-4, "adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8,
-               "adamw_weight_decay": 0.0}  # fmt: skip
-
-SGD = compile_optimizer(
-    _library("sgd"),
-    "SGD",
-    {
-        "lr": 1e-3,
-        "momentum": 0.0,
-        "dampening": 0.0,
-        "weight_decay": 0.0,
-        "nesterov": False,
-        **_TORCH,
-    },  # fmt: skip
-    _sgd_kwargs,
-    {"b": "momentum_buffer"},
-    doc="``torch.optim.SGD`` compiled from the library's ``sgd`` graph (Eqs. 8–13, 33).",
-)
-
-
-def _adam_like(name: str, cls: str, weight_decay: float, wd_arg: str) -> type[GraphOptimizer]:
-    """Adam and AdamW share torch's signature; they differ in the decay's default and in which
-    builder argument it feeds (coupled L2 ``weight_decay`` vs decoupled ``wd``)."""
-    return compile_optimizer(
-        _library(name),
-        cls,
-        {
-            "lr": 1e-3,
-            "betas": (0.9, 0.999),
-            "eps": 1e-8,
-            "weight_decay": weight_decay,
-            "amsgrad": False,
-            **_TORCH,
-        },  # fmt: skip
-        lambda g: {
-            "lr": g["lr"],
-            "b1": g["betas"][0],
-            "b2": g["betas"][1],
-            "eps": g["eps"],
-            wd_arg: g["weight_decay"],
-            "amsgrad": g["amsgrad"],
-        },  # fmt: skip
-        {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"},
-        doc=f"``torch.optim.{cls}`` compiled from the library's ``{name}`` graph (App. B).",
-    )
-
-
-Adam = _adam_like("adam", "Adam", 0.0, "weight_decay")
-AdamW = _adam_like("adamw", "AdamW", 1e-2, "wd")
-Adagrad = compile_optimizer(
-    _library("adagrad"),
-    "Adagrad",
-    {
-        "lr": 1e-2,
-        "lr_decay": 0.0,
-        "weight_decay": 0.0,
-        "initial_accumulator_value": 0.0,
-        "eps": 1e-10,
-        **_TORCH,
-    },  # fmt: skip
-    lambda g: {
-        k: g[k] for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
-    },  # fmt: skip
-    {"v": "sum"},
-    doc="``torch.optim.Adagrad`` compiled from the library's ``adagrad`` graph (App. B); the "
-    "state's ``sum`` excludes ``initial_accumulator_value``.",
-)
-RMSprop = compile_optimizer(
-    _library("rmsprop"),
-    "RMSprop",
-    {
-        "lr": 1e-2,
-        "alpha": 0.99,
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-        "momentum": 0.0,
-        "centered": False,
-        **_TORCH,
-    },  # fmt: skip
-    lambda g: {
-        "lr": g["lr"],
-        "beta": g["alpha"],
-        "eps": g["eps"],
-        "momentum": g["momentum"],
-        "centered": g["centered"],
-        "weight_decay": g["weight_decay"],
-    },  # fmt: skip
-    {"v": "square_avg", "a": "grad_avg", "b": "momentum_buffer"},
-    doc="``torch.optim.RMSprop`` compiled from the library's ``rmsprop`` graph (App. B).",
-)
-Momentum = compile_optimizer(
-    _library("momentum"),
-    "Momentum",
-    {"lr": 1e-2, "momentum": 0.9},
-    lambda g: {"lr": g["lr"], "beta": g["momentum"]},
-    doc="The paper's momentum, ``m <- momentum m - lr g``, ``W <- W + m`` (Eqs. 10–13, 33).",
-)
-AdagradMomentum = compile_optimizer(
-    _library("adagrad_momentum"),
-    "AdagradMomentum",
-    {"lr": 1e-2, "betas": (1.0, 1.0), "eps": 1e-10},
-    lambda g: {"lr": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1], "eps": g["eps"]},
-    doc="AdaGrad with momentum, the optimal element-wise memory of App. B (Eqs. 100–105).",
-)
-PreconditionedMomentum = compile_optimizer(
-    _library("preconditioned_momentum"),
-    "PreconditionedMomentum",
-    {"lr": 1e-3, "momentum": 0.9, "beta2": 0.999, "eps": 1e-8},
-    lambda g: {"lr": g["lr"], "beta": g["momentum"], "b2": g["beta2"], "eps": g["eps"]},
-    doc="Momentum mapping gradients to preconditioned values ``P u`` (Eqs. 46–47).",
-)
-DeltaMomentum = compile_optimizer(
-    _library("delta_momentum"),
-    "DeltaMomentum",
-    {"lr": 1e-2, "momentum": 0.9, "decay": 0.1, "normalize": False},
-    lambda g: {
-        "lr": g["lr"],
-        "beta": g["momentum"],
-        "decay": g["decay"],
-        "normalize": g["normalize"],
-    },  # fmt: skip
-    doc="Delta momentum, ``m <- (momentum I - decay u u^T) m - lr u`` (Eqs. 48–49).",
-)
-DMGD = compile_optimizer(
-    _library("dmgd"),
-    "DMGD",
-    {"lr": 1e-2, "inner_lr": 1e-2, "decay": 1.0, "width": 16},
-    doc="Deep momentum GD: an MLP memory of each tensor's gradient entries (Eq. 50).",
-)
-Muon = compile_optimizer(
-    _library("muon_adamw"),
-    "Muon",
-    {
-        "lr": 2e-2,
-        "momentum": 0.95,
-        "nesterov": True,
-        "ns_steps": 5,
-        "variant": "quintic",
-        "weight_decay": 0.0,
-        **_ADAMW_PART,
-    },  # fmt: skip
-    lambda g: {
-        "lr": g["lr"],
-        "beta": g["momentum"],
-        "nesterov": g["nesterov"],
-        "steps": g["ns_steps"],
-        "variant": g["variant"],
-        "wd": g["weight_decay"],
-        **_adamw_part(g),
-    },  # fmt: skip
-    doc="Muon on matrices (Eqs. 42–44, 52), AdamW on the rest (``adamw_*``; its lr follows "
-    "the group's schedule).",
-)
-M3 = compile_optimizer(
-    _library("m3_adamw"),
-    "M3",
-    {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999, 0.9),
-        "alpha": 1.0,
-        "eps": 1e-8,
-        "slow_every": 8,
-        "ns_steps": 5,
-        "variant": "quintic",
-        "momenta": "sum",
-        **_ADAMW_PART,
-    },  # fmt: skip
-    lambda g: {
-        "lr": g["lr"],
-        "b1": g["betas"][0],
-        "b2": g["betas"][1],
-        "b3": g["betas"][2],
-        "alpha": g["alpha"],
-        "eps": g["eps"],
-        "f": g["slow_every"],
-        "steps": g["ns_steps"],
-        "variant": g["variant"],
-        "momenta": g["momenta"],
-        **_adamw_part(g),
-    },  # fmt: skip
-    doc="M3 (Algorithm 1) on matrices, AdamW on the rest (``adamw_*``; its lr follows the "
-    "group's schedule).",
-)
-DGD = compile_optimizer(
-    _library("dgd_update"),
-    "DGD",
-    {"lr": 1e-2},
-    doc="Delta gradient descent for ``nn.Linear`` weights (Eqs. 56–57); call "
-    "``opt.watch(model)`` so that the step sees each layer's inputs.",
-)

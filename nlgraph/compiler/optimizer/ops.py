@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from nlgraph._errors import CompileError
+from nlgraph.compiler.newton_schulz import orthogonalize_tensor
 
 __all__ = [
     "Lazy",
@@ -244,32 +245,9 @@ def inner(a: Tensors, b: Tensors) -> list[float]:
 
 
 def newton_schulz(x: Tensor, steps: int, variant: str, prenorm: bool = True) -> Tensor:
-    """Orthogonalise a matrix towards its polar factor (PAPER.md 2.5, Eqs. 42–44).
-
-    ``cubic``: ``O <- 1.5 O - 0.5 O O^T O``, one inner GD step of size 1/4 on
-    ``1/2 ||O - g||^2 + 1/2 ||O^T O - I||^2`` from ``O = g`` (Eq. 44); ``quintic``: the tuned
-    polynomial of production Muon (3.4445, -4.7750, 2.0315). Tensors of more than 2 dimensions
-    are flattened to ``[shape[0], -1]``; the iteration runs on the smaller Gram matrix.
-    """
-    if x.ndim < 2:
-        return x / x.norm().clamp_min(1e-7) if prenorm else x
-    shape = x.shape
-    o = x.reshape(shape[0], -1)
-    tall = o.shape[0] > o.shape[1]
-    if tall:
-        o = o.T
-    if prenorm:
-        o = o / o.norm().clamp_min(1e-7)
-    for _ in range(steps):
-        gram = o @ o.T
-        if variant == "cubic":
-            o = 1.5 * o - 0.5 * gram @ o
-        else:
-            a, b, c = 3.4445, -4.7750, 2.0315
-            o = a * o + (b * gram + c * gram @ gram) @ o
-    if tall:
-        o = o.T
-    return o.reshape(shape)
+    """One parameter orthogonalised towards its polar factor (PAPER.md 2.5, Eqs. 42–44):
+    :func:`nlgraph.compiler.newton_schulz.orthogonalize_tensor`."""
+    return orthogonalize_tensor(x, steps, variant, prenorm)
 
 
 def dgd_step(w: Tensor, b: Tensor, keys: Tensor, lr: float, exact: bool) -> None:

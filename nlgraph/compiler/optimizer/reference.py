@@ -1,5 +1,5 @@
 """The naive reference of an optimizer graph: one parameter at a time, autograd on each level's
-declared objective. The compiled program (:mod:`nlgraph.compiler.optim`) must equal it.
+declared objective. The compiled program (:mod:`nlgraph.compiler.optimizer.program`) must equal it.
 
 Each memory takes one GD step on the objective it declares, evaluated at its state before the
 step (PAPER.md 2.2–2.3: momentum is GD on ``-<m, v>``, an EMA is GD on ``1/2 ||S - t||^2``, delta
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from nlgraph.clock import Frequency
+from nlgraph.compiler.newton_schulz import newton_schulz_reference
 from nlgraph.flows import FlowBase, Grad, State, walk
 from nlgraph.level import GraphSpec, Level
 from nlgraph.topology import tiers
@@ -26,23 +27,6 @@ _ACT = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "rel
 
 def _ticks(freq: Frequency, step: int) -> int:
     return sum(freq.updates_at(t) for t in range(1, step + 1))
-
-
-def _ns(x: torch.Tensor, steps: int, variant: str, prenorm: bool) -> torch.Tensor:
-    if x.ndim < 2:
-        return x / max(x.norm(), 1e-7) if prenorm else x
-    o = x.reshape(x.shape[0], -1)
-    if o.shape[0] > o.shape[1]:
-        return _ns(o.T, steps, variant, prenorm).T.reshape(x.shape)
-    if prenorm:
-        o = o / max(o.norm(), 1e-7)
-    for _ in range(steps):
-        if variant == "cubic":  # one GD step of size 1/4 on 1/2||O-g||^2 + 1/2||O^T O - I||^2
-            o = 1.5 * o - 0.5 * o @ o.T @ o
-        else:
-            a = o @ o.T
-            o = 3.4445 * o + (-4.7750 * a + 2.0315 * a @ a) @ o
-    return o.reshape(x.shape)
 
 
 def _mlp(lv: Level, ws: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +74,7 @@ class _Ref:
             level = self.spec.level(f.x.level) if isinstance(f.x, State) else lv
             return self.eval(f.x, env, lv) / (1 - f.beta ** _ticks(level.frequency, env["step"]))
         if op == "newton_schulz":
-            return _ns(self.eval(f.x, env, lv), f.steps, f.variant, f.prenorm)
+            return newton_schulz_reference(self.eval(f.x, env, lv), f.steps, f.variant, f.prenorm)
         if op == "read":
             mem = self.spec.level(f.level)
             return _mlp(mem, self.held(f.level, f.at, env), self.eval(f.arg, env, lv))
@@ -152,7 +136,7 @@ class _Ref:
             elif kind == "precondition":
                 d = d / (self.eval(rule.by, env, lv) ** rule.power + rule.eps)
             elif kind == "newton_schulz":
-                d = _ns(d, rule.steps, rule.variant, True)
+                d = newton_schulz_reference(d, rule.steps, rule.variant, True)
             elif kind == "dgd":
                 s = self.dgd(rule, s, d, env)
             else:
