@@ -107,9 +107,6 @@ def level_flows(level: Level) -> Iterator[tuple[str, FlowBase]]:
                 yield f"optimizer[{i}].{attr}", v
 
 
-_flows = level_flows  # the planner's old name; it imports level_flows from the next commit
-
-
 def _dim_of(spec: GraphSpec, flow: FlowBase) -> int | str | None:
     """The feature width of a flow where it is declared, else None."""
     if isinstance(flow, Input):

@@ -34,11 +34,27 @@ def _cmd_env(args: argparse.Namespace) -> int:
             rows.append(("cuda", f"not available (torch build: {build})"))
         rows.append(("threads", str(torch.get_num_threads())))
         rows += _kernel_rows()
-    for var in ("NLGRAPH_BACKEND", "NLGRAPH_DEBUG"):
-        rows.append((var, os.environ.get(var, "(unset)")))
+    from nlgraph.kernels._dispatch import backend_setting
+
+    rows.append(("NLGRAPH_BACKEND", backend_setting() or "(unset)"))
+    rows.append(("NLGRAPH_DEBUG", _debug_row()))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:{width}s}  {v}" for k, v in rows))
     return 0
+
+
+def _debug_row() -> str:
+    """NLGRAPH_DEBUG as set, and whether the compiler accepts it (compiler/_debug.py)."""
+    from nlgraph.compiler._debug import VARIABLE, debug_level
+
+    value = os.environ.get(VARIABLE)
+    if value is None:
+        return "(unset)"
+    try:
+        debug_level()
+    except NLGraphError:
+        return f"{value} (not a debug level: compiling fails; expected 0, 1 or 2)"
+    return value
 
 
 def _version(dist: str) -> str:
