@@ -17,3 +17,32 @@ def _one_thread():
         return
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def cms_token_loop(monkeypatch):
+    """A context manager: inside it, learners cut CMS sequences at every token, the per-token
+    loop of Eq. 71 (claim 9.7). A token-local model's chunk-parallel pieces must equal it: its
+    blocks' signals do not depend on where the sequence is cut (docs/compiler.md, "What a CMS
+    signal differentiates"); the reference backend alone cuts at the same ticks as the chunked
+    form."""
+    from contextlib import contextmanager
+
+    from nlgraph.compiler.lowerings import boundary
+
+    real, on = boundary.cut_points, [False]
+
+    def cut_points(T, periods, phases, every_token):
+        return real(T, periods, phases, every_token or on[0])
+
+    monkeypatch.setattr(boundary, "cut_points", cut_points)
+
+    @contextmanager
+    def token_loop():
+        on[0] = True
+        try:
+            yield
+        finally:
+            on[0] = False
+
+    return token_loop

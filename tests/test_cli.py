@@ -244,7 +244,7 @@ def test_verify_cms_blocks_learn(capsys):
 
 def test_verify_a_spec_file_with_a_cms_rule_chain(tmp_path, capsys):
     """A block with weight decay and Nesterov momentum (lowered at the boundary, in pieces of 3
-    tokens) against the reference backend (cut at every token), from a YAML spec file."""
+    tokens) against the reference backend (cut at the same ticks), from a YAML spec file."""
     g = nl.Graph("cms_chain")
     x = g.input("x", dim=6)
     W = g.level("W", state=nl.linear(6, 6), frequency=nl.per_step(), objective=nl.outer())
@@ -258,7 +258,7 @@ def test_verify_a_spec_file_with_a_cms_rule_chain(tmp_path, capsys):
     assert main(["compile", str(path), "--verify", "--batch", "2", "--seq", "10"]) == 0
     out = capsys.readouterr().out
     rows = verify_rows(out)
-    want = {"state B.momentum.0", "grad blocks.B.layers.0.weight", "grad slow.W.weight"}
+    want = {"state B.momentum.0", "grad blocks.B.net.layers.0.weight", "grad slow.W.weight"}
     assert want <= set(rows)
     assert max(rows.values()) <= 1e-8 and "ok: all" in out
 

@@ -45,7 +45,7 @@ def test_block_changes_only_at_its_boundaries_by_the_accumulated_gradient():
     chunk-start theta."""
     learner = compile(cms_graph(chunks=(3,), lrs=(0.1,)), dtype=torch.float64)
     x, target = data(B=1, T=7)
-    block = learner.blocks["b0"]
+    block = learner.blocks["b0"].net
     theta0 = [p.detach().clone() for p in block.parameters()]
     state, seen = None, []
     for t in range(7):
@@ -71,7 +71,7 @@ def test_block_changes_only_at_its_boundaries_by_the_accumulated_gradient():
 def test_chunk_one_is_per_token_sgd():
     learner = compile(cms_graph(chunks=(1,), lrs=(0.05,)), dtype=torch.float64)
     x, target = data(B=1, T=4)
-    block = learner.blocks["b0"]
+    block = learner.blocks["b0"].net
     params = [p.detach().clone() for p in block.parameters()]
     names = list(dict(block.named_parameters()))
     for t in range(4):
@@ -85,7 +85,7 @@ def test_chunk_one_is_per_token_sgd():
 
 
 @pytest.mark.parametrize("variant", ["sequential", "nested"])
-def test_chunked_equals_token_loop_with_meta_gradients(variant, monkeypatch):
+def test_chunked_equals_token_loop_with_meta_gradients(variant, monkeypatch, cms_token_loop):
     """Parallel within chunks equals cutting at every token: outputs, loss, final parameters
     and the meta-gradients of the initial parameters (f64)."""
     learner = compile(cms_graph(chunks=(2, 4), lrs=(0.1, 0.05), variant=variant),
@@ -100,7 +100,8 @@ def test_chunked_equals_token_loop_with_meta_gradients(variant, monkeypatch):
         grads = {n: p.grad.clone() for n, p in learner.named_parameters()}
         return out, state, grads
 
-    ref = run("reference")
+    with cms_token_loop():
+        ref = run("reference")
     fast = run("chunk")
     assert torch.allclose(fast[0]["y"], ref[0]["y"], atol=1e-10, rtol=0)
     assert torch.allclose(fast[0]["loss"], ref[0]["loss"], atol=1e-10, rtol=0)
@@ -123,7 +124,7 @@ def test_levels_update_at_their_own_boundaries_and_nested_resets():
     # b1 updates at 6 and 12; b0 at 2, 4, 6 (then resets with b1: counter restarts), 8, 10, 12
     assert [u[1] for u in updates] == [0] * 5 + [1] * 6 + [2]
     assert [u[0] for u in updates] == [0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2, 0]
-    b0 = learner.blocks["b0"]
+    b0 = learner.blocks["b0"].net
     fresh = [p.unsqueeze(0) for p in b0.parameters()]
     for th, p in zip(state["b0"]["theta"], fresh, strict=True):
         assert torch.equal(th, p)  # reset to its initial state at t = 12
@@ -234,7 +235,7 @@ def test_block_with_momentum_and_retention_matches_a_hand_loop():
     assert "S <- mu S" in str(learner.plan)
     x, target = data(B=2, T=7, seed=3)
     out, state = learner(x, None, loss_fn=mse(target))
-    block = learner.blocks["b0"]
+    block = learner.blocks["b0"].net
     names = list(dict(block.named_parameters()))
     theta = [p.detach().unsqueeze(0).expand(2, *p.shape).clone() for p in block.parameters()]
     mom = [torch.zeros_like(t) for t in theta]

@@ -125,7 +125,7 @@ def test_meta_gradients_gradcheck():
     xs = torch.randn(1, 5, 3, dtype=torch.float64)
     params = [p for _, p in sorted(learner.named_parameters())]
     names = [n for n, _ in sorted(learner.named_parameters())]
-    assert any("deep__W1" in n for n in names) and any("delta__M" in n for n in names)
+    assert any("deep.initial.W1" in n for n in names) and any("delta.initial.M" in n for n in names)
 
     def f(*ps):
         for p, v in zip(params, ps, strict=True):
@@ -160,7 +160,7 @@ def test_state_dict_round_trip_and_version():
     x = torch.randn(1, 9, 6, dtype=torch.float64)
     assert torch.equal(a(x)[0]["y"], b(x)[0]["y"])
     sd = a.state_dict()
-    assert sd["_extra_state"]["version"] == 1 and sd["_extra_state"]["spec"]["name"] == "titans"
+    assert sd["_extra_state"]["version"] == 2 and sd["_extra_state"]["spec"]["name"] == "titans"
     bad = copy.deepcopy(sd)
     bad["_extra_state"]["version"] = 99
     with pytest.raises(nl.CompileError, match="version"):

@@ -422,7 +422,7 @@ def test_stop_grad_into_a_block_detaches_its_input():
     assert no_grad_reached(cut.slow["W"].weight)
     for p in cut.blocks.parameters():  # the block itself still meta-learns
         assert p.grad.abs().sum() > 0
-    # the reference backend (cut at every token) agrees, edge included
+    # the reference backend (its token loops, cut at the same ticks) agrees, edge included
     cut.zero_grad()
     cut.backend = "reference"
     out, _ = cut(x, loss_fn=block_loss(tgt))
@@ -488,10 +488,10 @@ def test_stop_grad_on_a_nested_cms_init_edge_freezes_the_initial_state():
         out["loss"].backward()
         ys.append(out["y"])
     assert torch.equal(ys[0], ys[1])
-    for p in cut.blocks["mlp0"].parameters():
+    for p in cut.blocks["mlp0"].net.parameters():
         assert no_grad_reached(p)
-    assert all(p.grad.abs().sum() > 0 for p in plain.blocks["mlp0"].parameters())
-    assert all(p.grad.abs().sum() > 0 for p in cut.blocks["mlp1"].parameters())
+    assert all(p.grad.abs().sum() > 0 for p in plain.blocks["mlp0"].net.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in cut.blocks["mlp1"].net.parameters())
 
 
 # ------------------------------------------------------------------------------ attention

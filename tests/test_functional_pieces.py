@@ -63,7 +63,7 @@ def test_blocks_learn_the_same_with_and_without_grad_mode():
         assert not logits.requires_grad
         torch.testing.assert_close(logits, with_grad[0], rtol=1e-12, atol=1e-12)
         theta = state["block0.cms.mlp0"]["theta"][0]
-        initial = eager.blocks["block0__cms__mlp0"].layers[0].weight
+        initial = eager.blocks["block0__cms__mlp0"].net.layers[0].weight
         assert (theta - initial).abs().max() > 0, "the block never learned"
 
 

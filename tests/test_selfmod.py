@@ -168,7 +168,7 @@ def test_hope_compiles_and_trains_a_step():
     out["loss"].backward()
     assert out["logits"].shape == (2, 12, 32)
     assert state["block0.cms.mlp0"]["updates"] == 3
-    assert all(p.grad is not None for p in learner.meta.parameters())
+    assert all(p.grad is not None for p in learner.meta.values())
 
 
 def test_read_only_pass_updates_nothing():

@@ -187,9 +187,11 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path):
     "name, level, tensor",
     [
         ("slow.block0__W_k.weight", "block0.W_k", "weight"),
-        ("meta.block0__titans__M_k__W1", "block0.titans.M_k", "W1"),
-        ("blocks.block1__cms__mlp0.0.weight", "block1.cms.mlp0", "0.weight"),
-        ("scalars.block0__titans__M_k__lr", "block0.titans.M_k", "lr"),
+        ("clusters.0.members.block0__titans__M_k.initial.W1", "block0.titans.M_k", "W1"),
+        ("memories.block0__M.initial.W1", "block0.M", "W1"),
+        ("blocks.block1__cms__mlp0.net.0.weight", "block1.cms.mlp0", "0.weight"),
+        ("blocks.block1__cms__mlp0.scalars.lr", "block1.cms.mlp0", "lr"),
+        ("clusters.0.members.block0__titans__M_k.scalars.lr", "block0.titans.M_k", "lr"),
     ],
 )
 def test_parameter_names_map_to_levels(name, level, tensor):
@@ -198,7 +200,8 @@ def test_parameter_names_map_to_levels(name, level, tensor):
 
 def test_first_nonfinite_names_the_level():
     named = [("slow.embed.weight", torch.ones(2)), ("slow.block0__W_o.weight", torch.ones(2)),
-             ("meta.block0__titans__M_v__W2", torch.tensor([1.0, float("inf")]))]  # fmt: skip
+             ("clusters.0.members.block0__titans__M_v.initial.W2",
+              torch.tensor([1.0, float("inf")]))]  # fmt: skip
     assert first_nonfinite(named) == ("block0.titans.M_v", "W2", "inf")
     assert first_nonfinite(named[:2]) is None
     state = {"block0.titans.M_mem": {"running": [torch.ones(1), torch.tensor([float("nan")])]}}

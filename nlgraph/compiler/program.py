@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nlgraph._errors import CompileError
+from nlgraph.compiler import ir
 from nlgraph.compiler.plan import Plan, memory_reads
 from nlgraph.flows import KV, FlowBase, Read, Unary
 from nlgraph.level import Level
 from nlgraph.optimizers import Learned, Signal
 
-__all__ = ["Node", "ScalarCfg", "MemoryCfg", "ClusterCfg", "Program", "build_program", "key"]
+__all__ = ["Node", "ClusterCfg", "Program", "build_program", "key"]
 
 
 def key(name: str) -> str:
@@ -36,43 +37,6 @@ class Node:
     attrs: tuple[Any, ...] = ()
 
 
-# ("none",) | ("const", value) | ("learned", param_key, lo, hi) | ("signal", arg_pos, act, scale)
-ScalarCfg = tuple
-
-
-@dataclass(frozen=True)
-class MemoryCfg:
-    """A fast memory's static configuration; ``args`` positions index the call's inputs."""
-
-    name: str
-    lowering: str
-    heads: int
-    key_norm: bool
-    value_norm: bool
-    query_norms: tuple[bool, ...]
-    read_after: bool
-    rule: str  # "gd" | "dgd" | "exact"
-    exact: bool
-    objective: str
-    lr: ScalarCfg
-    retain: ScalarCfg
-    momentum: ScalarCfg
-    chunk: int
-    depth: int = 1
-    activation: str = "identity"
-    residual: bool = False
-    window: int | None = None
-    temperature: float | None = None
-    truncate: int | None = None  # tokens between detached states (truncated(k) edges)
-    dampen: bool = False  # DGD momentum averages gradient terms (S <- mu S - (1-mu) lr' g)
-    p: float | None = None  # the lp objective's exponent
-    custom: str | None = None  # the custom objective's import path
-    # reference_loop only: the rule chain, one static tuple per rule (see _rule_cfg), and the
-    # update schedule (unit, every, offset) on the token clock
-    rules: tuple = ()
-    schedule: tuple = ("token", 1, 0)
-
-
 @dataclass
 class ClusterCfg:
     """Memories run jointly: ``inputs`` are full-sequence nodes sliced per window; ``nodes`` is
@@ -82,7 +46,7 @@ class ClusterCfg:
     names: list[str]
     inputs: list[int] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
-    members: dict[str, MemoryCfg] = field(default_factory=dict)
+    members: dict[str, ir.MemoryConfig] = field(default_factory=dict)
     member_args: dict[str, tuple[int, ...]] = field(default_factory=dict)  # window node ids
     reads: dict[str, list[int]] = field(default_factory=dict)  # window nodes of member reads
     # Members read at="new" ("running" window nodes: the state after each token's update); with
@@ -96,48 +60,48 @@ class ClusterCfg:
 class Program:
     nodes: list[Node]
     outputs: dict[str, int]
-    memories: dict[str, MemoryCfg]
+    memories: dict[str, ir.MemoryConfig]
     memory_args: dict[str, tuple[int, ...]]
     clusters: list[ClusterCfg]
     source: str = ""
-    # CMS blocks: each block's rule chain as static tuples (_rule_cfg); its signal positions
-    # index the tuple the program hands to ``self._block_signals``
-    block_rules: dict[str, tuple] = field(default_factory=dict)
+    # CMS blocks: each block's rule chain; its per-token positions index the tuple the program
+    # hands to ``self._block_signals``
+    block_rules: dict[str, tuple[ir.Rule, ...]] = field(default_factory=dict)
 
 
-def _scalar(lv: Level, name: str, value: Any, add_arg) -> ScalarCfg:
+def _scalar(lv: Level, name: str, value: Any, add_arg) -> ir.Scalar:
     if value is None:
-        return ("none",)
+        return ir.NoScalar()
     if isinstance(value, int | float):
-        return ("const", float(value))
+        return ir.Const(float(value))
     if isinstance(value, Learned):
-        return ("learned", f"{key(lv.name)}__{name}", value.lo, value.hi)
+        return ir.Learned(name, value.lo, value.hi)
     if isinstance(value, Signal):
-        return ("signal", add_arg(value.flow), value.act, value.scale)
+        return ir.PerToken(add_arg(value.flow), value.act, value.scale)
     raise CompileError(f"level {lv.name!r}: unsupported scalar {value!r}")  # pragma: no cover
 
 
-def _rule_cfg(lv: Level, rule: Any, arg) -> tuple:
-    """One rule of a reference-loop chain as static data; ``arg(flow)`` adds a per-token input
-    and returns its position. Learned scalars are keyed ``<level>__<field>``."""
+def _rule(lv: Level, rule: Any, arg) -> ir.Rule:
+    """One rule of a level's chain in the typed form; ``arg(flow)`` adds a per-token input and
+    returns its position. Learned scalars are keyed ``<level>__<field>``."""
 
-    def sc(name: str) -> ScalarCfg:
+    def sc(name: str) -> ir.Scalar:
         return _scalar(lv, name, getattr(rule, name), arg)
 
     kind = rule.rule
     if kind == "gd":
-        return ("gd", sc("lr"), sc("momentum"), sc("retain"), rule.nesterov)
+        return ir.GDStep(sc("lr"), sc("momentum"), sc("retain"), rule.nesterov)
     if kind == "dgd":
-        return ("dgd", sc("lr"), sc("momentum"), sc("retain"), rule.exact, rule.dampen)
+        return ir.DGDStep(sc("lr"), sc("momentum"), sc("retain"), rule.exact, rule.dampen)
     if kind == "ema":
-        return ("ema", sc("beta"))
+        return ir.EMAStep(sc("beta"))
     if kind == "weight_decay":
-        return ("weight_decay", sc("rate"))
+        return ir.DecayStep(sc("rate"))
     if kind == "precondition":
-        return ("precondition", arg(rule.by), rule.power, rule.eps)
+        return ir.PreconditionStep(arg(rule.by), rule.power, rule.eps)
     if kind == "newton_schulz":
-        return ("newton_schulz", rule.steps, rule.variant)
-    raise CompileError(f"level {lv.name!r}: rule {rule} has no reference loop")  # pragma: no cover
+        return ir.OrthogonalizeStep(rule.steps, rule.variant)
+    raise CompileError(f"level {lv.name!r}: rule {rule} has no lowering")  # pragma: no cover
 
 
 class _Lowering:
@@ -190,7 +154,7 @@ class _Builder(_Lowering):
         super().__init__(plan.spec)
         self.plan = plan
         self.slow_kinds = slow_kinds  # level -> "slow" | "conv" | "param"
-        self.memories: dict[str, MemoryCfg] = {}
+        self.memories: dict[str, ir.MemoryConfig] = {}
         self.memory_args: dict[str, tuple[int, ...]] = {}
         self.mem_nodes: dict[str, int] = {}
         self.clusters: dict[int, ClusterCfg] = {}
@@ -243,7 +207,9 @@ class _Builder(_Lowering):
         raise CompileError(f"flow {f} cannot be evaluated in a sequence learner")
 
     # ---------------------------------------------------------------------------- memories
-    def _memory_cfg(self, lv: Level, reads: list[Read], add_arg) -> tuple[MemoryCfg, list[int]]:
+    def _memory_cfg(
+        self, lv: Level, reads: list[Read], add_arg
+    ) -> tuple[ir.MemoryConfig, list[int]]:
         """The memory's config and the argument ids (key, value, queries..., signals...)."""
         ctx = lv.context
         if not isinstance(ctx, KV) or ctx.key is None or ctx.value is None:
@@ -271,42 +237,40 @@ class _Builder(_Lowering):
             qnorms.append(qn)
         if len({r.at for r in reads}) > 1:
             raise CompileError(f"level {lv.name!r} is read both before and after its update")
-        lowering = self.plan.levels[lv.name].lowering
-        loop = lowering == "reference_loop"
-        rule = None if loop else lv.optimizer[0]
-        rules = tuple(_rule_cfg(lv, r, arg) for r in lv.optimizer) if loop else ()
-        freq = lv.frequency
-        st = lv.state
-        cfg = MemoryCfg(
+        lp = self.plan.levels[lv.name]
+        st, obj = lv.state, lv.objective
+        common = dict(
             name=lv.name,
-            lowering=lowering,
             heads=lv.heads,
             key_norm=kn,
             value_norm=vn,
             query_norms=tuple(qnorms),
             read_after=not reads or reads[0].at == "new",
-            rule="chain" if loop else rule.rule,
-            exact=getattr(rule, "exact", False),
-            dampen=getattr(rule, "dampen", False),
-            objective=lv.objective.kind,
-            p=getattr(lv.objective, "p", None),
-            custom=getattr(lv.objective, "path", None),
-            lr=_scalar(lv, "lr", getattr(rule, "lr", None), lambda f: arg(f)),
-            retain=_scalar(lv, "retain", getattr(rule, "retain", None), lambda f: arg(f)),
-            momentum=_scalar(lv, "momentum", getattr(rule, "momentum", None), lambda f: arg(f)),
-            chunk=self.plan.levels[lv.name].chunk,
+            chunk=lp.chunk,
+            objective=ir.Objective(obj.kind, getattr(obj, "p", None), getattr(obj, "path", None)),
+            truncate=self.truncated[lv.name] * lp.chunk if lv.name in self.truncated else None,
+        )
+        mlp = dict(
             depth=1 if st.kind in ("linear", "nonparametric") else st.depth,
             activation=getattr(st, "activation", "identity"),
             residual=getattr(st, "residual", False),
-            window=getattr(st, "window", None),
-            temperature=getattr(lv.objective, "temperature", None),
-            truncate=self.truncated[lv.name] * self.plan.levels[lv.name].chunk
-            if lv.name in self.truncated
-            else None,
-            rules=rules,
-            schedule=(freq.unit, freq.every, freq.offset),
         )
-        return cfg, args
+        lowering = lp.lowering
+        if lowering == "reference_loop":
+            freq = lv.frequency
+            rules = tuple(_rule(lv, r, arg) for r in lv.optimizer)
+            schedule = ir.Schedule(freq.unit, freq.every, freq.offset)
+            return ir.ReferenceLoopConfig(**common, **mlp, rules=rules, schedule=schedule), args
+        if lowering == "attention":
+            cfg = ir.AttentionConfig(**common, window=getattr(st, "window", None),
+                                     temperature=getattr(obj, "temperature", None))  # fmt: skip
+            return cfg, args
+        rule = _rule(lv, lv.optimizer[0], arg)
+        if lowering == "linear_memory":
+            return ir.LinearMemoryConfig(**common, rule=rule), args
+        if lowering == "cluster":
+            return ir.ClusterMemberConfig(**common, **mlp, rule=rule), args
+        return ir.DeepMemoryConfig(**common, **mlp, rule=rule), args
 
     def _memory_read(self, f: Read) -> int:
         name = f.level
@@ -462,7 +426,7 @@ def node_expr(n: Node, var) -> str:
     if op == "conv":
         return f"self._conv({n.attrs[0]!r}, {a[0]}, state, new_state)"
     if op == "block":
-        return f"self._block({n.attrs[0]!r}, {a[0]}, state)"
+        return f"self.blocks[{key(n.attrs[0])!r}]({a[0]}, state)"
     if op == "param":
         return f"self.slow[{n.attrs[0]!r}].value"
     if op == "normalize":
@@ -474,11 +438,13 @@ def node_expr(n: Node, var) -> str:
     if op == "binary":
         return f"({a[0]} {_BINOP[n.attrs[0]]} {a[1]})"
     if op == "memory":
-        return f"self._memory({n.attrs[0]!r}, ({', '.join(a)},), state, new_state)"
+        args = ", ".join(a)
+        return f"self.memories[{key(n.attrs[0])!r}](({args},), state, new_state, writes)"
     if op == "memout":
         return f"{a[0]}[{n.attrs[0]}]"
     if op == "cluster":
-        return f"self._cluster({n.attrs[0]}, ({', '.join(a)},), state, new_state)"
+        args = ", ".join(a)
+        return f"self.clusters['{n.attrs[0]}'](({args},), state, new_state, writes, self.slow)"
     if op == "clusterout":
         return f"{a[0]}[{n.attrs[0]!r}][{n.attrs[1]}]"
     if op in ("visible", "running"):
@@ -488,8 +454,8 @@ def node_expr(n: Node, var) -> str:
     raise CompileError(f"no code for node op {op!r}")  # pragma: no cover
 
 
-def _block_rules(b: _Builder, name: str) -> tuple:
-    """A CMS block's rule chain as static tuples; the per-token flows its rules read (signals,
+def _block_rules(b: _Builder, name: str) -> tuple[ir.Rule, ...]:
+    """A CMS block's rule chain; the per-token flows its rules read (signals,
     preconditioners) become one ``blocksignals`` node, which hands them to the runtime."""
     lv, flows = b.spec.level(name), []
 
@@ -497,7 +463,7 @@ def _block_rules(b: _Builder, name: str) -> tuple:
         flows.append(flow)
         return len(flows) - 1
 
-    rules = tuple(_rule_cfg(lv, r, arg) for r in lv.optimizer)
+    rules = tuple(_rule(lv, r, arg) for r in lv.optimizer)
     if flows:
         b.add("blocksignals", tuple(b.flow_for(name, f) for f in flows), (name,))
     return rules
@@ -510,7 +476,9 @@ def build_program(plan: Plan, slow_kinds: dict[str, str]) -> Program:
                    if plan.levels[n].lowering == "boundary"}  # fmt: skip
     clusters = [b.clusters[i] for i in sorted(b.clusters)]
     prog = Program(b.nodes, outputs, b.memories, b.memory_args, clusters, block_rules=block_rules)
-    lines = [f"def forward_program(self, inputs, state, new_state):  # graph {plan.spec.name!r}"]
+    lines = [
+        f"def forward_program(self, inputs, state, new_state, writes):  # graph {plan.spec.name!r}"
+    ]
     for n in b.nodes:
         lines.append(f"    n{n.id} = {node_expr(n, lambda i: f'n{i}')}")
     out = ", ".join(f"{k!r}: n{v}" for k, v in outputs.items())

@@ -28,6 +28,7 @@ from nlgraph._errors import BackendUnavailableError
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "backend_setting",
     "forced_backend",
     "register",
     "get",
@@ -52,6 +53,11 @@ _LOGGED: set[tuple[str, str]] = set()
 
 def _always() -> bool:
     return True
+
+
+def backend_setting() -> str | None:
+    """``NLGRAPH_BACKEND`` as set (None when unset), unchecked: what ``nlgraph env`` shows."""
+    return os.environ.get(ENV_VAR)
 
 
 def forced_backend() -> str | None:

@@ -1,9 +1,10 @@
 """Numerical faults: find the first non-finite tensor and name the level that owns it.
 
-A compiled learner stores level ``a.b.c``'s tensors under ``_key(name) = "a__b__c"``: slow levels
-as ``slow.a__b__c.weight``, chunk-updated blocks as ``blocks.a__b__c.0.weight``, meta-learned
-initial states as ``meta.a__b__c__W1`` and learned rates as ``scalars.a__b__c__lr``. Fast state
-is keyed by level name already.
+A compiled learner stores level ``a.b.c``'s tensors under its key ``"a__b__c"`` in the module of
+its lowering: slow levels as ``slow.a__b__c.weight``; CMS blocks as ``blocks.a__b__c.net.0.weight``
+and ``blocks.a__b__c.scalars.lr``; memories as ``memories.a__b__c.initial.W1`` and
+``memories.a__b__c.scalars.lr``; members of a recurrent cluster as
+``clusters.0.members.a__b__c.initial.W1``. Fast state is keyed by level name already.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 __all__ = ["level_of", "first_nonfinite", "nonfinite_in_state", "bad_state_levels", "describe"]
 
-_OWNER_PREFIXES = ("slow.", "blocks.", "meta.", "scalars.")
+_OWNERS = ("slow", "blocks", "memories")  # <owner>.<level key>.<tensor>
+_WRAPPERS = ("net.", "initial.", "scalars.")  # inside a lowering module
 
 
 def level_of(name: str, levels: Iterable[str] = ()) -> tuple[str, str]:
@@ -23,24 +25,22 @@ def level_of(name: str, levels: Iterable[str] = ()) -> tuple[str, str]:
 
     >>> level_of("slow.block0__W_k.weight")
     ('block0.W_k', 'weight')
-    >>> level_of("meta.block0__titans__M_k__W1")
+    >>> level_of("clusters.0.members.block0__titans__M_k.initial.W1")
     ('block0.titans.M_k', 'W1')
     """
-    known = set(levels)
-    prefix = next((p for p in _OWNER_PREFIXES if name.startswith(p)), "")
-    rest = name[len(prefix) :]
-    key, _, attr = rest.partition(".")
-    candidates = [(key.replace("__", "."), attr)]
-    if "__" in key:  # meta/scalars: the last "__" part is the tensor's own name
-        owner, _, tensor = key.rpartition("__")
-        cand = (owner.replace("__", "."), tensor + (f".{attr}" if attr else ""))
-        candidates.insert(0 if prefix in ("meta.", "scalars.") else 1, cand)
-    for level, tensor in candidates:
-        if not known or level in known:
-            return level, tensor
-    if "." not in name and "__" not in name:  # a buffer registered under the plain key
+    parts = name.split(".")
+    if parts[0] in _OWNERS and len(parts) > 1:
+        key, rest = parts[1], ".".join(parts[2:])
+    elif parts[0] == "clusters" and len(parts) > 3 and parts[2] == "members":
+        key, rest = parts[3], ".".join(parts[4:])
+    else:  # a buffer of the learner itself (its clock)
         return name, ""
-    return candidates[0]
+    for wrapper in _WRAPPERS:
+        if rest.startswith(wrapper):
+            rest = rest[len(wrapper) :]
+            break
+    by_key = {n.replace(".", "__"): n for n in levels}
+    return by_key.get(key, key.replace("__", ".")), rest
 
 
 def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,7 +8,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-__all__ = ["SIGNAL_ACT", "bounded", "scalar_value", "scalars_of", "shaped"]
+from nlgraph._errors import CompileError
+from nlgraph.compiler import ir
+
+__all__ = ["SIGNAL_ACT", "bounded", "scalar_value", "scalars_of", "shaped", "learned_value", "gate"]
 
 SIGNAL_ACT = {
     "identity": lambda x: x, "sigmoid": torch.sigmoid, "softplus": F.softplus, "exp": torch.exp,
@@ -24,32 +27,31 @@ def bounded(raw: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tens
     return raw
 
 
-def scalar_value(spec: tuple, learned: Any, signal: Any) -> Any:
-    """A rule's scalar from its static description (``program._rule_cfg``): None, a float,
-    ``learned(spec)``, or ``act(signal(index)) * scale`` for a per-token signal."""
-    kind = spec[0]
-    if kind == "none":
+def scalar_value(spec: ir.Scalar, learned: Any, signal: Any) -> Any:
+    """A rule's scalar: None, a float, ``learned(spec)``, or ``act(signal(arg)) * scale`` for a
+    per-token signal."""
+    if isinstance(spec, ir.NoScalar):
         return None
-    if kind == "const":
-        return spec[1]
-    if kind == "learned":
+    if isinstance(spec, ir.Const):
+        return spec.value
+    if isinstance(spec, ir.Learned):
         return learned(spec)
-    return SIGNAL_ACT[spec[2]](signal(spec[1])) * spec[3]
+    return SIGNAL_ACT[spec.act](signal(spec.arg)) * spec.scale
 
 
-def scalars_of(rule: tuple, value: Any, flow: Any) -> dict:
+def scalars_of(rule: ir.Rule, value: Any, flow: Any) -> dict:
     """One rule's scalars by name: ``value(spec)`` resolves each scalar, ``flow(index)`` gives a
     raw per-token flow (the preconditioner ``by``). Memories and CMS blocks differ only in
-    those two (per token and head here, at a chunk's last token in a block)."""
-    kind = rule[0]
-    if kind in ("gd", "dgd"):
-        return {n: value(s) for n, s in zip(("lr", "momentum", "retain"), rule[1:4], strict=True)}
-    if kind == "ema":
-        return {"beta": value(rule[1])}
-    if kind == "weight_decay":
-        return {"rate": value(rule[1])}
-    if kind == "precondition":
-        return {"by": flow(rule[1])}
+    those two (per token and head there, at a chunk's last token in a block)."""
+    if isinstance(rule, ir.GDStep | ir.DGDStep):
+        return {"lr": value(rule.lr), "momentum": value(rule.momentum),
+                "retain": value(rule.retain)}  # fmt: skip
+    if isinstance(rule, ir.EMAStep):
+        return {"beta": value(rule.beta)}
+    if isinstance(rule, ir.DecayStep):
+        return {"rate": value(rule.rate)}
+    if isinstance(rule, ir.PreconditionStep):
+        return {"by": flow(rule.by)}
     return {}
 
 
@@ -59,3 +61,28 @@ def shaped(x: Any, w: torch.Tensor) -> Any:
     if isinstance(x, torch.Tensor) and x.dim():
         return x.reshape(*x.shape, *([1] * (w.dim() - x.dim())))
     return x
+
+
+def learned_value(scalars: Any, spec: ir.Learned, like: torch.Tensor) -> torch.Tensor:
+    """A learned scalar's value, in its range and ``like``'s dtype; ``scalars`` maps keys to
+    the raw parameters (the learner's ``scalars``)."""
+    return bounded(scalars[spec.key], spec.lo, spec.hi).to(like.dtype)
+
+
+def gate(scalars: Any, cfg: Any, spec: ir.Scalar, which: str, args: tuple, like: torch.Tensor):
+    """A memory's gate ``[B, T, H]`` (or None) from its scalar ``spec``: ``args`` are the
+    memory's per-token inputs, ``like`` its keys ``[B, T, H, dk]``."""
+    B, T, H = like.shape[0], like.shape[1], cfg.heads
+
+    def signal(i: int) -> torch.Tensor:
+        if args[i].shape[-1] not in (1, H):
+            raise CompileError(
+                f"level {cfg.name!r}: the {which} signal has width {args[i].shape[-1]}; "
+                f"expected 1 or heads={H}"
+            )
+        return args[i]
+
+    value = scalar_value(spec, lambda sp: learned_value(scalars, sp, like), signal)
+    if value is None or isinstance(value, torch.Tensor):
+        return None if value is None else value.expand(B, T, H)
+    return torch.full((B, T, H), value, dtype=like.dtype, device=like.device)

@@ -42,14 +42,15 @@ import torch
 from torch import nn
 
 from nlgraph._errors import CompileError
-from nlgraph.compiler.lowerings._scalars import scalar_value, scalars_of, shaped
+from nlgraph.compiler import ir
+from nlgraph.compiler.lowerings._scalars import bounded, scalar_value, scalars_of, shaped
 from nlgraph.compiler.lowerings.rules import apply_rules
 from nlgraph.compiler.modules import MLPBlock
 from nlgraph.level import Level
 
 __all__ = [
-    "initial", "truncate", "apply", "cut_points", "accumulate_and_update", "buffer_keys",
-    "token_weighted",
+    "Block", "initial", "truncate", "apply", "cut_points", "accumulate_and_update",
+    "buffer_keys", "token_weighted",
 ]  # fmt: skip
 
 
@@ -71,18 +72,23 @@ def initial(
     return state
 
 
-def buffer_keys(rules: tuple) -> dict[str, str]:
+def buffer_keys(rules: tuple[ir.Rule, ...]) -> dict[str, str]:
     """The state key of each gd rule's momentum buffer, by rule index: ``"momentum"`` for the
     first gd rule with momentum, ``"momentum2"``, ``"momentum3"``, ... for the next ones."""
-    idx = [str(i) for i, r in enumerate(rules) if r[0] == "gd" and r[2][0] != "none"]
+    idx = [
+        str(i)
+        for i, r in enumerate(rules)
+        if isinstance(r, ir.GDStep) and not isinstance(r.momentum, ir.NoScalar)
+    ]
     return {i: "momentum" if n == 0 else f"momentum{n + 1}" for n, i in enumerate(idx)}
 
 
-def token_weighted(rules: tuple) -> int | None:
+def token_weighted(rules: tuple[ir.Rule, ...]) -> int | None:
     """Index of the gd/ema rule whose rate is per token (a signal), which then weights each
     token's gradient inside the chunk's sum (Eq. 71); None when the rates are not per token."""
     for i, r in enumerate(rules):
-        if r[0] in ("gd", "ema") and r[1][0] == "signal":
+        rate = r.lr if isinstance(r, ir.GDStep) else r.beta if isinstance(r, ir.EMAStep) else None
+        if isinstance(rate, ir.PerToken):
             return i
     return None
 
@@ -147,7 +153,7 @@ def accumulate_and_update(
     """Add this piece's gradients to each block's accumulator; apply the update of every block
     whose chunk ends here. Returns the names of the blocks that updated.
 
-    ``rates``: each block's rule chain (static tuples, ``program._rule_cfg``) and the values of
+    ``rates``: each block's rule chain (:data:`nlgraph.compiler.ir.Rule` values) and the values of
     its learned scalars by key. The piece's signals are in each block's state (``"signals"``,
     written by the program) and are dropped from it here.
     ``grads``: the gradients of ``loss`` with respect to every block's parameters (in level
@@ -173,8 +179,10 @@ def accumulate_and_update(
         if weighted is not None:  # eta_t inside the sum (Eq. 71): one token per piece
             if n_tokens != 1:  # pragma: no cover - forward cuts such learners at every token
                 raise CompileError(f"level {lv.name!r}: per-token rates need one-token pieces")
-            eta = _value(lv, rules[weighted][1], signals, learned)
-            eta = 1 - eta if rules[weighted][0] == "ema" else eta
+            rule = rules[weighted]
+            ema = isinstance(rule, ir.EMAStep)
+            eta = _value(lv, rule.beta if ema else rule.lr, signals, learned)
+            eta = 1 - eta if ema else eta
             g = [shaped(eta, x) * x for x in g]
         acc = [a + b for a, b in zip(st["acc"], g, strict=True)]
         phase = st["phase"] + n_tokens
@@ -204,12 +212,57 @@ def _last(lv: Level, x: torch.Tensor) -> torch.Tensor:
     return x[:, -1, 0]
 
 
-def _value(lv: Level, spec: tuple, signals: tuple, learned: dict[str, Any]) -> Any:
+def _value(lv: Level, spec: ir.Scalar, signals: tuple, learned: dict[str, Any]) -> Any:
     """A rule's scalar at the piece's last token: None, a float, a learned 0-d tensor, or a
     ``[B]`` tensor (a signal)."""
-    return scalar_value(spec, lambda sp: learned[sp[1]], lambda i: _last(lv, signals[i]))
+    return scalar_value(spec, lambda sp: learned[sp.key], lambda i: _last(lv, signals[i]))
 
 
-def _rule_scalars(lv: Level, rule: tuple, signals: tuple, learned: dict[str, Any]) -> dict:
+def _rule_scalars(lv: Level, rule: ir.Rule, signals: tuple, learned: dict[str, Any]) -> dict:
     return scalars_of(rule, lambda spec: _value(lv, spec, signals, learned),
                       lambda i: _last(lv, signals[i]))  # fmt: skip
+
+
+class Block(nn.Module):
+    """The ``boundary`` lowering of one CMS block: owns its initial parameters (``net``, the
+    block's module; learned by the outer loop when ``init=meta()``) and its rules' learned
+    scalars (``scalars``, raw, by field).
+
+    Args:
+        name: the level.
+        net: the block's module (an MLP block or a linear layer).
+        rules: its rule chain.
+        scalars: the raw initial value of each learned scalar, by field.
+        cut: its initial parameters take no gradient (a stop_grad edge from the level that
+            meta-learns them).
+    """
+
+    def __init__(
+        self, name: str, net: nn.Module, rules: tuple[ir.Rule, ...], scalars: dict[str, float],
+        cut: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.name, self.rules, self.cut = name, rules, cut
+        self.net = net
+        self.scalars = nn.ParameterDict(
+            {k: nn.Parameter(torch.tensor(v)) for k, v in scalars.items()}
+        )
+
+    def initial_state(self, batch: int) -> dict[str, Any]:
+        """Fresh per-sample state (:func:`initial`) with a buffer per momentum rule."""
+        buffers = tuple(buffer_keys(self.rules).values())
+        return initial(self.net, batch, detach=self.cut, buffers=buffers)
+
+    def forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """The block on ``x: [B, T, D]`` with its per-sample parameters in ``state``."""
+        return apply(self.net, state[self.name]["theta"], x)
+
+    def rates(self) -> tuple[tuple[ir.Rule, ...], dict[str, torch.Tensor]]:
+        """The rule chain and the values of its learned scalars, by field."""
+        learned = {
+            sc.key: bounded(self.scalars[sc.key], sc.lo, sc.hi)
+            for r in self.rules
+            for sc in vars(r).values()
+            if isinstance(sc, ir.Learned)
+        }
+        return self.rules, learned

@@ -44,13 +44,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
 from nlgraph._resolve import resolve
-from nlgraph.compiler.lowerings._state import heads
+from nlgraph.compiler import ir
+from nlgraph.compiler.lowerings._backend import backend_for
+from nlgraph.compiler.lowerings._owner import MemoryOwner
+from nlgraph.compiler.lowerings._scalars import gate
+from nlgraph.compiler.lowerings._state import at_cut, detach_state, heads, truncation_segments
 from nlgraph.compiler.lowerings.boundary import cut_points
-from nlgraph.compiler.lowerings.memory import backend_of, gate
 from nlgraph.compiler.lowerings.mlp import act_grad, mlp_forward
 from nlgraph.compiler.lowerings.reference_loop import accumulate, rule_scalars
 from nlgraph.compiler.ops import BINARY, UNARY
@@ -59,17 +63,19 @@ from nlgraph.kernels import _dispatch
 from nlgraph.kernels.linear_memory import linear_memory
 from nlgraph.kernels.momentum_memory import momentum_memory
 
-__all__ = ["run_cluster"]
+__all__ = ["Cluster", "run_cluster"]
 
 
 class _Member:
-    def __init__(self, learner: Any, cfg: Any, prev: Any, B: int) -> None:
-        self.cfg = cfg
+    def __init__(self, owner: MemoryOwner, prev: Any, B: int) -> None:
+        self.owner = owner
+        self.cfg = cfg = owner.cfg
         self.chunk = cfg.chunk
         if prev is None:
-            ws = [learner._initial(cfg.name, f"W{cfg.depth - i}") for i in range(cfg.depth)]
+            ws = [owner.initial_weight(f"W{cfg.depth - i}") for i in range(cfg.depth)]
             ws = [w.unsqueeze(0).expand(B, *w.shape) if w.dim() == 3 else w for w in ws]
-            mom = None if cfg.momentum[0] == "none" else [torch.zeros_like(w) for w in ws]
+            plain = self.loop or isinstance(cfg.rule.momentum, ir.NoScalar)
+            mom = None if plain else [torch.zeros_like(w) for w in ws]
             prev = {"visible": ws, "running": list(ws), "momentum": mom, "phase": 0}
             if self.loop:  # the reference loop's pending gradient sum and rule buffers
                 prev.update(acc=None, buffers={})
@@ -78,21 +84,27 @@ class _Member:
     @property
     def loop(self) -> bool:
         """Whether the member runs as a token loop of its rule chain (no cluster lowering)."""
-        return self.cfg.lowering == "reference_loop"
+        return isinstance(self.cfg, ir.ReferenceLoopConfig)
 
 
-def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_state: dict) -> dict:
+def run_cluster(
+    owners: dict[str, MemoryOwner], c: Any, window_inputs: tuple, state: dict, new_state: dict,
+    writes: bool, slow: Any, backend: str,
+) -> dict:  # fmt: skip
     """Run the cluster ``c`` (a :class:`~nlgraph.compiler.program.ClusterCfg`) over the
-    sequence; returns each member's read-outs (in read order) and writes its final state."""
+    sequence; returns each member's read-outs (in read order) and writes its final state.
+    ``owners``: each member's parameters by level name; ``slow``: the learner's slow modules
+    (by key) that sit between members; ``writes=False``: every read at the state it starts
+    from, in one window, no update."""
     B, T = window_inputs[0].shape[0], window_inputs[0].shape[1]
-    members = {n: _Member(learner, cfg, state.get(n), B) for n, cfg in c.members.items()}
+    members = {n: _Member(owners[n], state.get(n), B) for n in c.members}
     # Windows end at every member's chunk boundary (phases carry over from earlier segments),
     # or at every token with the reference backend or reads at="new".
-    backend = backend_of(learner)
+    backend = backend_for(backend)
     groups = _read_groups(c, members)
-    if not learner.writes:  # read-only: every read at the state it starts from, one window
+    if not writes:  # read-only: every read at the state it starts from, one window
         vals = [_LATER] * len(c.nodes)
-        _window(learner, c, members, groups, window_inputs, 0, T, vals, {}, set(c.names))
+        _window(slow, c, members, groups, window_inputs, 0, T, vals, {}, set(c.names))
         for n, mem in members.items():
             new_state[n] = mem.state
         return {n: tuple(vals[node] for node in c.reads[n]) for n in c.names}
@@ -108,11 +120,11 @@ def run_cluster(learner: Any, c: Any, window_inputs: tuple, state: dict, new_sta
         # of the stage's members; the reads at="new" last, on the running states.
         vals, done, ready = [_LATER] * len(c.nodes), {}, set()
         for stage in c.stages or [c.names]:
-            _window(learner, c, members, groups, window_inputs, s, e, vals, done, ready)
-            _update_all(learner, {n: members[n] for n in stage}, c, vals, backend, e - s)
+            _window(slow, c, members, groups, window_inputs, s, e, vals, done, ready)
+            _update_all({n: members[n] for n in stage}, c, vals, backend, e - s)
             ready.update(stage)
         if c.read_new:  # the reads at="new", now that every member has updated
-            _window(learner, c, members, groups, window_inputs, s, e, vals, done, ready)
+            _window(slow, c, members, groups, window_inputs, s, e, vals, done, ready)
         for n in c.names:
             for slot, node in enumerate(c.reads[n]):
                 pieces[n][slot].append(vals[node])
@@ -144,7 +156,7 @@ _LATER = object()  # a window node not evaluated yet
 
 
 def _window(
-    learner: Any, c: Any, members: dict, groups: dict, window_inputs: tuple, s: int, e: int,
+    slow: Any, c: Any, members: dict, groups: dict, window_inputs: tuple, s: int, e: int,
     vals: list, done: dict, ready: set,
 ) -> None:  # fmt: skip
     """The window program on tokens ``s..e-1``, into ``vals`` (``_LATER`` where not evaluated
@@ -183,7 +195,7 @@ def _window(
                                   mem.cfg.activation, mem.cfg.residual)  # fmt: skip
             v = y.reshape(*y.shape[:2], -1)
         elif op == "slow":
-            v = learner.slow[key(n.attrs[0])](a[0])
+            v = slow[key(n.attrs[0])](a[0])
         elif op == "normalize":
             v = F.normalize(a[0], dim=-1)
         elif op == "detach":  # a source on a stop_grad edge into the member that reads it
@@ -200,14 +212,15 @@ def _window(
 def output_error(cfg: Any, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``d objective / d output`` per token: ``out - v`` (l2), ``-v`` (dot),
     ``sign(out - v) |out - v|^(p-1)`` (lp), or autograd of a custom objective."""
-    if cfg.objective == "l2":
+    obj = cfg.objective
+    if obj.kind == "l2":
         return out - v
-    if cfg.objective == "dot":
+    if obj.kind == "dot":
         return -v
-    if cfg.objective == "lp":
+    if obj.kind == "lp":
         r = out - v
-        return torch.sign(r) * r.abs() ** (cfg.p - 1)
-    fn = resolve(cfg.custom)
+        return torch.sign(r) * r.abs() ** (obj.p - 1)
+    fn = resolve(obj.path)
     with torch.enable_grad():
         o = out if out.requires_grad else out.detach().requires_grad_()
         (g,) = torch.autograd.grad(fn(o, v).sum(), o, create_graph=torch.is_grad_enabled())
@@ -230,14 +243,14 @@ def _layer_errors(mem: _Member, args: tuple) -> tuple[torch.Tensor, list, list]:
     return k, inputs, deltas
 
 
-def _token_loop(learner: Any, mem: _Member, args: tuple, n: int) -> None:
+def _token_loop(mem: _Member, args: tuple, n: int) -> None:
     """One window of a member without a cluster lowering (a rule chain, Nesterov momentum, an
     update every n tokens or chunks): the reference loop's token recurrence, with each token's
     gradient ``delta x^T`` at the visible state summed into the pending sum, and the rule chain
     applied to it at each update tick of the member's frequency (``reference_loop.accumulate``)."""
     cfg, st = mem.cfg, mem.state
     k, inputs, deltas = _layer_errors(mem, args)
-    scalars = [rule_scalars(learner, cfg, r, args, k) for r in cfg.rules]
+    scalars = [rule_scalars(mem.owner, cfg, r, args, k) for r in cfg.rules]
     running, acc, bufs, t0 = list(st["running"]), st["acc"], st["buffers"], st["phase"]
     for t in range(n):
         g = [torch.einsum("bho,bhi->bhoi", d[:, t], x[:, t]) for x, d in
@@ -247,21 +260,22 @@ def _token_loop(learner: Any, mem: _Member, args: tuple, n: int) -> None:
     mem.state = {**st, "running": running, "acc": acc, "buffers": bufs, "phase": t0 + n}
 
 
-def _jobs(learner: Any, mem: _Member, args: tuple) -> list[dict]:
+def _jobs(mem: _Member, args: tuple) -> list[dict]:
     """One window of the member's inner optimizer as one job per layer: its inputs ``x`` and
     errors ``delta`` at the chunk-start state, its gates, and its running weights."""
-    cfg = mem.cfg
+    cfg, rule = mem.cfg, mem.cfg.rule
     k, inputs, deltas = _layer_errors(mem, args)
-    lr = gate(learner, cfg, "lr", args, k)
-    retain = gate(learner, cfg, "retain", args, k)
-    mu = gate(learner, cfg, "momentum", args, k)
-    is_dgd = cfg.rule == "dgd"
+    scalars = mem.owner.scalars
+    lr = gate(scalars, cfg, rule.lr, "lr", args, k)
+    retain = gate(scalars, cfg, rule.retain, "retain", args, k)
+    mu = gate(scalars, cfg, rule.momentum, "momentum", args, k)
+    is_dgd = isinstance(rule, ir.DGDStep)
     jobs = []
     for i, (x, d) in enumerate(zip(inputs, deltas, strict=True)):
-        step = lr / (1.0 + lr * (x * x).sum(-1)) if is_dgd and cfg.exact else lr
+        step = lr / (1.0 + lr * (x * x).sum(-1)) if is_dgd and rule.exact else lr
         momentum = mem.state["momentum"]
         # a dampened momentum writes (1 - mu) of each gradient term into its buffer
-        grad_step = step * (1.0 - mu) if cfg.dampen and mu is not None else step
+        grad_step = step * (1.0 - mu) if is_dgd and rule.dampen and mu is not None else step
         jobs.append({
             "mem": mem, "layer": i, "x": x, "d": d, "step": step, "grad_step": grad_step,
             "decay": step if is_dgd else None,
@@ -305,19 +319,65 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
             j["w_new"], j["s_new"] = w_j, s_j
 
 
-def _update_all(learner: Any, members: dict, c: Any, vals: list, backend: str, n: int) -> None:
+def _update_all(members: dict, c: Any, vals: list, backend: str, n: int) -> None:
     """One window's updates of every member (``n`` tokens): the kernel members' layer
     recurrences batched, the token loops of members without a cluster lowering one by one."""
     jobs = []
     for name, mem in members.items():
         args = tuple(vals[i] for i in c.member_args[name])
         if mem.loop:
-            _token_loop(learner, mem, args, n)
+            _token_loop(mem, args, n)
         else:
-            jobs.extend(_jobs(learner, mem, args))
+            jobs.extend(_jobs(mem, args))
     _run_jobs(jobs, backend)
     for mem in (m for m in members.values() if not m.loop):
         mine = sorted((j for j in jobs if j["mem"] is mem), key=lambda j: j["layer"])
         momentum = None if mem.state["momentum"] is None else [j["s_new"] for j in mine]
         mem.state = {**mem.state, "running": [j["w_new"] for j in mine], "momentum": momentum,
                      "phase": mem.state["phase"] + n}  # fmt: skip
+
+
+class Cluster(nn.Module):
+    """The ``cluster`` lowering of memories that read each other inside their updates: owns
+    every member's parameters (``members``, by level key) and runs the window program ``c``
+    (a :class:`~nlgraph.compiler.program.ClusterCfg`)."""
+
+    def __init__(self, c: Any, members: dict[str, MemoryOwner]) -> None:
+        super().__init__()
+        self.c = c
+        self.backend = "auto"
+        self.members = nn.ModuleDict({key(n): m for n, m in members.items()})
+
+    def forward(self, inputs: tuple, state: dict, new_state: dict, writes: bool, slow: Any) -> dict:
+        """Each member's read-outs over the sequence (``inputs``: the window program's inputs
+        over the whole sequence); the members' final states go to ``new_state``.
+
+        A member with truncated(k) edges has its carried state detached every ``k`` of its
+        chunks counted from the start of the sequence (its state carries the token count,
+        ``"tokens"``): the sequence runs as segments cut there, which equal one pass, and a
+        sequence run in segments detaches at the same tokens."""
+        c = self.c
+        owners = {n: self.members[key(n)] for n in c.names}
+        every = {n: m.truncate for n, m in c.members.items() if m.truncate is not None}
+        if not every or not writes:
+            return run_cluster(owners, c, inputs, state, new_state, writes, slow, self.backend)
+        T = inputs[0].shape[1]
+        seen = {n: (state.get(n) or {}).get("tokens", 0) for n in every}
+        pieces: list[dict] = []
+        carried = {n: state.get(n) for n in c.names}
+        for s, e in truncation_segments(T, [(seen[n], k) for n, k in every.items()]):
+            for n, k in every.items():
+                if carried[n] is not None and at_cut(seen[n] + s, k):
+                    carried[n] = detach_state(carried[n])
+            out_state: dict[str, Any] = {}
+            window = tuple(a[:, s:e] for a in inputs)
+            pieces.append(run_cluster(owners, c, window, carried, out_state, writes, slow,
+                                      self.backend))  # fmt: skip
+            carried = {n: out_state[n] for n in c.names}
+        for n in every:
+            carried[n] = {**carried[n], "tokens": seen[n] + T}
+        new_state.update(carried)
+        return {
+            n: tuple(torch.cat([p[n][i] for p in pieces], dim=1) for i in range(len(pieces[0][n])))
+            for n in c.names
+        }

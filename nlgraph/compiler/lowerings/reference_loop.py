@@ -36,24 +36,29 @@ import torch
 
 from nlgraph._errors import CompileError
 from nlgraph._resolve import resolve
-from nlgraph.compiler.lowerings._scalars import bounded, scalar_value, scalars_of
+from nlgraph.compiler import ir
+from nlgraph.compiler.lowerings._owner import MemoryOwner
+from nlgraph.compiler.lowerings._scalars import learned_value, scalar_value, scalars_of
 from nlgraph.compiler.lowerings._state import heads
 from nlgraph.compiler.lowerings.rules import apply_rules
 from nlgraph.compiler.modules import ACT
-from nlgraph.compiler.program import MemoryCfg
 
-__all__ = ["run_reference_loop", "accumulate", "token_step", "rule_scalars", "updates_at"]
+__all__ = [
+    "ReferenceLoop", "run_reference_loop", "accumulate", "token_step", "rule_scalars", "updates_at",
+]  # fmt: skip
 
 
-def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> tuple[tuple, Any]:
+def run_reference_loop(
+    owner: Any, cfg: ir.ReferenceLoopConfig, args: tuple, prev: Any, writes: bool = True
+) -> tuple[tuple, Any]:
     """``(read-outs [B, T, H * dv] in read order, final state)`` of one memory over ``args``
     (key, value, queries, then its per-token signals, all ``[B, T, ...]``)."""
     H = cfg.heads
     k, v = heads(args[0], H, cfg.key_norm), heads(args[1], H, cfg.value_norm)
     queries = [heads(args[2 + i], H, n) for i, n in enumerate(cfg.query_norms)]
     B, T = k.shape[0], k.shape[1]
-    st = prev if prev is not None else _initial(learner, cfg, B)
-    if not learner.writes:
+    st = prev if prev is not None else _initial(owner, cfg, B)
+    if not writes:
         # read-only: every read at the state the segment's first token reads in a write pass
         # (the visible state; after its update, the running one, for reads at="new")
         ws = st["running"] if cfg.read_after else st["visible"]
@@ -61,7 +66,7 @@ def run_reference_loop(learner: Any, cfg: MemoryCfg, args: tuple, prev: Any) -> 
         return outs, prev
     running, visible = list(st["running"]), list(st["visible"])
     acc, bufs, t0 = st["acc"], dict(st["buffers"]), st["tokens"]
-    scalars = [rule_scalars(learner, cfg, r, args, k) for r in cfg.rules]
+    scalars = [rule_scalars(owner, cfg, r, args, k) for r in cfg.rules]
     reads: list[list[torch.Tensor]] = [[] for _ in queries]
     for t in range(T):
         tick = t0 + t + 1
@@ -93,17 +98,17 @@ def accumulate(cfg, running, acc, bufs, scalars, g, inputs, t: int, tick: int):
     return running, acc, bufs
 
 
-def _initial(learner: Any, cfg: MemoryCfg, B: int) -> dict[str, Any]:
+def _initial(owner: Any, cfg: ir.ReferenceLoopConfig, B: int) -> dict[str, Any]:
     # layers in application order (W_L first ... W_1, the output layer, last), [B, H, out, in]
-    ws = [learner._initial(cfg.name, f"W{cfg.depth - i}") for i in range(cfg.depth)]
+    ws = [owner.initial_weight(f"W{cfg.depth - i}") for i in range(cfg.depth)]
     ws = [w.unsqueeze(0).expand(B, *w.shape) for w in ws]
     return {"running": ws, "visible": ws, "acc": None, "buffers": {}, "tokens": 0}
 
 
-def updates_at(schedule: tuple, chunk: int, tick: int) -> bool:
+def updates_at(schedule: ir.Schedule, chunk: int, tick: int) -> bool:
     """Whether the level updates at token ``tick`` (``nlgraph.clock.Frequency.updates_at`` on
     its unit: token ticks, or chunk ticks at the chunks' last tokens)."""
-    unit, every, offset = schedule
+    unit, every, offset = schedule.unit, schedule.every, schedule.offset
     if unit == "chunk":
         if tick % chunk:
             return False
@@ -111,7 +116,7 @@ def updates_at(schedule: tuple, chunk: int, tick: int) -> bool:
     return (tick - offset) % every == 0 and tick >= max(offset, 1)
 
 
-def _mlp(cfg: MemoryCfg, ws: list[torch.Tensor], x: torch.Tensor):
+def _mlp(cfg: ir.ReferenceLoopConfig, ws: list[torch.Tensor], x: torch.Tensor):
     """The memory's read-out ``[B, 1, H, dv]`` of ``x [B, 1, H, dk]`` and each layer's input."""
     h, inputs = x, []
     for i, w in enumerate(ws):
@@ -122,18 +127,19 @@ def _mlp(cfg: MemoryCfg, ws: list[torch.Tensor], x: torch.Tensor):
     return (x + h if cfg.residual else h), inputs
 
 
-def _objective(cfg: MemoryCfg, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _objective(cfg: ir.ReferenceLoopConfig, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The declared objective summed over the batch and heads (nlgraph.objectives signs)."""
-    if cfg.objective == "dot":
+    obj = cfg.objective
+    if obj.kind == "dot":
         return -(out * v).sum()
-    if cfg.objective == "l2":
+    if obj.kind == "l2":
         return 0.5 * ((out - v) ** 2).sum()
-    if cfg.objective == "lp":
-        return ((out - v).abs() ** cfg.p).sum() / cfg.p
-    return resolve(cfg.custom)(out, v).sum()
+    if obj.kind == "lp":
+        return ((out - v).abs() ** obj.p).sum() / obj.p
+    return resolve(obj.path)(out, v).sum()
 
 
-def _inner_grad(cfg: MemoryCfg, ws: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor):
+def _inner_grad(cfg: ir.ReferenceLoopConfig, ws: list[torch.Tensor], k: torch.Tensor, v):
     """Autograd of the objective w.r.t. each layer at ``ws``, and each layer's input there."""
     meta = torch.is_grad_enabled()  # differentiate through the inner gradient (meta-gradients)
     with torch.enable_grad():
@@ -149,7 +155,7 @@ def _inner_grad(cfg: MemoryCfg, ws: list[torch.Tensor], k: torch.Tensor, v: torc
     return grads, inputs
 
 
-def _per_head(cfg: MemoryCfg, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _per_head(cfg: ir.ReferenceLoopConfig, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     H = cfg.heads
     if x.shape[-1] not in (1, H):
         raise CompileError(
@@ -159,11 +165,11 @@ def _per_head(cfg: MemoryCfg, x: torch.Tensor, like: torch.Tensor) -> torch.Tens
     return x.expand(like.shape[0], like.shape[1], H)
 
 
-def rule_scalars(learner: Any, cfg: MemoryCfg, rule: tuple, args: tuple, like) -> dict:
+def rule_scalars(owner: Any, cfg: Any, rule: ir.Rule, args: tuple, like) -> dict:
     """A memory's rule scalars: floats, learned scalar tensors, or ``[B, T, H]`` signals."""
 
-    def learned(spec: tuple) -> torch.Tensor:
-        return bounded(learner.scalars[spec[1]], spec[2], spec[3]).to(like.dtype)
+    def learned(spec: ir.Learned) -> torch.Tensor:
+        return learned_value(owner.scalars, spec, like)
 
     def per_token(i: int) -> torch.Tensor:
         return _per_head(cfg, args[i], like)
@@ -180,3 +186,11 @@ def token_step(cfg, running, d, bufs, scalars, inputs, t):
     """Apply the rule chain once, with the scalars of token ``t``."""
     at = [{n: _at(v, t) for n, v in sc.items()} for sc in scalars]
     return apply_rules(cfg.rules, running, d, bufs, at, inputs, lead=2)
+
+
+class ReferenceLoop(MemoryOwner):
+    """The ``reference_loop`` lowering of one memory: its initial state, learned scalars, and
+    the token loop."""
+
+    def run(self, args: tuple, prev: Any, writes: bool) -> tuple[tuple, Any]:
+        return run_reference_loop(self, self.cfg, args, prev, writes)
