@@ -130,20 +130,21 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def recording(module: Any) -> Iterator[list[Launch]]:
-    """Within the block, launching any jit kernel of ``module`` records it instead."""
+def recording(*modules: Any) -> Iterator[list[Launch]]:
+    """Within the block, launching any jit kernel of ``modules`` records it instead, all in one
+    list in launch order."""
     _check_compiled_mode()
     from triton.runtime.jit import JITFunction
 
     out: list[Launch] = []
-    kernels = {n: f for n, f in vars(module).items() if isinstance(f, JITFunction)}
-    for n, f in kernels.items():
-        setattr(module, n, _Recorder(f, out))
+    kernels = [(m, n, f) for m in modules for n, f in vars(m).items() if isinstance(f, JITFunction)]
+    for m, n, f in kernels:
+        setattr(m, n, _Recorder(f, out))
     try:
         yield out
     finally:
-        for n, f in kernels.items():
-            setattr(module, n, f)
+        for m, n, f in kernels:
+            setattr(m, n, f)
 
 
 def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +163,7 @@ def _linear_memory(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Launch], s
 
     final_state_grad = kwargs.pop("final_state_grad", False)
     a = _bind(W.linear_memory_triton, args, kwargs)
-    K = W._kernels()
+    K, S = W._kernels(), W._summary_kernels()  # the scan's and the chunk summaries' kernels
     q, k, v = a["q"], a["k"], a["v"]
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
@@ -171,16 +172,16 @@ def _linear_memory(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Launch], s
     Qg, A, U, Wk, Kc, gC = W._summaries(q, k, v, *gates, a["scale"], a["read"], C)
     s0 = a["initial_state"]
     s0 = None if s0 is None else s0.to(torch.float32).reshape(B * H, Dv, Dk)
-    with recording(K) as out:
-        K.summaries_forward(q, k, v, *gates, a["scale"], a["read"], C)
+    with recording(K, S) as out:
+        S.summaries_forward(q, k, v, *gates, a["scale"], a["read"], C)
         o, s_end, s_all, w = K.scan_forward(*map(_contig, (Qg, A, U, Wk, Kc, gC, s0)))
         # backward; the final state has a cotangent where a later segment or the loss reads it
         ds_last = s_end if final_state_grad else None
         K.scan_backward(*map(_contig, (Qg, A, Wk, Kc, gC, s_all, w, torch.empty_like(o), ds_last)))
-        if K.backward_fits(C, Dk, Dv):  # else the summaries' backward is batched PyTorch
+        if S.backward_fits(C, Dk, Dv):  # else the summaries' backward is batched PyTorch
             cot = [torch.empty(0, device=k.device) if x is None else x
                    for x in (Qg, A, U, Wk, Kc, gC)]  # fmt: skip
-            K.summaries_backward(q, k, v, *gates, a["scale"], a["read"], C, cot)
+            S.summaries_backward(q, k, v, *gates, a["scale"], a["read"], C, cot)
     return out, ""
 
 

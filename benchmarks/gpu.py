@@ -234,7 +234,7 @@ def delta_rule(b: Bench) -> None:
     b.run_kernel("delta rule", "linear_memory", step, xs, check, reps=3 if b.tiny else 10)
 
     # Same inputs in chunks small enough for the summaries' backward kernels (at C=64 that
-    # backward is the recomputed PyTorch VJP: linear_memory._triton_kernels.backward_fits).
+    # backward is the recomputed PyTorch VJP: linear_memory._triton_summaries.backward_fits).
     C2 = 8 if b.tiny else 16
     name = f"delta rule C={C2}"
     b.work[name] = (flops_of(lambda: step(_leaves(*xs), "chunk", C2)), b.work["delta rule"][1])

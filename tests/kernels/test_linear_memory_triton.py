@@ -208,7 +208,7 @@ GATES = [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 0, 0), (1, 1, 0), (0, 0, 1)]
 def _check_summaries(q, k, v, gates, read, C, scale=0.5, tol=1e-5, seed=0):
     """The summaries kernel's six results equal :func:`_summaries`, and the backward kernel's
     gradients (q, k, v and the present gates) equal its VJP for random cotangents."""
-    from nlgraph.kernels.linear_memory import _triton_kernels as K
+    from nlgraph.kernels.linear_memory import _triton_summaries as K
     from nlgraph.kernels.linear_memory import triton as tr
 
     want = tr._summaries(q, k, v, *gates, scale, read, C)
@@ -351,7 +351,7 @@ _GPU_SCRIPT = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
     from nlgraph.kernels.linear_memory import linear_memory_naive, linear_memory_triton
-    from nlgraph.kernels.linear_memory import _triton_kernels as K
+    from nlgraph.kernels.linear_memory import _triton_summaries as K
     torch.manual_seed(0)
     dev = "cuda"
     worst = 0.0

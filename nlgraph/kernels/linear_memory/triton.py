@@ -9,18 +9,18 @@ Same recurrence and results as :mod:`.naive` / :mod:`.chunk` (api.py; NL paper E
 
 Kernel split, for chunks of C tokens, N = ceil(T / C):
 
-1. Chunk summaries, ``nlgraph::linear_memory_summaries`` (Triton, one program per (b*h, chunk),
-   reading q, k, v and the gates in place): segment decay products P (cumulative products in
-   registers, never ratios), the UT transform (I + L) [U | Wk] = [diag(c) V | diag(b Gamma) K]
-   (the inverse of the unit lower-triangular I + L by forward substitution, then two products;
-   skipped when b is None), the masked intra-chunk attention A = tril(Q K^T * P_read), the
-   decayed queries Qg = scale Gamma_read Q, the keys decayed to the chunk end Kc = P[C, :] K and
-   the chunk decay gC = Gamma_C. The maths and numerics are those of :mod:`.chunk`;
-   :func:`_summaries` is the same computation in batched PyTorch. Its backward,
-   ``nlgraph::linear_memory_summaries_bwd``, is two such kernels (the reads' part, A, Qg, Kc,
-   gC; then the writes' part, U, Wk) that recompute the chunk's decays and solve and form dq,
-   dk, dv and the gates' gradients, where [C, d] tiles hold at most 1024 values
-   (``_triton_kernels.backward_fits``); larger ones spill kilobytes of registers, so their
+1. Chunk summaries, ``nlgraph::linear_memory_summaries`` (Triton, :mod:`._triton_summaries`: one
+   program per (b*h, chunk), reading q, k, v and the gates in place): segment decay products P
+   (cumulative products in registers, never ratios), the UT transform (I + L) [U | Wk] =
+   [diag(c) V | diag(b Gamma) K] (the inverse of the unit lower-triangular I + L by forward
+   substitution, then two products; skipped when b is None), the masked intra-chunk attention A =
+   tril(Q K^T * P_read), the decayed queries Qg = scale Gamma_read Q, the keys decayed to the chunk
+   end Kc = P[C, :] K and the chunk decay gC = Gamma_C. The maths and numerics are those of
+   :mod:`.chunk`; :func:`_summaries` is the same computation in batched PyTorch. Its backward,
+   ``nlgraph::linear_memory_summaries_bwd``, is two such kernels (the reads' part, A, Qg, Kc, gC;
+   then the writes' part, U, Wk) that recompute the chunk's decays and solve and form dq, dk, dv and
+   the gates' gradients, where [C, d] tiles hold at most 1024 values
+   (``_triton_summaries.backward_fits``); larger ones spill kilobytes of registers, so their
    backward is the VJP of :func:`_summaries`, recomputed from q, k, v and the gates
    (``_triton.recomputed_vjp``).
 2. The scan, ``nlgraph::linear_memory_scan`` (Triton, :mod:`._triton_kernels`): one program per
@@ -40,7 +40,7 @@ Gram matrix, L, the inverse) exist only inside its backward's recomputation.
 Precision: everything is computed in float32; float32, bfloat16 and float16 inputs are accepted
 and results are cast back to the input dtype. The scan's products are IEEE fp32 (not tf32). The
 summaries kernel multiplies 16-bit q and k as they are (exact products, fp32 sums) and its fp32
-products at C = 64 as 3xTF32 (``_triton_kernels._summary_config``). float64 is refused (the
+products at C = 64 as 3xTF32 (``_triton_summaries._summary_config``). float64 is refused (the
 kernels have no fp64 path): use ``backend="chunk"`` for it.
 """
 
@@ -61,6 +61,13 @@ def _kernels():
     from . import _triton_kernels
 
     return _triton_kernels
+
+
+def _summary_kernels():
+    # As _kernels: the chunk summaries' kernels, imported on first launch.
+    from . import _triton_summaries
+
+    return _triton_summaries
 
 
 # --- custom ops -------------------------------------------------------------------------------
@@ -195,7 +202,7 @@ def linear_memory_summaries(
     """The chunk summaries ``(Qg, A, U, Wk, Kc, gC)`` of :func:`_summaries`, fp32
     ``[B*H, N, C, *]`` (gC ``[B*H, N]``), by one Triton program per (batch * head, chunk) that
     reads q, k, v in place. Wk is ``[0]`` when b is None and gC is ``[0]`` when alpha is None."""
-    return _kernels().summaries_forward(
+    return _summary_kernels().summaries_forward(
         _unit_last(q), _unit_last(k), _unit_last(v), alpha, b, c, scale, read, chunk_size
     )
 
@@ -250,7 +257,7 @@ def linear_memory_summaries_bwd(
     is ``[0]``. Two launches of one program per (batch * head, chunk), each recomputing the
     chunk's decays (and the second its solve); only where ``backward_fits`` (module
     docstring)."""
-    out = _kernels().summaries_backward(
+    out = _summary_kernels().summaries_backward(
         _unit_last(q), _unit_last(k), _unit_last(v), alpha, b, c, scale, read, chunk_size,
         [g.contiguous() for g in grads],
     )  # fmt: skip
@@ -270,7 +277,7 @@ def _summaries_backward(ctx, *grads):
     it = iter(saved)
     gates = [next(it) if p else None for p in ctx.present]
     C = ctx.opts[2]
-    if not _kernels().backward_fits(C, k.shape[-1], v.shape[-1]):
+    if not _summary_kernels().backward_fits(C, k.shape[-1], v.shape[-1]):
         # the VJP of the batched PyTorch form, recomputed from the inputs
         d = recomputed_vjp(lambda *a: _summaries(*a, *ctx.opts), [q, k, v, *gates], list(grads))
     else:
