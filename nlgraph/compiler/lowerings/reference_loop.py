@@ -40,8 +40,8 @@ from nlgraph.compiler import ir
 from nlgraph.compiler.lowerings._owner import MemoryOwner
 from nlgraph.compiler.lowerings._scalars import learned_value, scalar_value, scalars_of
 from nlgraph.compiler.lowerings._state import heads
+from nlgraph.compiler.lowerings.mlp import mlp_forward
 from nlgraph.compiler.lowerings.rules import apply_rules
-from nlgraph.compiler.modules import ACT
 
 __all__ = [
     "ReferenceLoop", "run_reference_loop", "accumulate", "token_step", "rule_scalars", "updates_at",
@@ -118,13 +118,8 @@ def updates_at(schedule: ir.Schedule, chunk: int, tick: int) -> bool:
 
 def _mlp(cfg: ir.ReferenceLoopConfig, ws: list[torch.Tensor], x: torch.Tensor):
     """The memory's read-out ``[B, 1, H, dv]`` of ``x [B, 1, H, dk]`` and each layer's input."""
-    h, inputs = x, []
-    for i, w in enumerate(ws):
-        inputs.append(h)
-        h = torch.einsum("bhoi,bchi->bcho", w, h)
-        if i < len(ws) - 1:
-            h = ACT[cfg.activation](h)
-    return (x + h if cfg.residual else h), inputs
+    out, inputs, _ = mlp_forward(ws, x, cfg.activation, cfg.residual)
+    return out, inputs
 
 
 def _objective(cfg: ir.ReferenceLoopConfig, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
