@@ -9,6 +9,7 @@ import math
 import torch
 
 from nlgraph.compiler.modules import ACT
+from nlgraph.kernels.deep_memory import mlp_layers
 
 __all__ = ["mlp_forward", "act_grad"]
 
@@ -32,12 +33,12 @@ def act_grad(name: str, z: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_forward(ws: list[torch.Tensor], x: torch.Tensor, act: str, residual: bool):
-    """Per-(batch, head) MLP: ``ws`` in application order, each ``[B, H, out, in]``; ``x``
-    ``[B, C, H, in]``. Returns the output and the per-layer inputs and pre-activations."""
-    h, inputs, pre = x, [], []
-    for i, w in enumerate(ws):
-        inputs.append(h)
-        z = torch.einsum("bhoi,bchi->bcho", w, h)
-        pre.append(z)
-        h = ACT[act](z) if i < len(ws) - 1 else z
-    return (x + h if residual else h), inputs, pre
+    """Per-(batch, head) MLP memory: ``ws`` in application order, each ``[B, H, out, in]``;
+    ``x`` ``[B, C, H, in]``. Returns the output and the per-layer inputs and pre-activations
+    (:func:`nlgraph.kernels.deep_memory.mlp_layers` on the head-major views)."""
+    out, inputs, pre = mlp_layers(ws, x.transpose(1, 2), ACT[act], residual)
+    return (
+        out.transpose(1, 2),
+        [t.transpose(1, 2) for t in inputs],
+        [t.transpose(1, 2) for t in pre],
+    )

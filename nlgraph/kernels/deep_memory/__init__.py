@@ -9,12 +9,15 @@ that fit its register budget, the chunk form for the others). See :mod:`.api` fo
 
 from nlgraph.kernels import _dispatch
 
+from ._mlp import mlp_layers
 from .api import deep_memory
 from .chunk import deep_memory_chunk
 from .naive import deep_memory_naive
 from .triton import deep_memory_triton, triton_available, triton_eligible
 
-__all__ = ["deep_memory", "deep_memory_naive", "deep_memory_chunk", "deep_memory_triton"]
+__all__ = [
+    "deep_memory", "deep_memory_naive", "deep_memory_chunk", "deep_memory_triton", "mlp_layers",
+]  # fmt: skip
 
 _dispatch.register("deep_memory", "reference", deep_memory_naive)
 _dispatch.register("deep_memory", "chunk", deep_memory_chunk)

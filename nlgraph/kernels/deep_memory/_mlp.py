@@ -31,6 +31,7 @@ __all__ = [
     "ACTIVATIONS",
     "OBJECTIVES",
     "layer_names",
+    "mlp_layers",
     "mlp_apply",
     "inner_loss",
     "factored_grads",
@@ -80,6 +81,31 @@ def _linear(w: Tensor, x: Tensor, per_token: bool) -> Tensor:
     return x @ w.mT  # w: [..., Dout, Din] shared by every row of x: [..., n, Din]
 
 
+def mlp_layers(
+    ws: list[Tensor],
+    x: Tensor,
+    act: Callable[[Tensor], Tensor],
+    residual: bool,
+    per_token: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The MLP memory's forward (Eq. 89) with what a hand-written backward needs: the output
+    ``[..., n, Dv]``, each layer's input and each layer's pre-activation, in application order.
+
+    ``ws``: the layers in application order (``W{L}`` first, ``W1`` last), each
+    ``[..., Dout, Din]`` (with ``per_token=True`` one matrix per token, ``[..., n, Dout, Din]``);
+    ``x``: ``[..., n, Dk]``; ``act``: the activation between layers. The one MLP memory forward
+    of nlgraph: the kernels' :func:`mlp_apply` and :func:`factored_grads` and the compiler's
+    lowerings call it; ``naive.py`` is checked against it.
+    """
+    h, inputs, pre = x, [], []
+    for i, w in enumerate(ws):
+        inputs.append(h)
+        z = _linear(w, h, per_token)
+        pre.append(z)
+        h = act(z) if i < len(ws) - 1 else z
+    return (h + x if residual else h), inputs, pre
+
+
 def mlp_apply(
     params: Params, x: Tensor, activation: str, residual: bool, per_token: bool = False
 ) -> Tensor:
@@ -87,13 +113,8 @@ def mlp_apply(
 
     With ``per_token=True`` the params carry the token axis, ``W{i}: [..., n, Dout, Din]``.
     """
-    act = ACTIVATIONS[activation]
-    h = x
-    for i in range(len(params), 0, -1):
-        h = _linear(params[f"W{i}"], h, per_token)
-        if i > 1:
-            h = act(h)
-    return h + x if residual else h
+    ws = [params[f"W{i}"] for i in range(len(params), 0, -1)]
+    return mlp_layers(ws, x, ACTIVATIONS[activation], residual, per_token)[0]
 
 
 def inner_loss(out: Tensor, v: Tensor, objective: str) -> Tensor:
@@ -117,20 +138,12 @@ def factored_grads(
         ``t``'s gradient is ``grad_{W{i}} l(M; k_t, v_t) = g[..., t, :] outer x[..., t, :]``.
         Memory O(n * sum (Dout + Din)), against O(n * sum Dout * Din) when materialised.
     """
-    act = ACTIVATIONS[activation]
     depth = len(params)
-    inputs: dict[int, Tensor] = {}
-    pre: dict[int, Tensor] = {}
-    h = k
-    for i in range(depth, 0, -1):
-        inputs[i] = h
-        z = h @ params[f"W{i}"].mT
-        if i > 1:
-            pre[i] = z
-            h = act(z)
-        else:
-            h = z
-    out = h + k if residual else h
+    ws = [params[f"W{i}"] for i in range(depth, 0, -1)]
+    out, ins, pres = mlp_layers(ws, k, ACTIVATIONS[activation], residual)
+    # layer W{i} is applied (depth - i)-th
+    inputs = {i: ins[depth - i] for i in range(1, depth + 1)}
+    pre = {i: pres[depth - i] for i in range(1, depth + 1)}
     # dl/dout; the residual path carries no parameters so it only enters through ``out``.
     g = 2 * (out - v) if objective == "l2" else -v.expand_as(out)
     grads: dict[str, tuple[Tensor, Tensor]] = {}
