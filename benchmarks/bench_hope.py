@@ -1,0 +1,285 @@
+"""Hope's training step on CPU: how far the writes are from their arithmetic.
+
+At two shapes — ``d256`` (B=2, T=512, d=256, one Hope block, 4 heads, vocab 256, self-modifying
+Titans chunks 8 / 64, CMS periods 8 / 32 / 128 / 512, hidden 4d, memory width d) and ``tiny``
+(the library's tiny Hope, B=8, T=512) — it measures in one run, per step kind:
+
+- ``full``: forward with every write on (self-modifying memories, CMS levels), the backward
+  through the writes (meta-gradients), an AdamW step;
+- ``first_order``: the same writes without their autograd graph (``hope(meta="first_order")``),
+  where the library offers it; reported as unavailable otherwise;
+- ``read_only``: ``writes=False`` (every memory read at its initial state, nothing updates) —
+  the same network as a fixed model, the baseline of the write cost.
+
+For each: seconds per step (median and range of the repeats, the kinds interleaved), tokens/s,
+FLOPs per step (``torch.utils.flop_counter``, forward and backward, inner gradients included),
+achieved FLOP/s, and the peak resident memory after the kind's warm-up (each shape runs in its
+own process, read-only first, so each kind's high-water mark includes only what ran before it).
+Then the full step's peak memory at T = 512, 1024 and 2048 (d256, one process each, capped at
+``--mem-cap`` GB of address space; a run that exceeds it is reported as such).
+
+Before timing, each shape's chunked learner is checked against the reference loops (float64,
+B=2, T=17: outputs, final states and every gradient, ``nlgraph.compiler.verify``); a mismatch
+above 1e-10 stops the run with no figures.
+
+Run: python benchmarks/bench_hope.py [--quick] [--out benchmarks/results/hope_cpu.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {
+    "d256": dict(
+        B=2, T=512,
+        build=dict(d=256, n_layers=1, heads=4, vocab=256, hidden=1024, width=256, chunk=8,
+                   chunk_mem=64, cms_chunks=(8, 32, 128, 512)),
+    ),
+    "tiny": dict(B=8, T=512, build={}),
+}  # fmt: skip
+KINDS = ("read_only", "first_order", "full")  # in this order: each peak includes the ones before
+TOLERANCE = 1e-10
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _graph(shape: str, kind: str):
+    from nlgraph.library import get
+
+    build = dict(SHAPES[shape]["build"])
+    if kind == "first_order":
+        build["meta"] = "first_order"
+    return get("hope", **build)
+
+
+def _check(shape: str) -> float:
+    """Max relative error, chunked vs reference, over outputs, states and gradients."""
+    import torch
+
+    from nlgraph.compiler import compile
+    from nlgraph.compiler.verify import compare, random_inputs
+
+    graph = _graph(shape, "full")
+    torch.manual_seed(0)
+    chosen = compile(graph, backend="chunk", dtype=torch.float64)
+    reference = compile(graph, backend="reference", dtype=torch.float64)
+    reference.load_state_dict(chosen.state_dict())
+    inputs = random_inputs(chosen, (2, 17), {}, torch.float64, seed=0)
+    errors = compare(reference, chosen, inputs).errors
+    bad = [k for k, e in errors.items() if not isinstance(e, float)]
+    if bad:
+        raise SystemExit(f"{shape}: chunked and reference disagree on {bad[:3]}; no timing")
+    worst = max(errors.values())
+    if worst > TOLERANCE:
+        raise SystemExit(f"{shape}: chunked differs from the reference by {worst:.1e}; no timing")
+    return worst
+
+
+def _stepper(shape: str, kind: str, T: int):
+    """A function running one training step of ``kind``, and the learner's size."""
+    import torch
+
+    from nlgraph.compiler import compile
+    from nlgraph.train.trainer import next_token_loss
+
+    torch.manual_seed(0)
+    learner = compile(_graph(shape, kind))
+    B = SHAPES[shape]["B"]
+    vocab = learner.slow["embed"].num_embeddings
+    tokens = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1))
+    loss_fn = next_token_loss(tokens)
+    opt = torch.optim.AdamW(learner.parameters(), lr=1e-3)
+    writes = kind != "read_only"
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        out, _ = learner({"tokens": tokens}, None, loss_fn=loss_fn, writes=writes)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step, sum(p.numel() for p in learner.parameters())
+
+
+def _hope_options() -> set[str]:
+    import inspect
+
+    from nlgraph.library import builder
+
+    return set(inspect.signature(builder("hope")).parameters)
+
+
+def _flops(step) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def run_shape(shape: str, reps: int, T: int | None) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    T = T or SHAPES[shape]["T"]
+    out: dict = {"shape": shape, "B": SHAPES[shape]["B"], "T": T}
+    steps, kinds = {}, {}
+    for kind in KINDS:
+        if kind == "first_order" and "meta" not in _hope_options():
+            kinds[kind] = {"available": False, "why": "the library's hope has no meta= option yet"}
+            continue
+        step, params = _stepper(shape, kind, T)
+        step()  # warm-up
+        kinds[kind] = {"available": True, "params": params, "peak_rss_mb": _rss_mb(),
+                       "flops": _flops(step)}  # fmt: skip
+        steps[kind] = step
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(reps):  # interleaved
+        for kind, step in steps.items():
+            times[kind].append(step())
+    for kind, ts in times.items():
+        kinds[kind].update(median_s=statistics.median(ts), min_s=min(ts), max_s=max(ts))
+    out["kinds"] = kinds
+    return out
+
+
+def run_memory(T: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    step, _ = _stepper("d256", "full", T)
+    seconds = step()
+    return {"T": T, "seconds": seconds, "peak_rss_mb": _rss_mb()}
+
+
+def _sub(args: list[str], cap_gb: float | None = None) -> dict:
+    def limit() -> None:
+        if cap_gb:
+            cap = int(cap_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         check=False, preexec_fn=limit)  # fmt: skip
+    if res.returncode:
+        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit {res.returncode}: {tail[:200]}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _table(r: dict) -> list[str]:
+    lines = [
+        f"### {r['shape']}: B={r['B']}, T={r['T']} "
+        f"(chunked vs reference before timing: {r['check']:.1e})",
+        "",
+        "| step | params | s/step (median) | range | tokens/s | GFLOP/step | GFLOP/s | "
+        "FLOP/s vs read-only | time vs read-only | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ro = r["kinds"].get("read_only", {})
+    tokens = r["B"] * r["T"]
+    for kind in KINDS:
+        k = r["kinds"].get(kind, {})
+        if not k.get("available"):
+            lines.append(f"| {kind} | not available: {k.get('why', '')} |||||||||")
+            continue
+        rate = k["flops"] / k["median_s"]
+        ro_rate = ro["flops"] / ro["median_s"] if ro.get("available") else float("nan")
+        lines.append(
+            f"| {kind} | {k['params']:,} | {k['median_s']:.3f} | {k['min_s']:.3f}–{k['max_s']:.3f}"
+            f" | {tokens / k['median_s']:.0f} | {k['flops'] / 1e9:.2f} | {rate / 1e9:.2f} | "
+            f"{rate / ro_rate:.2f}x | {k['median_s'] / ro['median_s']:.1f}x | "
+            f"{k['peak_rss_mb']:.0f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="T=32, one repeat, no memory sweep")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--mem-seqs", default="512,1024,2048", help="T of the memory sweep ('' skips)")
+    ap.add_argument("--mem-cap", type=float, default=20.0, help="GB of address space per run")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--check", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_shape(args.one, args.reps, args.seq)))
+        return
+    if args.check:
+        print(json.dumps({"check": _check(args.check)}))
+        return
+    if args.memory:
+        print(json.dumps(run_memory(args.memory)))
+        return
+    reps = 1 if args.quick else args.reps
+    seq = ["--seq", "32"] if args.quick else []
+    results = []
+    for shape in args.shapes.split(","):
+        # the check in its own process, so it adds nothing to the timed one's peak memory
+        check = _sub(["--check", shape])
+        if "error" in check:
+            raise SystemExit(f"{shape}: {check['error']}")
+        r = _sub(["--one", shape, "--reps", str(reps), *seq])
+        if "error" in r:
+            raise SystemExit(f"{shape}: {r['error']}")
+        results.append({**r, **check})
+    sweep = [] if args.quick or not args.mem_seqs else [int(t) for t in args.mem_seqs.split(",")]
+    memory = [(T, _sub(["--memory", str(T)], args.mem_cap)) for T in sweep]
+
+    import torch
+
+    lines = [
+        "# Hope on CPU: full, first-order and read-only training steps",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: "
+        f"{platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{os.environ.get('BENCH_THREADS', '2')} threads; load average after the run "
+        f"{os.getloadavg()[0]:.1f}",
+        "- step = forward + backward + AdamW; full: every write on, meta-gradients through the "
+        "writes; read-only: `writes=False`; medians of "
+        f"{reps} interleaved repeats after a warm-up; FLOPs from `torch.utils.flop_counter` "
+        "(matrix products; forward, inner gradients and backward)",
+        "",
+    ]
+    for r in results:
+        lines += _table(r) + [""]
+    if memory:
+        lines += [
+            "### Peak memory of the full step (d256, B=2)",
+            "",
+            "| T | s/step (one run) | peak RSS (MB) |",
+            "|---|---|---|",
+        ]
+        for T, m in memory:
+            if "error" in m:
+                lines.append(f"| {T} | failed under a {args.mem_cap:g} GB cap: {m['error']} | |")
+            else:
+                lines.append(f"| {T} | {m['seconds']:.2f} | {m['peak_rss_mb']:.0f} |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
