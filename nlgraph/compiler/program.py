@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import networkx as nx
+
 from nlgraph._errors import CompileError
 from nlgraph.compiler import ir
 from nlgraph.compiler.plan import Plan, memory_reads
@@ -37,18 +39,21 @@ class Node:
     attrs: tuple[Any, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterCfg:
-    """Memories run jointly: ``inputs`` are full-sequence nodes sliced per window; ``nodes`` is
-    the window program; ``members`` maps each memory to its config and its read nodes."""
+    """The ``cluster`` lowering's configuration: memories run jointly. ``inputs`` are
+    full-sequence nodes sliced per window; ``nodes`` is the window program; ``members`` maps
+    each memory to its config, ``member_args`` to its argument nodes, ``reads`` to the window
+    nodes of its read-outs (in the order of ``read_flows``, its reads in the graph)."""
 
     id: int
     names: list[str]
-    inputs: list[int] = field(default_factory=list)
-    nodes: list[Node] = field(default_factory=list)
-    members: dict[str, ir.MemoryConfig] = field(default_factory=dict)
-    member_args: dict[str, tuple[int, ...]] = field(default_factory=dict)  # window node ids
-    reads: dict[str, list[int]] = field(default_factory=dict)  # window nodes of member reads
+    inputs: tuple[int, ...]
+    nodes: tuple[Node, ...]
+    members: dict[str, ir.MemoryConfig]
+    member_args: dict[str, tuple[int, ...]]  # window node ids
+    reads: dict[str, list[int]]  # window nodes of member reads
+    read_flows: dict[str, list[Read]]
     # Members read at="new" ("running" window nodes: the state after each token's update); with
     # any, the cluster runs one token per window, its members updated in ``stages``: a member
     # whose keys, values or rates read another at="new" updates in a later stage (Def. 2).
@@ -56,17 +61,20 @@ class ClusterCfg:
     stages: list[list[str]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Program:
-    nodes: list[Node]
+    """The lowered learner: the straight-line program over ``nodes`` (its Python ``source``),
+    each stand-alone memory's config and argument nodes, the clusters, and each CMS block's rule
+    chain (its per-token positions index the tuple the program hands to
+    ``self._block_signals``)."""
+
+    nodes: tuple[Node, ...]
     outputs: dict[str, int]
     memories: dict[str, ir.MemoryConfig]
     memory_args: dict[str, tuple[int, ...]]
-    clusters: list[ClusterCfg]
-    source: str = ""
-    # CMS blocks: each block's rule chain; its per-token positions index the tuple the program
-    # hands to ``self._block_signals``
-    block_rules: dict[str, tuple[ir.Rule, ...]] = field(default_factory=dict)
+    clusters: tuple[ClusterCfg, ...]
+    source: str
+    block_rules: dict[str, tuple[ir.Rule, ...]]
 
 
 def _scalar(lv: Level, name: str, value: Any, add_arg) -> ir.Scalar:
@@ -297,9 +305,10 @@ class _Builder(_Lowering):
 
     def _build_cluster(self, cid: int) -> None:
         names = self.plan.clusters[cid]
-        c = ClusterCfg(cid, names)
-        members = set(names)
-        w = _WindowBuilder(self, c, members)
+        w = _WindowBuilder(self, set(names))
+        members: dict[str, ir.MemoryConfig] = {}
+        member_args: dict[str, tuple[int, ...]] = {}
+        reads_of: dict[str, list[int]] = {}
         memos: dict[frozenset[str], dict] = {}
         for n in names:
             lv = self.spec.level(n)
@@ -314,35 +323,38 @@ class _Builder(_Lowering):
             w.flow_memo = memos.setdefault(cut, {})
             try:
                 cfg, args = self._memory_cfg(lv, [], w.flow)
-                c.reads[n] = [w.flow(r) for r in reads]
+                reads_of[n] = [w.flow(r) for r in reads]
             finally:
                 self.detach, w.detach = outer, frozenset()
-            c.members[n] = cfg
-            c.member_args[n] = tuple(args)
-        c.read_flows = {n: memory_reads(self.spec, n) for n in names}  # type: ignore[attr-defined]
-        c.nodes = w.nodes
-        c.inputs = w.inputs
-        c.read_new = tuple(sorted({n.attrs[0] for n in c.nodes if n.op == "running"}))
-        c.stages = _stages(c)
+            members[n] = cfg
+            member_args[n] = tuple(args)
+        nodes = tuple(w.nodes)
+        c = ClusterCfg(
+            id=cid, names=names, inputs=tuple(w.inputs), nodes=nodes, members=members,
+            member_args=member_args, reads=reads_of,
+            read_flows={n: memory_reads(self.spec, n) for n in names},
+            read_new=tuple(sorted({n.attrs[0] for n in nodes if n.op == "running"})),
+            stages=_stages(names, nodes, member_args),
+        )  # fmt: skip
         self.clusters[cid] = c
         self.mem_nodes[f"cluster{cid}"] = self.add("cluster", tuple(c.inputs), (cid,))
 
 
-def _stages(c: ClusterCfg) -> list[list[str]]:
+def _stages(
+    names: list[str], nodes: tuple[Node, ...], member_args: dict[str, tuple[int, ...]]
+) -> list[list[str]]:
     """The order of the members' updates within a token (Def. 2): a member whose keys, values,
     rates or queries read another member at="new" (a "running" node) updates after it. Members
     of one stage update together; CompileError naming the levels if the reads at="new" inside
     the members' updates form a cycle (no order within the token exists)."""
-    import networkx as nx
-
     late: list[frozenset[str]] = []  # per window node: the members whose running state it reads
-    for n in c.nodes:
+    for n in nodes:
         own = {n.attrs[0]} if n.op == "running" else set()
         late.append(frozenset(own.union(*(late[i] for i in n.args))))
     g = nx.DiGraph()
-    g.add_nodes_from(c.names)
-    for n in c.names:
-        for m in sorted(frozenset().union(*(late[i] for i in c.member_args[n]))):
+    g.add_nodes_from(names)
+    for n in names:
+        for m in sorted(frozenset().union(*(late[i] for i in member_args[n]))):
             g.add_edge(m, n)
     if not nx.is_directed_acyclic_graph(g):
         cycle = [u for u, _ in nx.find_cycle(g)]
@@ -353,7 +365,7 @@ def _stages(c: ClusterCfg) -> list[list[str]]:
             )
         path = " -> ".join(repr(m) for m in [*cycle, cycle[0]])
         raise CompileError(
-            f"levels {path} of the recurrent cluster {c.names} read each other's state after the "
+            f"levels {path} of the recurrent cluster {names} read each other's state after the "
             "update (at='new') inside their updates: a level read at='new' must update first "
             "within the token, so no order exists; read one of them at='prev'"
         )
@@ -364,9 +376,9 @@ class _WindowBuilder(_Lowering):
     """The window program of a cluster: flows that read a member are recomputed per window;
     the others are computed once over the sequence and sliced (``window_input``)."""
 
-    def __init__(self, outer: _Builder, cluster: ClusterCfg, members: set[str]) -> None:
+    def __init__(self, outer: _Builder, members: set[str]) -> None:
         super().__init__(outer.spec)
-        self.outer, self.c, self.members = outer, cluster, members
+        self.outer, self.members = outer, members
         self.inputs: list[int] = []
 
     def depends(self, f: FlowBase) -> bool:
@@ -474,8 +486,7 @@ def build_program(plan: Plan, slow_kinds: dict[str, str]) -> Program:
     outputs = {name: b.flow(flow) for name, flow in plan.spec.outputs.items()}
     block_rules = {n: _block_rules(b, n) for n in plan.order
                    if plan.levels[n].lowering == "boundary"}  # fmt: skip
-    clusters = [b.clusters[i] for i in sorted(b.clusters)]
-    prog = Program(b.nodes, outputs, b.memories, b.memory_args, clusters, block_rules=block_rules)
+    clusters = tuple(b.clusters[i] for i in sorted(b.clusters))
     lines = [
         f"def forward_program(self, inputs, state, new_state, writes):  # graph {plan.spec.name!r}"
     ]
@@ -483,5 +494,6 @@ def build_program(plan: Plan, slow_kinds: dict[str, str]) -> Program:
         lines.append(f"    n{n.id} = {node_expr(n, lambda i: f'n{i}')}")
     out = ", ".join(f"{k!r}: n{v}" for k, v in outputs.items())
     lines.append(f"    return {{{out}}}")
-    prog.source = "\n".join(lines) + "\n"
-    return prog
+    source = "\n".join(lines) + "\n"
+    return Program(tuple(b.nodes), outputs, b.memories, b.memory_args, clusters, source,
+                   block_rules)  # fmt: skip
