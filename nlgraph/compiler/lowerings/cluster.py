@@ -22,7 +22,7 @@ reference backend); a memory's visible state advances when its own chunk ends.
 
 A member whose rule or schedule has no such form (a rule chain, Nesterov momentum, an update
 every n tokens or chunks; lowering ``reference_loop``) runs inside the same windows as the
-reference loop's token recurrence (:mod:`nlgraph.compiler.reference_loop`): token ``t``'s
+reference loop's token recurrence (:mod:`nlgraph.compiler.lowerings.reference_loop`): token ``t``'s
 gradient of each layer, ``delta_t x_t^T`` at the visible state, is added to the pending sum,
 and the rule chain is applied to the sum at the member's update ticks. Its gradients are all at
 the visible state, so its update ticks need no window cut of their own; its state carries the
