@@ -123,7 +123,7 @@ def test_viz_writes_svg(tmp_path):
 
 
 def test_viz_timeline(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="timelines need matplotlib (the plot extra)")
     path = tmp_path / "cms.png"
     assert main(["viz", "cms", "-o", str(path), "--kind", "timeline", "--ticks", "32"]) == 0
     assert path.read_bytes().startswith(b"\x89PNG")
@@ -225,7 +225,7 @@ def test_verify_deltanet(capsys):
 
 def test_verify_the_triton_backend_in_float32(capsys):
     # conftest sets TRITON_INTERPRET=1: the kernels run through Triton's CPU interpreter
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the kernels need triton (the triton extra)")
     assert main(["compile", "deltanet", "--verify", "--backend", "triton", "--batch", "2",
                  "--seq", "9"]) == 0  # fmt: skip
     out = capsys.readouterr().out

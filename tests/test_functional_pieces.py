@@ -85,7 +85,7 @@ def test_hope_piece_step_compiles_fullgraph(backend):
     graph break would raise), with the Triton kernels as custom ops for backend="triton"; at
     test time (no outer gradient) it equals eager, and the second sequence recompiles nothing."""
     if backend == "triton":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", reason="the kernels need triton (the triton extra)")
     eager, fast = _compiled_pair(backend)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     a, b = _step(eager, tokens, grad=False), _step(fast, tokens, grad=False)
@@ -111,7 +111,7 @@ def test_hope_training_step_compiled_backward(backend):
     than 10 minutes on 2 CPU cores. With backend="triton" the kernels run as custom ops (their
     backward the chunk form's VJP) inside the compiled graphs."""
     if backend == "triton":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", reason="the kernels need triton (the triton extra)")
     eager, fast = _compiled_pair(backend, compiler="aot_eager_decomp_partition")
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     a, b = _step(eager, tokens), _step(fast, tokens)

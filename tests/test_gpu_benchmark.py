@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_benchmark_runs_on_tiny_shapes(tmp_path):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the kernels need triton (the triton extra)")
     out = tmp_path / "gpu.md"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run(

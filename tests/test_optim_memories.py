@@ -11,6 +11,7 @@ import torch
 
 import nlgraph.library as L
 import nlgraph.optim as O
+from nlgraph.compiler.newton_schulz import newton_schulz_reference
 from nlgraph.compiler.optimizer.ops import newton_schulz
 from nlgraph.optim import compile_optimizer
 
@@ -97,10 +98,14 @@ def test_library_optimizer_equals_its_reference_and_learns(name):
 # ------------------------------------------------ one GD step on each declared objective
 
 
-def one_step(cls, state, grad, **kw):
-    """One compiled step from a given state; returns the new state and the new weights."""
+def one_step(cls, state, grad, backend=None, **kw):
+    """One compiled step from a given state; returns the new state and the new weights.
+    ``backend="foreach"`` runs nlgraph's own lowering of the graph (Adam would otherwise run as
+    torch's fused kernel, which checks torch, not the memories)."""
     w = torch.zeros_like(grad).requires_grad_()
     opt = cls([w], **kw)
+    if backend is not None:
+        opt.backend = backend
     opt.state[w].update({"step": torch.tensor(0.0), **{k: v.clone() for k, v in state.items()}})
     w.grad = grad.clone()
     opt.step()
@@ -128,16 +133,19 @@ def test_adam_moments_are_gd_on_l2_to_their_streams():
     """App. B: each moment is one GD step of size 1 - beta on 1/2 ||S - stream||^2."""
     torch.manual_seed(0)
     m, v, g = torch.randn(5, dtype=F64), torch.rand(5, dtype=F64), torch.randn(5, dtype=F64)
-    state, _ = one_step(O.Adam, {"exp_avg": m, "exp_avg_sq": v}, g, betas=(0.8, 0.9))
-    assert torch.allclose(state["exp_avg"], gd(lambda s: 0.5 * ((s - g) ** 2).sum(), m, 0.2))
-    assert torch.allclose(state["exp_avg_sq"], gd(lambda s: 0.5 * ((s - g * g) ** 2).sum(), v, 0.1))
+    state, _ = one_step(O.Adam, {"exp_avg": m, "exp_avg_sq": v}, g, "foreach", betas=(0.8, 0.9))
+    want_m = gd(lambda s: 0.5 * ((s - g) ** 2).sum(), m, 0.2)
+    want_v = gd(lambda s: 0.5 * ((s - g * g) ** 2).sum(), v, 0.1)
+    torch.testing.assert_close(state["exp_avg"], want_m, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state["exp_avg_sq"], want_v, rtol=1e-12, atol=1e-12)
 
 
 def test_adagrad_accumulator_is_gd_on_a_dot_objective():
     torch.manual_seed(0)
     v, g = torch.rand(5, dtype=F64), torch.randn(5, dtype=F64)
     state, _ = one_step(O.Adagrad, {"sum": v}, g)
-    assert torch.allclose(state["sum"], gd(lambda s: -(s * g * g).sum(), v, 1.0))
+    want = gd(lambda s: -(s * g * g).sum(), v, 1.0)
+    torch.testing.assert_close(state["sum"], want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -175,8 +183,9 @@ def test_deep_momentum_is_gd_on_the_mlp_objective():
     na, nb = decay * w1 - inner * ga, decay * w2 - inner * gb
     state, w = one_step(O.DMGD, {"m.W1": w1, "m.W2": w2}, g, lr=lr, inner_lr=inner,
                         decay=decay, width=4)  # fmt: skip
-    assert torch.allclose(state["m.W1"], na) and torch.allclose(state["m.W2"], nb)
-    assert torch.allclose(w, -lr * memory(na, nb, g))
+    torch.testing.assert_close(state["m.W1"], na, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state["m.W2"], nb, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w, -lr * memory(na, nb, g), rtol=1e-12, atol=1e-12)
 
 
 def test_adam_and_adagrad_are_optimal_elementwise_memories():
@@ -227,22 +236,49 @@ def proximal_minimiser(w, x, u, lr):
     return torch.linalg.solve(a, (w / lr + u.T @ x / n).T).T
 
 
-def test_dgd_closed_form_is_the_exact_minimiser():
-    """9.5: W (I - lr' x x^T) + lr' u x^T, lr' = lr / (1 + lr ||x||^2); Eq. 57 for ||x|| = 1;
-    a large step forgets along x and writes u."""
+def _dgd_memory_step(w, x, u, lr, backend):
+    """One token of an nlgraph memory trained by exact DGD on the dot objective (PAPER.md 3.1):
+    initial state ``w [dv, dk]``, key ``x``, value ``u``, rate ``lr``; returns its new state."""
+    import nlgraph as nl
+    from nlgraph.compiler import compile
+
+    dv, dk = w.shape
+    g = nl.Graph("dgd_step")
+    k, v = g.input("k", dim=dk), g.input("v", dim=dv)
+    mem = g.level("M", state=nl.linear(dk, dv), frequency=nl.per_token(),
+                  context=nl.kv(key=k, value=v), objective=nl.dot(),
+                  optimizer=nl.dgd(lr=lr, exact=True), init=nl.meta())  # fmt: skip
+    g.output("y", mem(k, at="new"))
+    learner = compile(g, backend=backend, dtype=F64)
+    with torch.no_grad():
+        learner.memories["M"].initial["M"].copy_(w.unsqueeze(0))
+    _, state = learner({"k": x.reshape(1, 1, dk), "v": u.reshape(1, 1, dv)})
+    return state["M"][0, 0]
+
+
+@pytest.mark.parametrize("backend", ["chunk", "reference"])
+def test_dgd_closed_form_is_the_exact_minimiser(backend):
+    """9.5: nlgraph's DGD step on a memory, W (I - lr' x x^T) + lr' u x^T with
+    lr' = lr / (1 + lr ||x||^2), is the exact minimiser of 1/2 ||W x - u||^2 + 1/(2 lr) ||W -
+    W_t||^2 (a linear solve); for ||x|| = 1, lr' = lr / (1 + lr) (Eq. 57); a large step forgets
+    along x and writes u."""
     torch.manual_seed(0)
     w, x, u = (
         torch.randn(3, 5, dtype=F64),
         torch.randn(1, 5, dtype=F64),
         torch.randn(1, 3, dtype=F64),
     )
-    for key, lr in ((x, 0.7), (x / x.norm(), 0.7), (x, 1e6)):
-        lr_ = lr / (1 + lr * key.pow(2).sum())
-        closed = w @ (torch.eye(5, dtype=F64) - lr_ * key.T @ key) + lr_ * u.T @ key
-        assert torch.allclose(closed, proximal_minimiser(w, key, u, lr), atol=1e-10)
-        if key.norm() == 1:
-            assert math.isclose(lr_, lr / (1 + lr))
-    assert torch.allclose(closed @ x.T, u.T, atol=1e-5)
+    # The solve's own error grows with its condition number, about lr ||x||^2: 1e-12 at
+    # lr = 0.7, ~1e-9 at lr = 1e6.
+    for key, lr, tol in ((x, 0.7, 1e-12), (x / x.norm(), 0.7, 1e-12), (x, 1e6, 1e-8)):
+        got = _dgd_memory_step(w, key, u, lr, backend)
+        want = proximal_minimiser(w, key, u, lr)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        if key.norm() == 1:  # Eq. 57: the closed form with lr / (1 + lr)
+            e = lr / (1 + lr)
+            eq57 = w @ (torch.eye(5, dtype=F64) - e * key.T @ key) + e * u.T @ key
+            torch.testing.assert_close(got, eq57, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got @ x.T, u.T, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [2, 9], ids=["woodbury", "solve"])
@@ -296,7 +332,35 @@ def test_m3_slow_memory_sums_the_previous_chunk():
         changed = not torch.equal(seen[t - 1], seen[t - 2] if t > 1 else torch.zeros_like(p))
         assert changed == (t % f == 0), t
     chunk = torch.stack(grads[f : 2 * f]).sum(0)
-    assert torch.allclose(seen[2 * f - 1] - seen[f - 1], 0.5 * chunk, atol=1e-14)
+    torch.testing.assert_close(seen[2 * f - 1] - seen[f - 1], 0.5 * chunk, rtol=1e-12, atol=1e-14)
+
+
+def test_m3_weights_follow_algorithm_1():
+    """9.12: the weights' update with both momenta (alpha != 0), against an independent loop of
+    Algorithm 1: M1 += b1 g, V += b2 g^2 every step; every f steps M2 += b3 (sum of the chunk's
+    gradients); W -= lr (NS(M1) + alpha NS(M2 before this step)) / (sqrt(V) + eps)."""
+    f, lr, (b1, b2, b3), alpha, eps = 3, 0.01, (0.9, 0.99, 0.5), 0.7, 1e-8
+    params, targets = problem([(4, 6), (5, 3)])
+    ref = [p.detach().clone() for p in params]
+    opt = O.M3(params, lr=lr, betas=(b1, b2, b3), alpha=alpha, slow_every=f)
+    m1, v, m2, chunk = ([torch.zeros_like(p) for p in ref] for _ in range(4))
+    for t in range(1, 4 * f + 2):
+        set_grads(params, targets)
+        for i, p in enumerate(params):
+            g = p.grad
+            m1[i] += b1 * g
+            v[i] += b2 * g**2
+            chunk[i] += g
+            ns = newton_schulz_reference(m1[i], 5, "quintic")
+            ns += alpha * newton_schulz_reference(m2[i], 5, "quintic")
+            ref[i] -= lr * ns / (v[i].sqrt() + eps)
+            if t % f == 0:  # the slow memory takes the chunk's sum after this step's read
+                m2[i] += b3 * chunk[i]
+                chunk[i] = torch.zeros_like(g)
+        opt.step()
+        for p, r in zip(params, ref, strict=True):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-12)
+    assert all(m.abs().sum() > 0 for m in m2)  # the slow term was on
 
 
 def test_m3_without_the_slow_memory_is_muon_momentum_over_sqrt_v():
@@ -326,11 +390,13 @@ def test_ema_horizon_arithmetic():
     n = 100
     w = torch.zeros(n, dtype=F64, requires_grad=True)
     opt = O.Adam([w], betas=(0.9, 0.999))
+    opt.backend = "foreach"  # nlgraph's EMA memory, not torch's fused Adam
     for t in range(n):  # gradient t is the unit vector e_t: m's entries are its weights
         w.grad = torch.nn.functional.one_hot(torch.tensor(t), n).to(F64)
         opt.step()
     weights = opt.state[w]["exp_avg"].flip(0)  # most recent first
-    assert torch.allclose(weights[:3], torch.tensor([0.1, 0.09, 0.081], dtype=F64))
+    want = torch.tensor([0.1, 0.09, 0.081], dtype=F64)
+    torch.testing.assert_close(weights[:3], want, rtol=1e-12, atol=1e-12)
     assert round(weights[:7].sum().item(), 3) == 0.522
     assert round(weights[:44].sum().item(), 3) == 0.990
     assert round(weights[:6].sum().item(), 3) == 0.469

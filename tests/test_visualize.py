@@ -302,7 +302,7 @@ def test_update_ticks_default_window_is_one_sequence() -> None:
 
 
 def test_timeline_draws_a_row_per_level_and_schedule() -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="timelines need matplotlib (the plot extra)")
     fig = viz.timeline(clock_graph(), ticks=32, seq_len=16)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels[0].startswith("fast (level 1)") and labels[-1].startswith("fixed (level 6)")
@@ -351,7 +351,7 @@ def test_render_dot_and_timeline(tmp_path: Path) -> None:
     assert out.read_text(encoding="utf-8") == viz.nesting(diff_graph()).source
     with pytest.raises(nl.NLGraphError, match="no DOT form"):
         viz.render(diff_graph(), tmp_path / "t.dot", kind="timeline")
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="timelines need matplotlib (the plot extra)")
     png = viz.render(clock_graph(), tmp_path / "t.png", kind="timeline", ticks=32)
     assert png.read_bytes().startswith(b"\x89PNG")
 

@@ -11,7 +11,7 @@ from nlgraph.compiler import compile
 from nlgraph.kernels import _dispatch
 from nlgraph.library import get
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the kernels need triton (the triton extra)")
 
 
 def _step(learner, tokens):
