@@ -193,3 +193,23 @@ def test_plan_check_still_checks_a_finished_plan():
     plan.levels.pop("M")
     with pytest.raises(CompileError, match="plan invariant: planned"):
         plan.check()
+
+
+@pytest.mark.parametrize("rule", ["gd", "dgd"])
+def test_the_printed_plan_describes_a_cluster_member_by_its_rule(rule):
+    """A self-referential memory under plain GD is printed as GD, not as DGD (Eq. 88)."""
+    import nlgraph as nl
+    from nlgraph.compiler import compile
+
+    g = nl.Graph("selfref")
+    x = g.input("x", dim=4)
+    opt = nl.gd(lr=0.1) if rule == "gd" else nl.dgd(lr=0.1, exact=True)
+    m = g.level("M", state=nl.mlp(4, 4, width=4), frequency=nl.per_token(),
+                context=nl.kv(key=x, value=nl.read("M", x)), objective=nl.l2(),
+                optimizer=opt, init=nl.meta())  # fmt: skip
+    g.output("y", m(x))
+    detail = compile(g).plan.levels["M"].detail
+    if rule == "gd":
+        assert "W <- a W - lr delta x^T" in detail and "DGD" not in detail and "x x^T" not in detail
+    else:
+        assert "(a I - lr' x x^T)" in detail and "DGD, Eq. 88" in detail

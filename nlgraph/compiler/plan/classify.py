@@ -15,7 +15,7 @@ from nlgraph.optimizers import DGD, EMA, GD, Exact, Follow, Signal, describe
 from nlgraph.validation import level_flows
 
 __all__ = [
-    "CLUSTER_DETAIL", "Classification", "classify_level", "level_reads", "loop_detail",
+    "cluster_detail", "Classification", "classify_level", "level_reads", "loop_detail",
     "memory_reads",
 ]  # fmt: skip
 
@@ -88,7 +88,7 @@ def classify_level(spec: GraphSpec, lv: Level) -> Classification:
     if obj.kind in ("lp", "custom") and st.kind in ("linear", "mlp"):
         # Any objective of the read-out runs in the cluster form: only its error at the output
         # differs, the per-layer updates are the same.
-        return Classification(FAST, L.CLUSTER, CLUSTER_DETAIL)
+        return Classification(FAST, L.CLUSTER, cluster_detail(lv))
     if st.kind == "linear" and rule.momentum is None:
         if isinstance(rule, DGD):
             e = "e = lr/(1+lr|k|^2)" if rule.exact else "e = lr"
@@ -106,7 +106,7 @@ def classify_level(spec: GraphSpec, lv: Level) -> Classification:
     if st.kind in ("linear", "mlp") and isinstance(rule, GD):
         detail = "u = grad l(M_chunk_start); S <- mu S - lr u; M <- a M + S (Titans, Sec. 4.1)"
         return Classification(FAST, L.DEEP_MEMORY, detail)
-    return Classification(FAST, L.CLUSTER, CLUSTER_DETAIL)
+    return Classification(FAST, L.CLUSTER, cluster_detail(lv))
 
 
 def _block(spec: GraphSpec, lv: Level) -> Classification:
@@ -213,10 +213,19 @@ def loop_detail(lv: Level, where: str = "", grad: str = "") -> str:
     return f"token loop{where}: g = {grad} at the chunk-start state; {_chain_text(lv.optimizer)}"
 
 
-CLUSTER_DETAIL = (
-    "per layer: W <- W (a I - lr' x x^T) - lr' delta x^T (+ momentum), x and delta at the "
-    "chunk-start state (DGD, Eq. 88; Sec. 3.1)"
-)
+def cluster_detail(lv: Level) -> str:
+    """The per-layer step a cluster member runs, as the plan prints it: DGD (Eq. 88) or plain
+    GD, with or without momentum, as its rule says."""
+    rule = lv.optimizer[0]
+    where = "x and delta at the chunk-start state"
+    mom = rule.momentum is not None
+    if isinstance(rule, DGD):
+        lr = "lr' = lr/(1+lr|x|^2)" if rule.exact else "lr' = lr"
+        step = "S <- mu S - lr' delta x^T; W <- W (a I - lr' x x^T) + S" if mom else (
+            "W <- W (a I - lr' x x^T) - lr' delta x^T")  # fmt: skip
+        return f"per layer: {step}, {lr}, {where} (DGD, Eq. 88; Sec. 3.1)"
+    step = "S <- mu S - lr delta x^T; W <- a W + S" if mom else "W <- a W - lr delta x^T"
+    return f"per layer: {step}, {where} (GD)"
 
 
 def level_reads(lv: Level, named: dict) -> tuple[str, ...]:

@@ -27,8 +27,8 @@ from nlgraph.compiler.plan.checks import (
     check_warn,
 )
 from nlgraph.compiler.plan.classify import (
-    CLUSTER_DETAIL,
     classify_level,
+    cluster_detail,
     level_reads,
     loop_detail,
     memory_reads,
@@ -116,7 +116,7 @@ def _as_member(spec: GraphSpec, lp: LevelPlan, members: list[str]) -> LevelPlan:
             f"level {n!r} ({lp.lowering}) reads the memories {members} inside its update; only "
             "matrix and MLP memories on a key/value objective can run as one recurrent cluster"
         )
-    return replace(lp, lowering=Lowering.CLUSTER, detail=CLUSTER_DETAIL, why="")
+    return replace(lp, lowering=Lowering.CLUSTER, detail=cluster_detail(spec.level(n)), why="")
 
 
 def token_loops(state: PlanState) -> PlanState:
