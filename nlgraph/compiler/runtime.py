@@ -205,7 +205,6 @@ class CompiledLearner(nn.Module):
                 outputs["loss"] = loss_fn(outputs, 0, T)
             return outputs, state
         periods = {lv.name: self.plan.levels[lv.name].chunk for lv in blocks}
-        phases = {lv.name: state[lv.name]["phase"] for lv in blocks}
         # Pieces end at the ticks of the CMS clock, on every backend (the cuts are part of what
         # a block's signal means); a block whose rate is per token makes every token a tick:
         # each token's gradient is weighted by its own rate (Eq. 71).
@@ -216,7 +215,11 @@ class CompiledLearner(nn.Module):
         pieces, total, start = [], 0.0, 0
         differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
         with torch.enable_grad():  # blocks learn at test time too
-            for end in boundary.cut_points(T, periods, phases, every_token):
+            while start < T:
+                # The next tick from the blocks' phases now: a nested block that restarted with
+                # its parent counts its chunks from that restart.
+                phases = {lv.name: state[lv.name]["phase"] for lv in blocks}
+                end = start + boundary.cut_points(T - start, periods, phases, every_token)[0]
                 piece = {k: v[:, start:end] for k, v in inputs.items()}
                 grads = None
                 if self.functional_pieces:
@@ -241,8 +244,10 @@ class CompiledLearner(nn.Module):
                 for lv in blocks:  # nested CMS: a block restarts when its parent's chunk ends
                     rs = lv.effective_reset()
                     if rs.kind == "with" and rs.level in updated:
-                        fresh = self.blocks[_key(lv.name)].initial_state(B)
-                        state[lv.name] = {**fresh, "phase": state[lv.name]["phase"]}
+                        # Re-initialised after ceil(C_parent / C) of its own updates (PAPER.md
+                        # 5.2): its chunks start again with the parent's, so a last chunk cut
+                        # short by the parent's boundary is dropped with the reset.
+                        state[lv.name] = self.blocks[_key(lv.name)].initial_state(B)
                 pieces.append(outs)
                 total = total + loss
                 start = end
