@@ -15,6 +15,7 @@ from nlgraph._errors import (
     ReferenceLoopWarning,
     SchemaVersionError,
     SpecError,
+    SpecFieldError,
 )
 from nlgraph.clock import (
     Frequency,
@@ -60,7 +61,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # errors
-    "NLGraphError", "SpecError", "SchemaVersionError", "CompileError",
+    "NLGraphError", "SpecError", "SpecFieldError", "SchemaVersionError", "CompileError",
     "BackendUnavailableError", "NumericalFaultError", "ReferenceLoopWarning",
     # graph
     "Graph", "GraphSpec", "Level", "LevelHandle", "SCHEMA_VERSION", "validate",

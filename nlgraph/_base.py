@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Spec", "NAME_RE", "IMPORT_PATH_RE"]
+from nlgraph._errors import SpecFieldError
+
+__all__ = ["Spec", "NAME_RE", "IMPORT_PATH_RE", "format_validation_error"]
 
 # Level and input names: identifiers, optionally dotted (``block0.cms.fast``) for nesting.
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -17,6 +21,72 @@ IMPORT_PATH_RE = re.compile(
 
 
 class Spec(BaseModel):
-    """Frozen pydantic model with ``extra="forbid"``: a typo in a field name is an error."""
+    """Frozen pydantic model with ``extra="forbid"``: a typo in a field name is an error.
+
+    A bad field raises :class:`~nlgraph.SpecFieldError` (a :class:`~nlgraph.SpecError`) naming
+    the spec object, the field, what was received and what is allowed, never pydantic's own
+    error."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise SpecFieldError(type(self).__name__, format_validation_error(err)) from None
+
+
+def _all_fields() -> set[str]:
+    out: set[str] = set()
+    stack: list[type[BaseModel]] = [Spec]
+    while stack:
+        cls = stack.pop()
+        out.update(cls.model_fields)
+        stack.extend(cls.__subclasses__())
+    return out
+
+
+def _loc(loc: tuple[Any, ...], data: Any) -> str:
+    """``levels.2.optimizer`` -> ``level 'm' > optimizer`` when the raw data is at hand."""
+    parts: list[str] = []
+    node = data
+    i = 0
+    while i < len(loc):
+        key = loc[i]
+        if key == "levels" and i + 1 < len(loc) and isinstance(node, dict):
+            try:
+                name = node["levels"][loc[i + 1]].get("name", loc[i + 1])
+            except (KeyError, IndexError, TypeError, AttributeError):
+                name = loc[i + 1]
+            parts.append(f"level {name!r}")
+            node = None
+            i += 2
+            continue
+        parts.append(str(key))
+        node = node.get(key) if isinstance(node, dict) else None
+        i += 1
+    return " > ".join(parts) if parts else "(top level)"
+
+
+def format_validation_error(err: ValidationError, data: Any = None) -> str:
+    """One line per problem: where, what was received, what is expected."""
+    lines = []
+    known = _all_fields()
+    for e in err.errors(include_url=False):
+        where = _loc(tuple(e["loc"]), data)
+        received = repr(e.get("input"))
+        if len(received) > 80:
+            received = received[:77] + "..."
+        if e["type"] == "extra_forbidden":
+            field = str(e["loc"][-1])
+            close = difflib.get_close_matches(field, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{where}: unknown field {field!r}{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required field is missing")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"{where}: {e['msg']}")
+        else:
+            lines.append(f"{where}: {e['msg']} (received {received})")
+    return "; ".join(lines)
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "NLGraphError",
     "SpecError",
+    "SpecFieldError",
     "SchemaVersionError",
     "CompileError",
     "BackendUnavailableError",
@@ -25,6 +26,15 @@ class NLGraphError(Exception):
 class SpecError(NLGraphError, ValueError):
     """An invalid graph specification: the message names the level or edge, what was received,
     what was expected and how to fix it."""
+
+
+class SpecFieldError(SpecError):
+    """A spec object built with a bad field: ``model`` names its class (``Signal``, ``GD``,
+    ``Level``), ``detail`` the field, what was received and what is allowed."""
+
+    def __init__(self, model: str, detail: str) -> None:
+        super().__init__(f"{model}: {detail}")
+        self.model, self.detail = model, detail
 
 
 class SchemaVersionError(SpecError):

@@ -18,19 +18,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import networkx as nx
-from pydantic import ValidationError
 
-from nlgraph._errors import SpecError
+from nlgraph._errors import SpecError, SpecFieldError
 from nlgraph.flows import FlowBase, Grad, Input, Read, Ref, State, as_flow
 from nlgraph.level import EdgeDiff, GraphSpec, InputSpec, Level
 
 __all__ = ["Graph", "LevelHandle"]
-
-
-def _pydantic_message(err: ValidationError) -> str:
-    from nlgraph.validation import format_validation_error
-
-    return format_validation_error(err)
 
 
 def _json_meta(graph: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -101,10 +94,8 @@ class Graph:
             )
         try:
             self._inputs[name] = InputSpec(name=name, dim=dim, kind=kind)  # type: ignore[arg-type]
-        except ValidationError as err:
-            raise SpecError(
-                f"graph {self.name!r}, input {name!r}: {_pydantic_message(err)}"
-            ) from None
+        except SpecFieldError as err:
+            raise SpecError(f"graph {self.name!r}, input {name!r}: {err.detail}") from None
         return Input(name=name)
 
     def level(self, name: str, **fields: Any) -> LevelHandle:
@@ -119,8 +110,8 @@ class Graph:
             fields["optimizer"] = (opt,)
         try:
             self._levels[name] = Level(name=name, **fields)
-        except ValidationError as err:
-            raise SpecError(f"level {name!r}: {_pydantic_message(err)}") from None
+        except SpecFieldError as err:
+            raise SpecError(f"level {name!r}: {err.detail}") from None
         return LevelHandle(self, name)
 
     def let(self, name: str, flow: object) -> Ref:
@@ -196,8 +187,8 @@ class Graph:
                 diff=tuple(self._diff),
                 meta=_json_meta(self.name, self.meta),
             )
-        except ValidationError as err:
-            raise SpecError(f"graph {self.name!r}: {_pydantic_message(err)}") from None
+        except SpecFieldError as err:
+            raise SpecError(f"graph {self.name!r}: {err.detail}") from None
 
     @classmethod
     def from_spec(cls, spec: GraphSpec) -> Graph:

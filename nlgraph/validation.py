@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import networkx as nx
-from pydantic import BaseModel, ValidationError
 
-from nlgraph._base import IMPORT_PATH_RE, NAME_RE, Spec
+from nlgraph._base import IMPORT_PATH_RE, NAME_RE, format_validation_error
 from nlgraph._errors import SpecError
 from nlgraph.flows import KV, FlowBase, Input, Read, references, walk
 from nlgraph.level import GraphSpec, Level
@@ -29,61 +28,6 @@ __all__ = ["validate", "errors", "format_validation_error", "level_flows"]
 _UNIT_INTERVAL = {"momentum", "retain", "beta", "rate"}
 _NON_NEGATIVE_ACTS = {"sigmoid", "softplus", "exp"}
 _KEYED = ("linear", "mlp", "module", "nonparametric")
-
-
-def _all_fields() -> set[str]:
-    out: set[str] = set()
-    stack: list[type[BaseModel]] = [Spec]
-    while stack:
-        cls = stack.pop()
-        out.update(cls.model_fields)
-        stack.extend(cls.__subclasses__())
-    return out
-
-
-def _loc(loc: tuple[Any, ...], data: Any) -> str:
-    """``levels.2.optimizer`` -> ``level 'm' > optimizer`` when the raw data is at hand."""
-    parts: list[str] = []
-    node = data
-    i = 0
-    while i < len(loc):
-        key = loc[i]
-        if key == "levels" and i + 1 < len(loc) and isinstance(node, dict):
-            try:
-                name = node["levels"][loc[i + 1]].get("name", loc[i + 1])
-            except (KeyError, IndexError, TypeError, AttributeError):
-                name = loc[i + 1]
-            parts.append(f"level {name!r}")
-            node = None
-            i += 2
-            continue
-        parts.append(str(key))
-        node = node.get(key) if isinstance(node, dict) else None
-        i += 1
-    return " > ".join(parts) if parts else "(top level)"
-
-
-def format_validation_error(err: ValidationError, data: Any = None) -> str:
-    """One line per problem: where, what was received, what is expected."""
-    lines = []
-    known = _all_fields()
-    for e in err.errors(include_url=False):
-        where = _loc(tuple(e["loc"]), data)
-        received = repr(e.get("input"))
-        if len(received) > 80:
-            received = received[:77] + "..."
-        if e["type"] == "extra_forbidden":
-            field = str(e["loc"][-1])
-            close = difflib.get_close_matches(field, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            lines.append(f"{where}: unknown field {field!r}{hint}")
-        elif e["type"] == "missing":
-            lines.append(f"{where}: required field is missing")
-        elif e["type"] == "union_tag_invalid":
-            lines.append(f"{where}: {e['msg']}")
-        else:
-            lines.append(f"{where}: {e['msg']} (received {received})")
-    return "; ".join(lines)
 
 
 # ----------------------------------------------------------------------------------- checks

@@ -11,7 +11,8 @@ import nlgraph as nl
 ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC = {
-    "NLGraphError", "SpecError", "SchemaVersionError", "CompileError", "BackendUnavailableError",
+    "NLGraphError", "SpecError", "SpecFieldError", "SchemaVersionError", "CompileError",
+    "BackendUnavailableError",
     "NumericalFaultError", "ReferenceLoopWarning", "Graph", "GraphSpec", "Level", "LevelHandle",
     "SCHEMA_VERSION",
     "validate", "Frequency", "Reset", "every", "per_token", "per_chunk", "per_sequence",
@@ -34,6 +35,28 @@ def test_public_api_is_pinned():
 def test_error_tree():
     for cls in (nl.SpecError, nl.CompileError, nl.BackendUnavailableError, nl.SchemaVersionError):
         assert issubclass(cls, nl.NLGraphError)
+    assert issubclass(nl.SpecFieldError, nl.SpecError)
+
+
+def test_a_bad_field_of_a_dsl_constructor_is_a_spec_error():
+    """One line naming the object, the field, what was received and what is allowed; never
+    pydantic's own error (which links to its website)."""
+    import pydantic
+    import pytest
+
+    cases = [
+        (lambda: nl.signal(nl.const(1.0), act="tanh"), "Signal: act", "'sigmoid'"),
+        (lambda: nl.mlp(4, 4, width=4, depth="x"), "MLP: depth", "'x'"),
+        (lambda: nl.every(0, "token"), "Frequency: every", "0"),
+        (lambda: nl.gd(lr=0.1, nesterov="maybe"), "GD: nesterov", "'maybe'"),
+    ]
+    for build, where, received in cases:
+        with pytest.raises(nl.SpecFieldError) as info:
+            build()
+        assert not isinstance(info.value, pydantic.ValidationError)
+        text = str(info.value)
+        assert text.startswith(where) and received in text and "\n" not in text, text
+        assert "pydantic.dev" not in text
 
 
 def test_py_typed_ships():

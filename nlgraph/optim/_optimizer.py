@@ -21,14 +21,12 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
-from nlgraph._errors import SpecError
+from nlgraph._errors import SpecError, SpecFieldError
 from nlgraph.compiler.optimizer import OptimizerProgram, match, reference_step, scan
 from nlgraph.graph import Graph
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.optimizer import FlatParams
-from nlgraph.validation import format_validation_error
 
 __all__ = ["GraphOptimizer", "compile_optimizer"]
 
@@ -103,10 +101,10 @@ class GraphOptimizer(torch.optim.Optimizer):
                   for k, v in self.graph_kwargs(group).items()}  # fmt: skip
         try:
             spec = type(self).builder(**kwargs).spec
-        except ValidationError as err:
+        except SpecFieldError as err:
             raise SpecError(
                 f"{type(self).__name__}: hyperparameters {kwargs} give an invalid graph: "
-                f"{format_validation_error(err)}"
+                f"{err.detail}"
             ) from None
         skeleton, numbers, _ = scan(spec)
         prog = self._programs.get(skeleton)
