@@ -334,3 +334,28 @@ def test_eval_verb_through_main(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "nosuchsuite"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_module_specs_resolve_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    """``nlgraph compile mymodule:builder`` finds a module in the current directory, as
+    ``python -m`` would; a module or builder that raises is one line naming it."""
+    import sys
+
+    (tmp_path / "nlg_user_mod.py").write_text(
+        "from nlgraph.library import get\n"
+        "def builder():\n    return get('deltanet', d=8)\n"
+        "def broken():\n    return 1 / 0\n"
+    )
+    (tmp_path / "nlg_user_bad.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    for mod in ("nlg_user_mod", "nlg_user_bad"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    assert main(["compile", "nlg_user_mod:builder"]) == 0
+    assert "compiled 'deltanet'" in capsys.readouterr().out
+    assert main(["compile", "nlg_user_mod:broken"]) == 2
+    one_line_error(capsys, "'nlg_user_mod:broken' raised ZeroDivisionError")
+    assert main(["compile", "nlg_user_bad:x"]) == 2
+    one_line_error(capsys, "importing module 'nlg_user_bad'")
+    assert main(["compile", "nlg_user_missing:x"]) == 2
+    one_line_error(capsys, "current directory")

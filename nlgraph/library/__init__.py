@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nlgraph._errors import SpecError
+from nlgraph._errors import NLGraphError, SpecError
 from nlgraph._resolve import resolve
 from nlgraph.graph import Graph
 
@@ -82,6 +82,14 @@ def get(name: str, **kwargs: Any) -> Graph:
         graph = builder(**kwargs)
     except TypeError as err:
         raise SpecError(f"{name!r}: bad arguments {sorted(kwargs)}: {err}") from None
+    except NLGraphError:
+        raise
+    except Exception as err:
+        if name in _REGISTRY:  # a library builder failing is a bug in nlgraph: keep it loud
+            raise
+        raise SpecError(
+            f"{name!r} raised {type(err).__name__}: {err} (--debug shows the traceback)"
+        ) from err
     if not isinstance(graph, Graph):
         raise SpecError(f"{name!r} returned {type(graph).__name__}, expected an nlgraph.Graph")
     return graph
