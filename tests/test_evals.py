@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 
 import pytest
 import torch
 
 import nlgraph as nl
 from nlgraph.evals import languages as fl
-from nlgraph.evals import loop, suites, tasks
+from nlgraph.evals import loop, report, suites, tasks
 from nlgraph.evals.cli import add_eval_parser, cmd_eval
 from nlgraph.evals.errors import EvalConfigError
 from nlgraph.evals.run import run_suites
@@ -168,6 +170,8 @@ def test_carried_state_is_cut_from_past_graphs():
         (lambda: run_suites(["mqar"], models=["transfomer"]), "did you mean 'transformer'"),
         (lambda: run_suites([], models=["transformer"]), "no suite"),
         (lambda: run_suites(["mqar"], jobs=0), "jobs must be"),
+        (lambda: run_suites(["mqar"], seeds=0), "seeds must be a positive int"),
+        (lambda: run_suites(["mqar"], seeds=1.5), "seeds must be a positive int"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(call, match):
@@ -188,13 +192,31 @@ def test_cli_parses_and_rejects():
     args = _parse(["eval", "mqar", "--models", "transformer,hope", "--size", "cms_chunks=8,32"])
     assert args.func is cmd_eval and args.models == ["transformer", "hope"]
     assert args.size == [("cms_chunks", [8, 32])]
-    for bad in (["eval", "--steps", "0"], ["eval", "--size", "d"], ["eval", "--jobs", "x"]):
+    assert (args.seed, args.seeds) == (0, 1)
+    assert _parse(["eval", "--seed", "5", "--seeds", "3"]).seeds == 3
+    for bad in (
+        ["eval", "--steps", "0"],
+        ["eval", "--size", "d"],
+        ["eval", "--jobs", "x"],
+        ["eval", "--seeds", "0"],
+        ["eval", "--seeds", "x"],
+        ["eval", "--seeds", "-2"],
+    ):
         with pytest.raises(argparse.ArgumentError):
             _parse(bad)
     with pytest.raises(EvalConfigError, match="unknown suite 'babi'"):
         cmd_eval(_parse(["eval", "babi"]))
     with pytest.raises(EvalConfigError, match="--languages applies to the formal suite"):
         cmd_eval(_parse(["eval", "mqar", "--languages", "parity"]))
+
+
+@pytest.mark.parametrize("value", ["0", "x", "-1", "1.5"])
+def test_bad_seeds_is_a_one_line_error_with_exit_2(value, capsys):
+    from nlgraph.cli import main
+
+    assert main(["eval", "mqar", "--quick", "--seeds", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seeds" in err and "positive integer" in err
 
 
 def test_the_parser_does_not_import_torch():
@@ -215,7 +237,8 @@ def test_quick_run_writes_the_json_schema(tmp_path, capsys):
         overrides={"formal": {"languages": ["aa"]}},
     )  # fmt: skip
     printed = capsys.readouterr().out
-    assert "MQAR" in printed and "paper" in printed and "direction" in printed
+    assert "MQAR" in printed and "paper" in printed and "direction (ours, this run)" in printed
+    assert "±" not in printed and "spread" not in printed
     for suite in suites.SUITES:
         doc = json.loads((tmp_path / f"{suite}.json").read_text())
         assert doc == json.loads(json.dumps(docs[suite]))
@@ -229,7 +252,11 @@ def test_quick_run_writes_the_json_schema(tmp_path, capsys):
             "paper",
             "checks",
         } <= set(doc)
-        assert doc["suite"] == suite and doc["schema_version"] == 1
+        assert doc["suite"] == suite and doc["schema_version"] == 2
+        # one seed: the numbers and their shape as in schema 1, the new keys beside them
+        assert doc["seeds"] == [0] and doc["seed"] == 0 and doc["results_std"] is None
+        assert doc["results_per_seed"] == [doc["results"]]
+        assert all(c["spread"] is None for c in doc["checks"])
         assert {"torch", "date", "cpus"} <= set(doc["machine"])
         for c in doc["checks"]:
             assert c["verdict"] in ("holds", "does not hold", "tie", "not checked")
@@ -276,11 +303,133 @@ def test_a_unit_is_a_pure_function_of_its_config():
 
 
 def test_numbers_do_not_depend_on_the_pool():
-    kw = dict(models=["transformer", "linear_attention"], quick=True, log=lambda _: None)
+    kw = dict(models=["transformer", "linear_attention"], quick=True, seeds=2, log=lambda _: None)
     serial, pooled = run_suites(["mqar"], jobs=1, **kw), run_suites(["mqar"], jobs=2, **kw)
-    for m in ("transformer", "linear_attention"):
-        a, b = serial["mqar"]["results"][m], pooled["mqar"]["results"][m]
-        assert (a["final_loss"], a["accuracy"]) == (b["final_loss"], b["accuracy"])
+    for k in range(2):
+        for m in ("transformer", "linear_attention"):
+            a = serial["mqar"]["results_per_seed"][k][m]
+            b = pooled["mqar"]["results_per_seed"][k][m]
+            assert (a["final_loss"], a["accuracy"]) == (b["final_loss"], b["accuracy"])
+
+
+# ------------------------------------------------------------------------------ seeds
+
+
+def _leaves(tree, path=()):
+    """``(path, value)`` for every leaf of a results tree."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, (*path, i))
+    else:
+        yield path, tree
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def test_seeds_report_per_seed_values_mean_and_std(tmp_path, capsys):
+    docs = run_suites(
+        models=["transformer", "linear_attention"], quick=True, out=tmp_path, jobs=1, seed=3,
+        seeds=2, overrides={"formal": {"languages": ["aa"]}},
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "x 2 seeds" in printed and "mqar transformer seed 4:" in printed
+    for suite in suites.SUITES:
+        doc = json.loads((tmp_path / f"{suite}.json").read_text())
+        assert doc == json.loads(json.dumps(docs[suite]))
+        assert doc["schema_version"] == 2 and doc["seeds"] == [3, 4] and doc["seed"] == 3
+        runs, mean, std = doc["results_per_seed"], doc["results"], doc["results_std"]
+        assert len(runs) == 2 and set(runs[0]) == set(runs[1]) == set(mean) == set(std)
+        numbers = 0
+        for path, m in _leaves(mean):
+            values = [_get(r, path) for r in runs]
+            sd = _get(std, path)
+            if isinstance(values[0], int | float) and not isinstance(values[0], bool):
+                numbers += 1
+                x = torch.tensor(values, dtype=torch.float64)  # NaN-safe, unlike statistics
+                assert m == pytest.approx(float(x.mean()), abs=1e-6, nan_ok=True)
+                assert sd == pytest.approx(float(x.std(correction=1)), abs=1e-6, nan_ok=True)
+                if values[0] == values[1]:  # e.g. params: the same value, the same type
+                    assert m == values[0] and type(m) is type(values[0]) and sd == 0
+            else:  # a status, a name: the common value, or each seed's
+                assert sd is None
+                assert m == (values[0] if values[0] == values[1] else "/".join(map(str, values)))
+        assert numbers > 10
+        # the spread of some score is not zero: the seeds really differ
+        assert any(isinstance(v, float) and v > 0 for _, v in _leaves(std))
+        assert doc["spread_rule"] == report.SPREAD_RULE
+        for c in doc["checks"]:
+            assert c["spread"] in (("beyond", "within") if c["holds"] is not None else (None,))
+        text = (tmp_path / f"{suite}.txt").read_text()
+        assert text.strip() in printed
+        assert "±" in text and "over 2 seeds" in text and report.SPREAD_RULE in text
+    mqar = docs["mqar"]["results"]["transformer"]
+    row = next(ln for ln in printed.splitlines() if ln.startswith("Transformer"))
+    assert f"{100 * mqar['accuracy']:.1f}±" in row
+    assert "within the spread" in printed or "beyond the spread" in printed
+    # seed k of the report is the run with seed k, alone
+    unit = suites.units("mqar", docs["mqar"]["config"], ["transformer"])[0]
+    for k, sd in enumerate((3, 4)):
+        alone = suites.run_unit(unit, seed=sd)
+        got = docs["mqar"]["results_per_seed"][k]["transformer"]
+        assert (got["final_loss"], got["accuracy"]) == (alone["final_loss"], alone["accuracy"])
+
+
+def test_one_seed_is_the_numbers_of_that_seed():
+    kw = dict(models=["transformer"], quick=True, jobs=1, log=lambda _: None)
+    doc = run_suites(["mqar"], seed=2, **kw)["mqar"]
+    unit = suites.units("mqar", doc["config"], ["transformer"])[0]
+    alone, got = suites.run_unit(unit, seed=2), doc["results"]["transformer"]
+    assert (got["final_loss"], got["accuracy"]) == (alone["final_loss"], alone["accuracy"])
+    assert got["params"] == alone["params"] and isinstance(got["params"], int)
+    assert "±" not in report.render(doc)
+
+
+def test_aggregate_is_the_mean_and_the_sample_std():
+    mean, std = report.aggregate([{"a": 1, "b": [0.5, "x"]}, {"a": 2, "b": [0.25, "x"]}])
+    assert mean == {"a": 1.5, "b": [0.375, "x"]}
+    # rounded to 6 decimals
+    assert std["a"] == pytest.approx(math.sqrt(0.5), abs=1e-6) and std["b"][1] is None
+    assert std["b"][0] == pytest.approx(statistics.stdev([0.5, 0.25]), abs=1e-6)
+    assert report.aggregate([{"a": 7}]) == ({"a": 7}, {"a": None})
+    assert report.aggregate([200, 200, 200]) == (200, 0.0)
+    assert report.aggregate(["ok", "diverged"]) == ("ok/diverged", None)
+    m, s = report.aggregate([0.1, 0.2, 0.6])
+    assert m == pytest.approx(0.3, abs=1e-6)
+    assert s == pytest.approx(statistics.stdev([0.1, 0.2, 0.6]), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values,sd,verdict,spread",
+    [
+        ({"hope": 0.9, "titans_lm": 0.5}, {"hope": 0.1, "titans_lm": 0.1}, "holds", "beyond"),
+        ({"hope": 0.6, "titans_lm": 0.5}, {"hope": 0.1, "titans_lm": 0.1}, "holds", "within"),
+        ({"hope": 0.5, "titans_lm": 0.6}, {"hope": 0.1, "titans_lm": 0.1}, "does not hold",
+         "within"),
+        ({"hope": 0.2, "titans_lm": 0.6}, {"hope": 0.1, "titans_lm": 0.1}, "does not hold",
+         "beyond"),
+        ({"hope": 0.5, "titans_lm": 0.5}, {"hope": 0.0, "titans_lm": 0.0}, "tie", "within"),
+        ({"hope": 0.9, "titans_lm": 0.5}, None, "holds", None),
+    ],
+)  # fmt: skip
+def test_a_direction_says_whether_it_holds_beyond_the_spread(values, sd, verdict, spread):
+    chain = report._check("c", values, ["hope", "titans_lm"], sd)
+    pair = report._beats("c", values, "hope", ["titans_lm"], sd)
+    for c in (chain, pair):
+        assert (c["verdict"], c["spread"]) == (verdict, spread)
+    # a chain holds beyond the spread only if every step of it does
+    three = {**values, "linear_attention": values["titans_lm"] - 0.15}
+    sd3 = None if sd is None else {**sd, "linear_attention": 0.1}
+    c = report._check("c", three, ["hope", "titans_lm", "linear_attention"], sd3)
+    # the last step (0.15 apart, spread 0.2 or 0.1 + 0) is within unless the first is reversed
+    reversed_first = spread == "beyond" and verdict == "does not hold"
+    assert c["spread"] == (None if sd is None else "beyond" if reversed_first else "within")
 
 
 @pytest.mark.parametrize("suite", ["mqar", "niah", "formal"])

@@ -26,6 +26,7 @@ __all__ = ["add_eval_parser", "cmd_eval", "EXAMPLES"]
 EXAMPLES = (
     "nlgraph eval                        # every suite, the four default models (~10 min)\n"
     "  nlgraph eval --quick              # seconds: the smoke test of the whole pipeline\n"
+    "  nlgraph eval mqar --seeds 3       # mean±std over seeds 0, 1, 2\n"
     "  nlgraph eval formal --languages parity,aa --models hope,transformer --steps 400\n"
     "  nlgraph eval mqar niah --models deltanet,hope_attention --out runs/recall\n"
     "  nlgraph eval continual --size cms_lrs=1.0 --jobs 1"
@@ -98,6 +99,13 @@ def add_eval_parser(sub: Any, make_verb: Callable[[str, str], argparse.ArgumentP
     )
     a("--seed", type=_seed, default=0, help="initialisation and data (default 0)")
     a(
+        "--seeds",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run everything with seeds SEED..SEED+N-1 and report mean±std (default 1)",
+    )
+    a(
         "--jobs",
         type=_positive_int,
         default=2,
@@ -137,6 +145,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides["continual"]["models"] = args.continual_models
     run_suites(
         names, models=args.models or list(DEFAULT_MODELS), quick=args.quick,
-        overrides=overrides, seed=args.seed, out=args.out, jobs=args.jobs,
+        overrides=overrides, seed=args.seed, seeds=args.seeds, out=args.out, jobs=args.jobs,
     )  # fmt: skip
     return 0
