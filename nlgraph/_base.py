@@ -20,20 +20,30 @@ IMPORT_PATH_RE = re.compile(
 )
 
 
-class Spec(BaseModel):
+class _SpecMeta(type(BaseModel)):  # type: ignore[misc]
+    """Constructing a spec object (``GD(...)``, ``nl.gd(...)``, ``Level(...)``) with a bad
+    field raises :class:`~nlgraph.SpecFieldError`. Only explicit construction passes through
+    here: pydantic validating nested data (``GraphSpec.model_validate``, loading a file)
+    builds its objects without calling the class, so its errors keep their full path."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as err:
+            raise SpecFieldError(cls.__name__, format_validation_error(err)) from None
+
+
+class Spec(BaseModel, metaclass=_SpecMeta):
     """Frozen pydantic model with ``extra="forbid"``: a typo in a field name is an error.
 
     A bad field raises :class:`~nlgraph.SpecFieldError` (a :class:`~nlgraph.SpecError`) naming
     the spec object, the field, what was received and what is allowed, never pydantic's own
     error."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as err:
-            raise SpecFieldError(type(self).__name__, format_validation_error(err)) from None
+    # allow_inf_nan=False: every number of a spec (a rate, a scale, a size) must be finite
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
+    )
 
 
 def _all_fields() -> set[str]:

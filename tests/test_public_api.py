@@ -72,3 +72,35 @@ def test_declare_example_runs(tmp_path):
     assert (
         nl.load(tmp_path / "delta_memory_with_momentum.yaml").name == "delta_memory_with_momentum"
     )
+
+
+def test_a_loaded_file_keeps_the_path_to_a_bad_field(tmp_path):
+    """Loading a file validates nested data without calling the classes: its errors name the
+    level and the path to the field (not a chain of per-class errors)."""
+    import json
+
+    import pytest
+
+    from nlgraph.library import get
+
+    data = nl.to_dict(get("deltanet", d=8))
+    for bad, want in (('"act": "tanh"', "act: Input should be"), ('"scale": NaN', "finite")):
+        text = json.dumps(data).replace(bad.replace("tanh", "sigmoid").replace("NaN", "1.0"),
+                                        bad, 1)  # fmt: skip
+        path = tmp_path / "bad.json"
+        path.write_text(text)
+        with pytest.raises(nl.SpecError) as info:
+            nl.load(path)
+        msg = str(info.value)
+        assert "level 'M' > optimizer > 0 > gd > lr" in msg and want in msg, msg
+        assert "Value error" not in msg
+
+
+def test_every_number_of_a_spec_is_finite():
+    import pytest
+
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(nl.SpecFieldError, match="finite"):
+            nl.gd(lr=value)
+        with pytest.raises(nl.SpecFieldError, match="finite"):
+            nl.ema(value)
