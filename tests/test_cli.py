@@ -359,3 +359,12 @@ def test_module_specs_resolve_from_the_current_directory(tmp_path, monkeypatch, 
     one_line_error(capsys, "importing module 'nlg_user_bad'")
     assert main(["compile", "nlg_user_missing:x"]) == 2
     one_line_error(capsys, "current directory")
+
+
+def test_width_bindings_are_checked(capsys):
+    """A --dim the spec does not name, or one too large to allocate, is refused (it was
+    ignored, or ran into the allocator)."""
+    assert main(["compile", "deltanet", "--dim", "zzz=5"]) == 2
+    one_line_error(capsys, "no symbolic width 'zzz'")
+    assert main(["compile", "deltanet", "--dim", "d=99999999999999999999"]) == 2
+    one_line_error(capsys, "exceed 65,536")

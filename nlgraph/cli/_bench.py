@@ -7,7 +7,7 @@ import statistics
 import time
 from typing import Any
 
-from nlgraph.cli._common import load_spec
+from nlgraph.cli._common import load_spec, width_bindings
 from nlgraph.cli._compile import _random_inputs
 
 
@@ -19,7 +19,7 @@ def _time_backend(graph: Any, backend: str, args: argparse.Namespace) -> dict[st
     dims = dict(args.dim)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    learner = compile(graph, backend=backend, dtype=dtype, **dims)
+    learner = compile(graph, backend=backend, dtype=dtype, **width_bindings(graph, dims))
     inputs = _random_inputs(learner, (args.batch, args.seq), dims, dtype, args.seed)
     blocks = any(lp.lowering == "boundary" for lp in learner.plan.levels.values())
 

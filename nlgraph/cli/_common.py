@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from nlgraph._errors import NLGraphError
 
@@ -39,3 +40,15 @@ def load_spec(ref: str, stdin_text: str | None = None):
 
 
 # ------------------------------------------------------------------------------ list/show/...
+
+
+def width_bindings(graph: Any, dims: dict[str, int]) -> dict[str, int]:
+    """The ``--dim`` bindings for ``compile``: ``vocab`` sizes token inputs of random test
+    inputs (``--verify``, ``bench``), so it goes to the compiler only when the spec names it
+    as a symbolic width."""
+    from nlgraph.compiler import symbolic_widths
+
+    spec = graph.spec if hasattr(graph, "spec") else graph
+    if "vocab" in dims and "vocab" not in symbolic_widths(spec):
+        dims = {k: v for k, v in dims.items() if k != "vocab"}
+    return dims

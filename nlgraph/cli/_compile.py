@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nlgraph._errors import CompileError
-from nlgraph.cli._common import UsageError, load_spec
+from nlgraph.cli._common import UsageError, load_spec, width_bindings
 from nlgraph.kernels import forced_backend
 
 # --verify tolerance: max |chosen - reference| / max |reference| per tensor.
@@ -27,7 +27,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     def build(b: str):
         torch.manual_seed(args.seed)
-        return compile(graph, backend=b, dtype=dtype, **dims)
+        return compile(graph, backend=b, dtype=dtype, **width_bindings(graph, dims))
 
     forced = forced_backend()
     if args.verify and forced:

@@ -16,7 +16,23 @@ from nlgraph.graph import Graph
 from nlgraph.level import GraphSpec
 from nlgraph.validation import validate
 
-__all__ = ["compile", "CompiledLearner", "Plan"]
+__all__ = ["compile", "CompiledLearner", "Plan", "symbolic_widths", "MAX_WIDTH"]
+
+
+MAX_WIDTH = 1 << 16  # the largest value a symbolic width may take (docs/cli.md, "Limits")
+
+
+def symbolic_widths(spec: GraphSpec) -> set[str]:
+    """The symbolic widths (``"d"``, ``"d_head"``) the graph's inputs and states name."""
+    names: set[str] = {i.dim for i in spec.inputs if isinstance(i.dim, str)}
+    for lv in spec.levels:
+        st = lv.state
+        for field in ("d_in", "d_out", "width", "dim"):
+            value = getattr(st, field, None)
+            if isinstance(value, str):
+                names.add(value)
+        names.update(d for d in getattr(st, "shape", ()) if isinstance(d, str))
+    return names
 
 
 def compile(  # noqa: A001 - mirrors torch.compile
@@ -45,9 +61,23 @@ def compile(  # noqa: A001 - mirrors torch.compile
         raise CompileError(
             f"unknown backend {backend!r}; expected auto, reference, chunk or triton"
         )
-    bad = {k: v for k, v in dims.items() if not isinstance(v, int) or v < 1}
+    bad = {k: v for k, v in dims.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
     if bad:
         raise CompileError(f"widths must be positive ints, got {bad}")
+    huge = {k: v for k, v in dims.items() if v > MAX_WIDTH}
+    if huge:
+        raise CompileError(
+            f"widths {huge} exceed {MAX_WIDTH:,} (one square layer of that width would take "
+            f"{MAX_WIDTH**2 * 4 / 2**30:.0f} GiB); pass a smaller width"
+        )
+    known = symbolic_widths(spec)
+    unknown = sorted(set(dims) - known)
+    if unknown:
+        names = ", ".join(sorted(known)) if known else "none: every width is a number"
+        raise CompileError(
+            f"graph {spec.name!r} has no symbolic width {', '.join(map(repr, unknown))} (its "
+            f"symbolic widths: {names}); bind only those"
+        )
     plan = make_plan(spec, dict(dims), backend)
     learner = CompiledLearner(plan, backend).to(device=device, dtype=dtype)
     if torch_compile:
