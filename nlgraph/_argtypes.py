@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 
-__all__ = ["positive_int", "seed", "positive_float", "dim"]
+__all__ = ["positive_int", "bounded_int", "seed", "positive_float", "dim", "MAX_SEED"]
+
+MAX_SEED = 2**32 - 1  # every generator nlgraph seeds (torch, Python, numpy) takes 32 bits
 
 
 def positive_int(text: str) -> int:
@@ -18,13 +20,30 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bounded_int(most: int, why: str):
+    """An argparse type: a positive integer of at most ``most`` (``why`` says why, in the
+    message and in docs/cli.md, "Limits")."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(
+                f"expected a positive integer of at most {most:,} ({why}), got {text!r}"
+            )
+        return value
+
+    return parse
+
+
 def seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 0 and at most {MAX_SEED:,} (a 32-bit seed), got {text!r}"
+        )
     return value
 
 

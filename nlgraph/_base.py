@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -11,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from nlgraph._errors import SpecFieldError
 
 __all__ = ["Spec", "NAME_RE", "IMPORT_PATH_RE", "format_validation_error"]
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 3, 4, 4, 60, 60
 
 # Level and input names: identifiers, optionally dotted (``block0.cms.fast``) for nesting.
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -84,7 +88,7 @@ def format_validation_error(err: ValidationError, data: Any = None) -> str:
     known = _all_fields()
     for e in err.errors(include_url=False):
         where = _loc(tuple(e["loc"]), data)
-        received = repr(e.get("input"))
+        received = _SHORT.repr(e.get("input"))  # bounded: never walks a whole (shared) value
         if len(received) > 80:
             received = received[:77] + "..."
         if e["type"] == "extra_forbidden":
@@ -99,4 +103,3 @@ def format_validation_error(err: ValidationError, data: Any = None) -> str:
         else:
             lines.append(f"{where}: {e['msg']} (received {received})")
     return "; ".join(lines)
-

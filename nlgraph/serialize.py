@@ -20,6 +20,72 @@ from nlgraph.validation import format_validation_error
 
 __all__ = ["to_dict", "from_dict", "to_json", "from_json", "to_yaml", "from_yaml", "load", "save"]
 
+# Bounds on a spec document, checked before it is parsed into objects or validated: the
+# library's largest specs nest 13 levels deep and hold a few thousand values.
+MAX_SPEC_BYTES = 16 << 20
+MAX_DEPTH = 100
+MAX_VALUES = 1_000_000  # counted as expanded: a YAML alias counts every time it is used
+
+
+def _bounded_text(text: str, source: str) -> None:
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{source}: {len(text):,} characters, more than a spec may hold ({MAX_SPEC_BYTES:,})"
+        )
+
+
+def _too_deep(source: str) -> SpecError:
+    return SpecError(f"{source}: nested more than {MAX_DEPTH} levels deep; a spec nests far less")
+
+
+def _check_shape(data: Any, source: str) -> None:
+    """Depth and value count of parsed JSON (no sharing), without recursion."""
+    stack, count = [(data, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise _too_deep(source)
+        if count > MAX_VALUES:
+            raise SpecError(f"{source}: more than {MAX_VALUES:,} values; not a spec nlgraph wrote")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _check_yaml(text: str, source: str) -> None:
+    """Depth and expanded size of a YAML document's node graph, before anything is built from
+    it: aliases are counted each time they are used, so an alias bomb is refused unexpanded."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise _too_deep(source) from None
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded values, depth)
+
+    def measure(node: Any) -> tuple[int, int]:
+        hit = sizes.get(id(node))
+        if hit is None:
+            children: list[Any] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [v for pair in node.value for v in pair]
+            parts = [measure(c) for c in children]
+            hit = (1 + sum(p[0] for p in parts), 1 + max((p[1] for p in parts), default=0))
+            if hit[1] > MAX_DEPTH:
+                raise _too_deep(source)
+            if hit[0] > MAX_VALUES:
+                raise SpecError(
+                    f"{source}: expands to more than {MAX_VALUES:,} values (YAML aliases "
+                    "counted each time they are used); not a spec nlgraph wrote"
+                )
+            sizes[id(node)] = hit
+        return hit
+
+    if root is not None:
+        measure(root)
+
 
 def _spec(graph: Graph | GraphSpec) -> GraphSpec:
     return graph.spec if isinstance(graph, Graph) else graph
@@ -81,10 +147,14 @@ def to_json(graph: Graph | GraphSpec, indent: int | None = 2) -> str:
 
 
 def from_json(text: str, source: str = "JSON spec") -> Graph:
+    _bounded_text(text, source)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise SpecError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:
+        raise _too_deep(source) from None
+    _check_shape(data, source)
     return from_dict(data, source)
 
 
@@ -93,7 +163,9 @@ def to_yaml(graph: Graph | GraphSpec) -> str:
 
 
 def from_yaml(text: str, source: str = "YAML spec") -> Graph:
+    _bounded_text(text, source)
     try:
+        _check_yaml(text, source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None

@@ -368,3 +368,55 @@ def test_width_bindings_are_checked(capsys):
     one_line_error(capsys, "no symbolic width 'zzz'")
     assert main(["compile", "deltanet", "--dim", "d=99999999999999999999"]) == 2
     one_line_error(capsys, "exceed 65,536")
+
+
+HOSTILE_SPECS = {
+    "deep JSON": '{"a":' * 100000 + "1" + "}" * 100000,
+    "deep YAML": "[" * 100000 + "]" * 100000,
+    # nine levels of nine aliases: 9^9 values if expanded, 400 bytes as written
+    "alias bomb": "\n".join(
+        ["a: &a [x, x, x, x, x, x, x, x, x]"]
+        + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]"
+           for i in range(9)]
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("verb", ["validate", "show"])
+@pytest.mark.parametrize("name", list(HOSTILE_SPECS))
+def test_hostile_documents_are_one_line_and_quick(verb, name, tmp_path, capsys):
+    import time
+
+    suffix = ".json" if name == "deep JSON" else ".yaml"
+    path = tmp_path / f"hostile{suffix}"
+    path.write_text(HOSTILE_SPECS[name])
+    t0 = time.perf_counter()
+    assert main([verb, str(path)]) == 2
+    assert time.perf_counter() - t0 < 20
+    one_line_error(capsys, "levels deep" if "deep" in name else "aliases")
+
+
+def test_hostile_stdin_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO(HOSTILE_SPECS["deep JSON"]))
+    assert main(["validate", "-"]) == 2
+    one_line_error(capsys, "levels deep")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["compile", "deltanet", "--verify", "--batch", "999999999999"], "at most 4,096"),
+        (["compile", "deltanet", "--verify", "--seq", "99999999999999999999"], "at most 65,536"),
+        (["compile", "deltanet", "--seed", "99999999999999999999999"], "32-bit seed"),
+        (["bench", "deltanet", "--batch", "999999999999"], "at most 4,096"),
+        (["viz", "cms", "--kind", "timeline", "--ticks", "99999999999999999999", "-o", "t.png"],
+         "at most 4,096"),
+        (["compile", "deltanet", "--verify", "--batch", "4096", "--seq", "65536"], "tokens"),
+    ],
+)  # fmt: skip
+def test_sizes_past_their_limits_are_refused_before_work(argv, needle, tmp_path, capsys,
+                                                         monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    one_line_error(capsys, needle)
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from nlgraph._argtypes import bounded_int
 from nlgraph._argtypes import dim as _dim
-from nlgraph._argtypes import positive_int as _positive
 from nlgraph._argtypes import seed as _seed
 from nlgraph._errors import NLGraphError
 from nlgraph.cli._bench import _cmd_bench
@@ -49,6 +49,13 @@ EXAMPLES = {
 }
 
 SPEC_HELP = "a library name, a .json/.yaml file, module:function, or - for stdin"
+
+
+# Limits of the command line's sizes (docs/cli.md, "Limits"), checked before any work starts.
+_BATCH = bounded_int(4096, "sequences per batch")
+_SEQ = bounded_int(65536, "tokens per sequence")
+_REPEATS = bounded_int(1000, "timed repeats")
+_TICKS = bounded_int(4096, "columns of the drawn timeline")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="nesting",
         help="levels as nested boxes, the frequency ladder, or updates per token tick",
     )
-    p.add_argument("--ticks", type=_positive, metavar="N", help="timeline width (default 128)")
+    p.add_argument("--ticks", type=_TICKS, metavar="N", help="timeline width (default 128)")
 
     p = verb("compile", "build the PyTorch learner; print its plan; check it", _cmd_compile)
     p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
@@ -167,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dim", type=_dim, action="append", default=[], metavar="NAME=INT",
         help="bind a symbolic width (repeatable); vocab=N sizes token inputs",
     )  # fmt: skip
-    p.add_argument("--batch", type=_positive, default=2, metavar="B", help="default 2")
-    p.add_argument("--seq", type=_positive, default=16, metavar="T", help="default 16")
+    p.add_argument("--batch", type=_BATCH, default=2, metavar="B", help="default 2")
+    p.add_argument("--seq", type=_SEQ, default=16, metavar="T", help="default 16")
     p.add_argument(
         "--dtype",
         choices=["float32", "float64"],
@@ -181,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("bench", "time a graph's forward and training step per backend", _cmd_bench)
     p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--backends", default="reference,chunk", help="comma list, first = baseline")
-    p.add_argument("--batch", type=_positive, default=2)
-    p.add_argument("--seq", type=_positive, default=128)
-    p.add_argument("--repeats", type=_positive, default=3)
+    p.add_argument("--batch", type=_BATCH, default=2)
+    p.add_argument("--seq", type=_SEQ, default=128)
+    p.add_argument("--repeats", type=_REPEATS, default=3)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=INT")

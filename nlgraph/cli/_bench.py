@@ -7,7 +7,7 @@ import statistics
 import time
 from typing import Any
 
-from nlgraph.cli._common import load_spec, width_bindings
+from nlgraph.cli._common import check_tokens, load_spec, width_bindings
 from nlgraph.cli._compile import _random_inputs
 
 
@@ -52,6 +52,7 @@ def _time_backend(graph: Any, backend: str, args: argparse.Namespace) -> dict[st
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    check_tokens(args.batch, args.seq)
     graph = load_spec(args.spec)
     rows = [(b, _time_backend(graph, b, args)) for b in args.backends.split(",")]
     base = rows[0][1]

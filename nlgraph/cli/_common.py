@@ -52,3 +52,15 @@ def width_bindings(graph: Any, dims: dict[str, int]) -> dict[str, int]:
     if "vocab" in dims and "vocab" not in symbolic_widths(spec):
         dims = {k: v for k, v in dims.items() if k != "vocab"}
     return dims
+
+
+MAX_TOKENS = 1 << 20  # batch x sequence of random test inputs (docs/cli.md, "Limits")
+
+
+def check_tokens(batch: int, seq: int) -> None:
+    """Refuse test inputs of more than :data:`MAX_TOKENS` tokens before anything is built."""
+    if batch * seq > MAX_TOKENS:
+        raise UsageError(
+            f"--batch {batch} x --seq {seq} = {batch * seq:,} tokens, more than {MAX_TOKENS:,}; "
+            "make one of them smaller"
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nlgraph._errors import CompileError
-from nlgraph.cli._common import UsageError, load_spec, width_bindings
+from nlgraph.cli._common import UsageError, check_tokens, load_spec, width_bindings
 from nlgraph.kernels import forced_backend
 
 # --verify tolerance: max |chosen - reference| / max |reference| per tensor.
@@ -14,6 +14,9 @@ TOLERANCE = {"float64": 1e-8, "float32": 1e-3}
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     import torch
+
+    if args.verify:
+        check_tokens(args.batch, args.seq)
 
     from nlgraph.compiler import compile
 
