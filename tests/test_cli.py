@@ -420,3 +420,46 @@ def test_sizes_past_their_limits_are_refused_before_work(argv, needle, tmp_path,
     assert main(argv) == 2
     one_line_error(capsys, needle)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_bug_in_nlgraph_keeps_its_traceback_and_says_how_to_report(monkeypatch, capsys):
+    import nlgraph.cli as cli
+
+    def boom(_args):
+        raise KeyError("internal")
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["list"])
+    args.func = boom
+    monkeypatch.setattr(cli, "build_parser", lambda: _Fixed(parser, args))
+    assert main(["list"]) == cli.INTERNAL_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError" in err and "nlgraph env" in err
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    import nlgraph.cli as cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["list"])
+
+    def oom(_args):
+        raise MemoryError
+
+    args.func = oom
+    monkeypatch.setattr(cli, "build_parser", lambda: _Fixed(parser, args))
+    assert main(["list"]) == 2
+    one_line_error(capsys, "out of memory")
+
+
+class _Fixed:
+    """A parser stand-in returning prepared arguments (to inject a failing command)."""
+
+    def __init__(self, parser, args):
+        self.parser, self.args = parser, args
+
+    def parse_args(self, argv):
+        return self.args
+
+    def print_help(self):
+        self.parser.print_help()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,8 @@ EXAMPLES = {
 
 SPEC_HELP = "a library name, a .json/.yaml file, module:function, or - for stdin"
 
+
+INTERNAL_ERROR = 3  # exit code of a bug in nlgraph (2: a user error, 1: --verify mismatch)
 
 # Limits of the command line's sizes (docs/cli.md, "Limits"), checked before any work starts.
 _BATCH = bounded_int(4096, "sequences per batch")
@@ -235,9 +238,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"nlgraph {args.verb}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except MemoryError:  # a resource limit, not a bug: the sizes asked for do not fit
+        if args.debug:
+            raise
+        print(f"nlgraph {args.verb}: error: out of memory; make the batch, sequence or model "
+              "smaller", file=sys.stderr)  # fmt: skip
+        return 2
     except KeyboardInterrupt:
         print(f"nlgraph {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # anything else is a bug in nlgraph: keep the traceback, say so
+        traceback.print_exc()
+        print(f"nlgraph {args.verb}: internal error (a bug in nlgraph, not in your input); "
+              "please report it with the traceback above and the output of `nlgraph env`",
+              file=sys.stderr)  # fmt: skip
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover
