@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from nlgraph._errors import CompileError
 from nlgraph.compiler.build import build_levels
 from nlgraph.compiler.lowerings import boundary
+from nlgraph.compiler.lowerings._state import detach_state
 from nlgraph.compiler.lowerings.boundary import Block
 from nlgraph.compiler.lowerings.cluster import Cluster
 from nlgraph.compiler.lowerings.memory import memory_module
@@ -197,6 +198,9 @@ class CompiledLearner(nn.Module):
         for lv in blocks:
             if lv.name not in state:
                 state[lv.name] = self.blocks[_key(lv.name)].initial_state(B)
+            else:  # a carried state may come detached (streaming): its parameters stay live
+                st = state[lv.name]
+                state[lv.name] = {**st, "theta": [boundary.live(t) for t in st["theta"]]}
         if not blocks or loss_fn is None or not writes:
             outputs, state = self._piece(inputs, state, writes)
             for lv in blocks:  # signals the program handed over for an update that is not run
@@ -253,6 +257,8 @@ class CompiledLearner(nn.Module):
                 start = end
         outputs = {k: torch.cat([p[k] for p in pieces], dim=1) for k in pieces[0]}
         outputs["loss"] = total
+        if not differentiable:  # under torch.no_grad(): nothing returned carries a graph
+            outputs, state = detach_state(outputs), detach_state(state)
         return outputs, state
 
     def _piece(

@@ -50,7 +50,7 @@ from nlgraph.level import Level
 
 __all__ = [
     "Block", "initial", "truncate", "apply", "cut_points", "accumulate_and_update",
-    "buffer_keys", "token_weighted",
+    "buffer_keys", "token_weighted", "live",
 ]  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def initial(
     # claims requires_grad but is cut from the graph, and the first chunk would learn nothing.
     with torch.enable_grad():
         theta = [p.detach() if detach else p for p in module.parameters()]
-        theta = [_live(t.unsqueeze(0).expand(batch, *t.shape)) for t in theta]
+        theta = [live(t.unsqueeze(0).expand(batch, *t.shape)) for t in theta]
     state = {"theta": theta, "acc": [torch.zeros_like(t) for t in theta], "phase": 0, "updates": 0}
     for k in buffers:
         state[k] = [torch.zeros_like(t) for t in theta]
@@ -96,7 +96,7 @@ def token_weighted(rules: tuple[ir.Rule, ...]) -> int | None:
 def truncate(state: dict[str, Any]) -> dict[str, Any]:
     """The state with its parameters cut from the graph of the updates before (truncated(k)):
     later gradients reach back no further than this point."""
-    out = {**state, "theta": [_live(t.detach()) for t in state["theta"]],
+    out = {**state, "theta": [live(t.detach()) for t in state["theta"]],
            "acc": [a.detach() for a in state["acc"]]}  # fmt: skip
     for k in state:
         if k.startswith("momentum"):
@@ -104,7 +104,7 @@ def truncate(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _live(t: torch.Tensor) -> torch.Tensor:
+def live(t: torch.Tensor) -> torch.Tensor:
     # Gradients are taken with respect to theta: a frozen or detached theta becomes a leaf that
     # requires grad (its own gradient never reaches the outer optimizer).
     return t if t.requires_grad else t.detach().clone().requires_grad_()
@@ -195,7 +195,10 @@ def accumulate_and_update(
             new = {"acc": [torch.zeros_like(a) for a in acc], "phase": 0,
                    "updates": st["updates"] + 1}  # fmt: skip
             new.update({k: bufs[r] for r, k in keys.items()})
-            states[lv.name] = {**st, "theta": [_live(t) for t in theta], **new}
+            # Without meta-gradients the new parameters start a fresh graph: a long stream run
+            # under torch.no_grad() would otherwise chain every update's graph to the next.
+            theta = theta if create_graph else [t.detach() for t in theta]
+            states[lv.name] = {**st, "theta": [live(t) for t in theta], **new}
             updated.append(lv.name)
         else:
             states[lv.name] = {**st, "acc": acc, "phase": phase}
