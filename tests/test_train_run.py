@@ -131,7 +131,7 @@ def test_nan_stops_names_the_level_and_keeps_the_checkpoint(docs, tmp_path):
         t.run()
     msg = str(info.value)
     assert "step 5" in msg and "nan loss" in msg and "'block0.attn.W_q'" in msg
-    assert "last good checkpoint is kept" in msg and "\n" not in msg
+    assert "last good checkpoint (step 4," in msg and ") is kept" in msg and "\n" not in msg
     saved = ckpt.load(tmp_path / "checkpoint.pt")
     assert saved["step"] == 4
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if torch.is_tensor(v))

@@ -7,7 +7,8 @@ Wiring (in ``nlgraph/cli.py``: ``EXAMPLES`` gains the entry, ``build_parser`` th
     add_train_parser(sub, lambda name, help: verb(name, help, cmd_train))
 
 ``add_train_parser`` also sets ``func=cmd_train`` itself. Its errors are ``NLGraphError``s
-(``DataError``, ``CheckpointError``, ``TrainConfigError``, ``NumericalFaultError``), which
+(``DataError``, ``CheckpointError``, ``TrainConfigError``, ``OutputError``,
+``NumericalFaultError``), which
 ``main`` already prints as one line with exit code 2; ``cmd_train`` returns 130 after Ctrl-C.
 """
 

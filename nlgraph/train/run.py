@@ -8,7 +8,9 @@ time budget, so every model still sees exactly the same tokens.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import platform
 import sys
 import time
@@ -19,13 +21,13 @@ from typing import Any
 import torch
 
 from nlgraph.train import distributed as D
-from nlgraph.train.checkpoint import load
+from nlgraph.train.checkpoint import check_schema, load, write_checkpoint
 from nlgraph.train.data import Corpus, load_corpus
-from nlgraph.train.errors import CheckpointError, TrainConfigError
+from nlgraph.train.errors import CheckpointError, OutputError, TrainConfigError
 from nlgraph.train.metrics import MEMORY_METHOD, plot, table, write_csv, write_json
 from nlgraph.train.models import build_learner, build_optimizer, count_params, match_hidden
 from nlgraph.train.progress import format_duration
-from nlgraph.train.trainer import TrainConfig, Trainer
+from nlgraph.train.trainer import COMPARED, TrainConfig, Trainer, check_checkpoint
 
 __all__ = ["RunOptions", "RunLog", "train_run", "BASELINES"]
 
@@ -34,6 +36,8 @@ DEFAULT_BUDGET_MIN = 10.0
 MIN_STEPS, MAX_STEPS = 10, 5000
 OVERRUN = 2.0  # with calibrated steps, a model stops on time only past 2x its share
 SHARED_SIZES = ("d", "n_layers", "heads")  # given to baselines too; ``hidden`` is matched
+RUN_FILE = "run.json"  # the run's identity: the main model's settings (COMPARED)
+RUN_FORMAT = "nlgraph-train-run"
 
 
 @dataclass
@@ -56,8 +60,11 @@ class RunLog:
     def __init__(self, path: Path, world: D.World) -> None:
         self.path, self.world = path, world
         if world.main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            except OSError as err:
+                raise OutputError.from_os(err, path) from None
 
     def __call__(self, msg: str, echo: bool = True) -> None:
         if self.world.main:
@@ -95,6 +102,7 @@ def _plan(opts: RunOptions, log: RunLog) -> list[TrainConfig]:
     cfg = opts.config
     main = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
     target = count_params(main)
+    build_optimizer(cfg.optimizer, main.parameters(), cfg.lr, cfg.weight_decay)  # fail early
     configs = [cfg]
     log(f"{cfg.model}: {target:,} trainable parameters")
     if opts.baselines:
@@ -163,24 +171,164 @@ def _train_one(
         log(f"{cfg.model}: resuming at step {trainer.step}/{cfg.steps}")
     result = trainer.run()
     if world.main and trainer.status == "done":  # keep the final numbers with the weights
-        from nlgraph.train.checkpoint import save_atomic
-
-        save_atomic({**trainer.state(), "summary": result}, trainer.checkpoint_path)
+        payload = {**trainer.state(), "summary": result}
+        write_checkpoint(payload, trainer.checkpoint_path, trainer.kept())
     return result, trainer.history
 
 
-def _resumed_steps(opts: RunOptions, out: Path) -> int | None:
-    path = out / opts.config.model.replace(":", "_").replace("/", "_") / "checkpoint.pt"
+# ------------------------------------------------------------------ the output folder
+def _run_dir(out: Path, model: str) -> Path:
+    return out / model.replace(":", "_").replace("/", "_")
+
+
+def _identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What defines a run (the main model's compared settings), as JSON would return it."""
+    ident = {"format": RUN_FORMAT, "version": 1, **{k: getattr(cfg, k) for k in COMPARED}}
+    return json.loads(json.dumps(ident))
+
+
+def _describe(ident: dict[str, Any]) -> str:
+    sizes = ident.get("sizes") or {}
+    size_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    return (
+        f"model {ident.get('model')!r} (preset {ident.get('preset')}, "
+        f"sizes {{{size_text}}}, seed {ident.get('seed')}, steps {ident.get('steps')})"
+    )
+
+
+def _read_identity(out: Path) -> dict[str, Any] | None:
+    path = out / RUN_FILE
     if not path.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {str(path)!r}; train without --resume")
-    return int(load(path)["config"]["steps"])
+        return None
+    try:
+        ident = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise OutputError(
+            f"cannot read {str(path)!r} ({type(err).__name__}); it records which run --out "
+            "holds: restore it, or start a new run in another --out"
+        ) from None
+    if not isinstance(ident, dict) or ident.get("format") != RUN_FORMAT:
+        raise OutputError(f"{str(path)!r} is not an nlgraph train run record; choose another --out")
+    return ident
+
+
+def _write_identity(out: Path, cfg: TrainConfig) -> None:
+    path, tmp = out / RUN_FILE, out / f".{RUN_FILE}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(_identity(cfg), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError.from_os(err, path) from None
+
+
+def _check_resumable(opts: RunOptions, out: Path) -> dict[str, Any]:
+    """Before anything is written: ``--out`` must hold this run (its identity, or for a folder
+    without one, the main model's checkpoint) and a checkpoint to continue from. Returns the
+    identity found."""
+    cfg = opts.config
+    names = [cfg.model] + [b for b in BASELINES if opts.baselines and b != cfg.model]
+    found = [n for n in names if (_run_dir(out, n) / "checkpoint.pt").is_file()]
+    ident = _read_identity(out)
+    if ident is None:
+        others = sorted(p.parent.name for p in out.glob("*/checkpoint.pt"))
+        if cfg.model not in found:
+            held = f" (it holds checkpoints of {', '.join(others)})" if others else ""
+            raise CheckpointError(
+                f"--resume: nothing to resume for model {cfg.model!r} in {str(out)!r}{held}; "
+                "drop --resume to start a new run"
+            )
+        payload = load(_run_dir(out, cfg.model) / "checkpoint.pt")
+        check_schema(payload, _run_dir(out, cfg.model) / "checkpoint.pt", COMPARED)
+        ident = json.loads(json.dumps({"format": RUN_FORMAT, "version": 1, **payload["config"]}))
+    mine = _identity(cfg)
+    if opts.auto_steps:
+        mine["steps"] = ident.get("steps")
+    for key in COMPARED:
+        if ident.get(key) != mine[key]:
+            raise CheckpointError(
+                f"--resume: {str(out)!r} holds a run of {_describe(ident)}, not of "
+                f"{_describe(mine)} ({key} {ident.get(key)!r} there, {mine[key]!r} here); "
+                "resume with that run's settings, or start a new run in another --out"
+            )
+    if not found:
+        raise CheckpointError(
+            f"--resume: nothing to resume in {str(out)!r} (no checkpoint of "
+            f"{', '.join(names)}); drop --resume to start a new run"
+        )
+    steps = ident.get("steps")
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0):
+        raise OutputError(f"{str(out / RUN_FILE)!r} records steps={steps!r}; choose another --out")
+    return ident
+
+
+def _check_checkpoints(configs: list[TrainConfig], out: Path) -> None:
+    """Refuse a damaged or foreign checkpoint of any model before any model trains."""
+    for cfg in configs:
+        path = _run_dir(out, cfg.model) / "checkpoint.pt"
+        if not path.is_file():
+            continue
+        payload = load(path)
+        learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
+        opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
+        check_checkpoint(cfg, payload, path, learner, opt)
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError.from_os(err, out) from None
+    if not out.is_dir():
+        raise OutputError(f"--out {str(out)!r} is not a folder; choose another --out")
+
+
+def _lock(out: Path) -> int | None:
+    """Hold an exclusive lock on the folder ``out`` for the run (``flock`` on the folder itself,
+    so no file is left behind; the OS drops it when the process ends, even on a crash).
+    ``None`` where the platform or file system has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as err:
+        raise OutputError.from_os(err, out) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(
+            f"{str(out)!r} is in use by another nlgraph train run; wait for it to finish, or "
+            "choose another --out"
+        ) from None
+    except OSError:  # pragma: no cover - a file system without flock: run unlocked
+        os.close(fd)
+        return None
+    return fd
 
 
 def train_run(opts: RunOptions) -> dict[str, Any]:
     """Run the whole experiment; returns ``{"results": [...], "histories": {...}, ...}``."""
     world = D.world_from_env()
     out = Path(opts.out)
-    log = RunLog(out / "train.log", world)
+    lock = None
+    if opts.resume and not out.is_dir():
+        raise CheckpointError(
+            f"--resume: nothing to resume, there is no folder {str(out)!r}; drop --resume to start "
+            "a new run"
+        )
+    if world.main:  # the folder, its lock, and what it holds are checked before any write
+        _make_out(out)
+        lock = _lock(out)
+    try:
+        ident = _check_resumable(opts, out) if opts.resume else None
+        log = RunLog(out / "train.log", world)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
     created = False
     try:
         _check(opts, world)
@@ -194,12 +342,16 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
         shares = [1.0 / len(configs)] * len(configs)
         if opts.auto_steps:
             budget = DEFAULT_BUDGET_MIN if budget is None else budget
-            steps = _resumed_steps(opts, out) if opts.resume else None
+            steps = ident["steps"] if ident is not None else None
             if steps is None:
                 steps, shares = _calibrate(configs, corpus, budget * 60, log)
             configs = [replace(c, steps=steps) for c in configs]
             log(f"token budget: {steps} steps x {configs[0].batch} x {configs[0].seq} = "
                 f"{steps * configs[0].batch * configs[0].seq:,} tokens per model")  # fmt: skip
+        if opts.resume:  # every model's checkpoint, before any model trains
+            _check_checkpoints(configs, out)
+        if world.main and not (opts.resume and (out / RUN_FILE).is_file()):
+            _write_identity(out, configs[0])  # a new run (or one from before run.json)
         results, histories = [], {}
         for i, cfg in enumerate(configs):
             if budget is not None:  # what is left, shared by expected time over those to train
@@ -230,6 +382,8 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
     finally:
         D.teardown(created)
         log.close()
+        if lock is not None:
+            os.close(lock)
 
 
 def _machine() -> dict[str, Any]:
@@ -241,11 +395,14 @@ def _machine() -> dict[str, Any]:
 
 
 def _write(out: Path, report: dict[str, Any], log: RunLog) -> None:
-    write_json(out / "metrics.json", report)
-    write_csv(out / "metrics.csv", report["histories"])
-    png = plot(out / "loss.png", report["histories"])
-    text = table(report["results"])
-    (out / "results.md").write_text(text + "\n")
+    try:
+        write_json(out / "metrics.json", report)
+        write_csv(out / "metrics.csv", report["histories"])
+        png = plot(out / "loss.png", report["histories"])
+        text = table(report["results"])
+        (out / "results.md").write_text(text + "\n")
+    except OSError as err:
+        raise OutputError.from_os(err, out) from None
     print(text)
     log(f"wrote {out / 'metrics.json'}, {out / 'metrics.csv'}, "
         f"{png or '(no matplotlib: no plot)'}, {out / 'results.md'} "

@@ -29,7 +29,7 @@ from nlgraph.train.faults import bad_state_levels, describe, first_nonfinite, no
 from nlgraph.train.metrics import PeakMemory
 from nlgraph.train.progress import Progress
 
-__all__ = ["TrainConfig", "Trainer", "lm_loss", "next_token_loss"]
+__all__ = ["TrainConfig", "Trainer", "check_checkpoint", "lm_loss", "next_token_loss"]
 
 MAX_SKIPS = 10  # consecutive non-finite steps --on-nan skip tolerates before stopping
 COMPARED = ("model", "preset", "sizes", "steps", "batch", "seq", "optimizer", "lr", "seed")
@@ -66,6 +66,20 @@ class TrainConfig:
         return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def _nonfinite_optimizer_state(
+    learner: torch.nn.Module, opt: torch.optim.Optimizer, levels: list[str]
+) -> tuple[str, str, str] | None:
+    """The first non-finite tensor of the optimizer's per-parameter state, named by the level
+    of its parameter."""
+    names = {id(p): n for n, p in learner.named_parameters()}
+    for p, entry in opt.state.items():
+        tensors = ((names.get(id(p), "?"), t) for t in entry.values() if torch.is_tensor(t))
+        hit = first_nonfinite(tensors, levels)
+        if hit:
+            return hit
+    return None
+
+
 def next_token_loss(tokens: torch.Tensor) -> Any:
     """``loss_fn(outputs, start, end)`` for a learner reading ``tokens[B, T]`` (or a prefix of
     them): the summed cross-entropy of ``outputs["logits"]`` for positions ``start..end-1``
@@ -88,6 +102,34 @@ def lm_loss(module: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor
     inputs, B, T = tokens[:, :-1], tokens.shape[0], tokens.shape[1] - 1
     outputs, state = module({"tokens": inputs}, None, loss_fn=next_token_loss(tokens))
     return outputs["loss"] / (B * T), state
+
+
+def check_checkpoint(
+    cfg: TrainConfig,
+    payload: dict[str, Any],
+    path: Path,
+    learner: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    levels: list[str] | None = None,
+) -> None:
+    """Refuse a checkpoint that :meth:`Trainer.resume` cannot continue from exactly: a missing
+    key or a wrong type, other settings (:data:`COMPARED`), a step outside ``0..cfg.steps``,
+    tensors that do not fit ``learner``/``optimizer`` (the first is named), non-finite weights.
+    Loads nothing."""
+    from nlgraph.train.errors import CheckpointError
+
+    if levels is None:
+        spec = getattr(learner, "spec", None)
+        levels = [lv.name for lv in spec.levels] if spec is not None else []
+    ckpt.check_schema(payload, path, COMPARED)
+    saved = payload["config"]
+    for key in COMPARED:
+        if saved.get(key) != getattr(cfg, key):
+            raise CheckpointError(
+                f"{path} was written with {key}={saved.get(key)!r}, "
+                f"not {getattr(cfg, key)!r}; resume with the same settings"
+            )
+    ckpt.check_resume(payload, path, cfg.steps, learner, optimizer, levels)
 
 
 class Trainer:
@@ -116,6 +158,7 @@ class Trainer:
         self.history: dict[str, list] = {"train": [], "val": []}
         self.train_seconds, self.tokens = 0.0, 0
         self.status = "running"
+        self.saved_step: int | None = None  # the step of the checkpoint on disk from this run
         self.show_progress, self.on_step = progress and self.world.main, on_step
         self.val = val_windows(corpus.val, config.seq, config.val_windows)
 
@@ -133,37 +176,65 @@ class Trainer:
             "rng": ckpt.capture_rng(), "history": self.history, "fast_state": None,
         }  # fmt: skip
 
+    def kept(self) -> str:
+        """What the checkpoint file holds for this run, for messages."""
+        if self.saved_step is None:
+            return ""
+        return f"the last good checkpoint (step {self.saved_step}, {self.checkpoint_path})"
+
     def save(self) -> None:
-        """Write the checkpoint (first process), never over a good one with a non-finite model."""
+        """Write the checkpoint (first process), never over a good one with a non-finite model
+        or optimizer state: every checkpoint this writes holds finite tensors only."""
         hit = first_nonfinite(self.learner.named_parameters(), self.levels)
+        what = "parameters"
+        if not hit:
+            hit = first_nonfinite(
+                ((n, t) for n, t in self.learner.state_dict().items() if torch.is_tensor(t)),
+                self.levels,
+            )
+        if not hit:
+            hit = _nonfinite_optimizer_state(self.learner, self.opt, self.levels)
+            what = "optimizer state"
         if hit:
             self.status = "nan"
+            kept = self.kept()
             raise NumericalFaultError(
-                f"{self.label}: step {self.step}: {describe(hit, 'parameters')}; not saved, "
-                "the last good checkpoint is kept"
+                f"{self.label}: step {self.step}: {describe(hit, what)}; not saved, "
+                + (f"{kept} is kept" if kept else "no checkpoint was written by this run")
             )
         if self.world.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.save_atomic(self.state(), self.checkpoint_path)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                from nlgraph.train.errors import OutputError
+
+                raise OutputError.from_os(err, self.run_dir) from None
+            ckpt.write_checkpoint(self.state(), self.checkpoint_path, self.kept())
+        self.saved_step = self.step
         D.barrier(self.world)
 
     def resume(self, payload: dict[str, Any]) -> None:
+        """Continue from ``payload`` (from :func:`~nlgraph.train.checkpoint.load`) once
+        :func:`check_checkpoint` accepts it; a refusal changes nothing."""
         from nlgraph.train.errors import CheckpointError
 
-        saved = payload["config"]
-        for key in COMPARED:
-            if saved.get(key) != getattr(self.cfg, key):
-                raise CheckpointError(
-                    f"{self.checkpoint_path} was written with {key}={saved.get(key)!r}, "
-                    f"not {getattr(self.cfg, key)!r}; resume with the same settings"
-                )
-        self.learner.load_state_dict(payload["model"])
-        self.opt.load_state_dict(payload["optimizer"])
-        ckpt.restore_rng(payload["rng"])
-        self.step, self.tokens = int(payload["step"]), int(payload["tokens"])
+        path = self.checkpoint_path
+        check_checkpoint(self.cfg, payload, path, self.learner, self.opt, self.levels)
+        try:
+            self.learner.load_state_dict(payload["model"])
+            self.opt.load_state_dict(payload["optimizer"])
+            ckpt.restore_rng(payload["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit this run ({first}); start a new run "
+                "without --resume"
+            ) from None
+        self.step, self.tokens = payload["step"], payload["tokens"]
         self.train_seconds, self.skipped = float(payload["train_seconds"]), payload["skipped"]
         self.history = payload["history"]
         self.status = payload["status"]
+        self.saved_step = self.step
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -192,11 +263,8 @@ class Trainer:
         hint = "" if self.cfg.on_nan == "skip" else "; --on-nan skip skips such steps"
         if self.cfg.on_nan == "skip" and can_skip:
             hint = f" ({MAX_SKIPS} steps skipped in a row)"
-        kept = (
-            "the last good checkpoint is kept"
-            if self.checkpoint_path.is_file()
-            else "no checkpoint was written"
-        )
+        # every checkpoint written (save) or resumed from (check_resume) holds finite tensors
+        kept = f"{self.kept()} is kept" if self.kept() else "no checkpoint was written by this run"
         raise NumericalFaultError(f"{text}; stopped, {kept} (lower --lr?){hint}")
 
     def _loss_fault(self, loss: torch.Tensor, state: dict[str, Any]) -> str:
