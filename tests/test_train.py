@@ -82,6 +82,9 @@ BAD_INPUTS = {
     "empty-file": (lambda d: _file(d / "e.txt", b"  \n"), "is empty"),
     "empty-folder": (lambda d: _mkdir(d / "docs"), "holds no text files"),
     "binary": (lambda d: _file(d / "b.txt", b"abc\0def" * 50), "looks binary (NUL byte"),
+    # a NUL far past the first 64 KiB: the whole file is checked
+    "binary-late": (lambda d: _file(d / "c.txt", b"text\n" * 40000 + b"\0 more text\n"),
+                    "NUL byte at offset 200000"),
     "not-utf8": (lambda d: _file(d / "l.txt", b"caf\xe9 " * 50), "is not UTF-8 text"),
     "too-small": (lambda d: _file(d / "s.txt", b"tiny text\n" * 3), "fewer than one sequence"),
 }

@@ -344,3 +344,21 @@ def test_unwritable_results_are_one_line(docs, tmp_path, capsys, monkeypatch):
     assert main(argv(docs, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "read-only file system" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [("--device", "cpu:banana", "expected cpu, cuda or cuda:N"),
+     ("--batch", "99999999999999", "at most 4,096"),
+     ("--seq", "99999999999999", "at most 65,536"),
+     ("--steps", "99999999999", "at most 10,000,000"),
+     ("--seed", "99999999999999999999999", "32-bit seed")],
+)  # fmt: skip
+def test_train_sizes_and_devices_past_their_limits_are_one_line(flag, value, needle, tmp_path,
+                                                                capsys):  # fmt: skip
+    from nlgraph.cli import main
+
+    assert main(["train", flag, value, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].count("error:") == 1 and needle in err
+    assert "Traceback" not in err

@@ -18,6 +18,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from nlgraph._argtypes import bounded_int
 from nlgraph._argtypes import positive_float as _positive_float
 from nlgraph._argtypes import positive_int as _positive_int
 from nlgraph._argtypes import seed as _seed
@@ -58,12 +59,14 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
     )
     a(
         "--steps",
-        type=_positive_int,
+        type=bounded_int(10_000_000, "optimizer steps per model"),
         default=None,
         help="optimizer steps per model (default: as many as fit --budget-minutes)",
     )
-    a("--batch", type=_positive_int, default=8, help="global batch in sequences (default 8)")
-    a("--seq", type=_positive_int, default=32, help="sequence length in bytes (default 32)")
+    a("--batch", type=bounded_int(4096, "sequences per batch"), default=8,
+      help="global batch in sequences (default 8)")  # fmt: skip
+    a("--seq", type=bounded_int(65536, "bytes per sequence"), default=32,
+      help="sequence length in bytes (default 32)")  # fmt: skip
     a(
         "--optimizer",
         default="adamw",

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -91,8 +92,8 @@ def _check(opts: RunOptions, world: D.World) -> None:
         raise TrainConfigError(f"--lr must be a positive number, got {cfg.lr}")
     if opts.budget_minutes is not None and opts.budget_minutes <= 0:
         raise TrainConfigError(f"--budget-minutes must be positive, got {opts.budget_minutes}")
-    if not cfg.device.startswith("cpu") and not cfg.device.startswith("cuda"):
-        raise TrainConfigError(f"--device {cfg.device!r}; expected cpu or cuda[:N]")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        raise TrainConfigError(f"--device {cfg.device!r}; expected cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainConfigError(f"--device {cfg.device}: CUDA is not available here; use cpu")
 
