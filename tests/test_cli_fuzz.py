@@ -1,5 +1,8 @@
 """Hostile and careless command lines: every verb answers with exit 0, 1 or 2, never a
-traceback, and a refused command writes nothing (docs/cli.md, "Exit codes", "Limits")."""
+traceback, and a refused command writes nothing (docs/cli.md, "Exit codes", "Limits").
+
+``list``, ``show``, ``validate``, ``viz`` and ``compile`` get any mix of good and bad arguments;
+``train``, ``eval`` and ``bench`` always get one bad value, so they answer at once."""
 
 from __future__ import annotations
 
@@ -28,10 +31,30 @@ FLAGS = {
                 ("--backend", ["chunk", "reference", "gpu"])],
 }  # fmt: skip
 SMALL = {"--batch": ["1", "2"], "--seq": ["1", "3", "9"]}  # keep valid runs short
+# Verbs whose valid runs train for a while: every drawn command holds one bad value, so they
+# answer at once (their valid runs are tested elsewhere).
+SLOW = {
+    "train": [("--steps", ["0", "-1", "banana", "99999999999", "1.5"]),
+              ("--batch", ["0", "99999999999999", "x"]), ("--seq", ["0", "nan"]),
+              ("--device", ["cpu:banana", "gpu", "cuda:x", ""]),
+              ("--lr", ["0", "-1", "inf", "nan"]),
+              ("--model", ["nope", "os:system", "../x.yaml"]), ("--seed", ["-1", "1e99"])],
+    "eval": [("--seeds", ["0", "-2", "x"]), ("--steps", ["0", "banana"]),
+             ("--models", ["nope", ",", "hope,nope"]), ("--jobs", ["0", "-1"]),
+             ("--size", ["d", "d=", "=3", "d=banana"])],
+    "bench": [("--batch", ["0", "99999999999"]), ("--seq", ["0", "99999999999999999999"]),
+              ("--repeats", ["0", "2000"]), ("--backends", ["gpu", ",", "reference,banana"])],
+}  # fmt: skip
 
 
 @st.composite
 def command(draw):
+    if draw(st.integers(0, 3)) == 0:  # a verb that must refuse at once
+        verb = draw(st.sampled_from(sorted(SLOW)))
+        argv = [verb] + (["deltanet"] if verb == "bench" else [])
+        flag, values = draw(st.sampled_from(SLOW[verb]))
+        out = [] if verb == "bench" else ["--out", "out"]
+        return [*argv, flag, draw(st.sampled_from(values)), *out]
     verb = draw(st.sampled_from(sorted(FLAGS)))
     argv = [verb]
     if verb != "list":
