@@ -83,7 +83,9 @@ def node_line(source: str, name: str) -> str:
 
 @pytest.mark.parametrize("name", GOLDEN_NAMES)
 def test_nesting_matches_golden(name: str) -> None:
-    source = viz.nesting(library.get(name)).source
+    # The goldens pin the full drawing (every level and edge); the collapsed default is pinned
+    # by the tests of its own below.
+    source = viz.nesting(library.get(name), detail="full").source
     path = GOLDEN / f"nesting_{name}.dot"
     if os.environ.get("NLGRAPH_UPDATE_GOLDEN") == "1":
         GOLDEN.mkdir(exist_ok=True)
@@ -105,13 +107,16 @@ def _reordered(spec: nl.GraphSpec) -> nl.GraphSpec:
     )
 
 
-@pytest.mark.parametrize("make", [lambda: library.get("titans"), clock_graph, diff_graph])
+@pytest.mark.parametrize(
+    "make", [lambda: library.get("titans"), lambda: library.get("hope"), clock_graph, diff_graph]
+)
 def test_drawings_are_deterministic_and_ignore_declaration_order(make) -> None:
     spec = make().spec
     shuffled = _reordered(spec)
     assert [lv.name for lv in shuffled.levels] != [lv.name for lv in spec.levels]
     assert viz.nesting(spec).source == viz.nesting(make().spec).source
     assert viz.nesting(spec).source == viz.nesting(shuffled).source
+    assert viz.nesting(spec, detail="full").source == viz.nesting(shuffled, detail="full").source
     assert viz.ladder(spec).source == viz.ladder(shuffled).source
     assert viz.ladder_text(spec) == viz.ladder_text(shuffled)
     assert viz.tree(spec) == viz.tree(shuffled)
@@ -128,7 +133,7 @@ def squash(text: str) -> str:
 @pytest.mark.parametrize("name", library.names())
 def test_nesting_shows_every_level_with_frequency_and_optimizer(name: str) -> None:
     spec = library.get(name).spec
-    source = viz.nesting(spec).source
+    source = viz.nesting(spec, detail="full").source
     for lv in spec.levels:
         line = squash(node_line(source, lv.name))
         assert squash(html.escape(str(lv.frequency))) in line
@@ -144,7 +149,7 @@ def test_nesting_shows_every_level_with_frequency_and_optimizer(name: str) -> No
 
 def test_names_inside_a_namespace_are_relative_and_long_texts_elided() -> None:
     spec = library.get("hope").spec
-    source = viz.nesting(spec).source
+    source = viz.nesting(spec, detail="full").source
     line = node_line(source, "block1.titans.M_k")
     assert "W_eta(M_eta(conv(" in squash(line)  # not block1.titans.W_eta(...)
     assert "block1.titans.W_eta" not in line
@@ -175,10 +180,11 @@ def test_edge_kinds_filter() -> None:
         viz.nesting(library.get("adam"), edge_kinds=["gradients"])
 
 
+@pytest.mark.parametrize("detail", ["collapsed", "full"])
 @pytest.mark.parametrize("make", [lambda: library.get("adam"), clock_graph])
-def test_nesting_clusters_go_from_slowest_to_fastest(make) -> None:
+def test_nesting_clusters_go_from_slowest_to_fastest(make, detail: str) -> None:
     spec = make().spec
-    source = viz.nesting(spec).source
+    source = viz.nesting(spec, detail=detail).source
     depth, opened = 0, {}
     for line in source.splitlines():
         m = re.match(r"\s*subgraph cluster_level(\d+) \{", line)
@@ -191,7 +197,9 @@ def test_nesting_clusters_go_from_slowest_to_fastest(make) -> None:
     for rank, tier in enumerate(tiers(spec), start=1):
         start = source.index(f"subgraph cluster_level{rank} {{")
         for name in tier:
-            pos = source.index(f"<B>{name}</B>")
+            # a level drawn on its own, else in the list of names of its group's node
+            own = re.search(rf"<B>{name}</B>", source)
+            pos = (own or re.search(rf'POINT-SIZE="9">[^<]*\b{name}\b', source)).start()
             assert pos > start, f"{name!r} is drawn outside the box of level {rank}"
             if rank > 1:
                 inner = source.index(f"subgraph cluster_level{rank - 1} {{")
@@ -250,6 +258,142 @@ def test_invalid_graph_raises_spec_error_before_drawing() -> None:
         viz.update_ticks(g, 8)
     with pytest.raises(TypeError, match="Graph or GraphSpec"):
         viz.nesting("adam")  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------- collapsed detail
+
+
+def stacked_graph(lrs: tuple[float, ...] = (0.1, 0.1)) -> nl.Graph:
+    """Blocks of two projections and a memory, each block reading the previous one's output;
+    block ``i``'s memory learns at rate ``lrs[i]``."""
+    g = nl.Graph("stacked")
+    h = g.input("x", dim=4)
+    for i, lr in enumerate(lrs):
+        b = f"block{i}"
+        proj = dict(frequency=nl.per_step(), objective=nl.outer(), group="projections")
+        wk = g.level(f"{b}.W_k", state=nl.linear(4, 4), **proj)
+        wv = g.level(f"{b}.W_v", state=nl.linear(4, 4), **proj)
+        m = g.level(
+            f"{b}.M", state=nl.linear(4, 4), frequency=nl.per_token(),
+            context=nl.kv(key=wk(h), value=wv(h)), objective=nl.l2(), optimizer=nl.gd(lr=lr),
+        )  # fmt: skip
+        h = m(wk(h))
+    g.output("y", h)
+    return g
+
+
+def drawn(source: str) -> tuple[list[str], list[str]]:
+    """The node and (visible) edge statements of DOT ``source``."""
+    nodes = [
+        ln for ln in source.splitlines()
+        if re.match(r'\s*("[^"]*"|[\w.]+) \[', ln) and " -> " not in ln
+    ]  # fmt: skip
+    edges = [ln for ln in source.splitlines() if " -> " in ln and "style=invis" not in ln]
+    return nodes, edges
+
+
+def box_depths(source: str) -> dict[int, int]:
+    """``rank -> nesting depth`` of the level boxes (``cluster_levelN``) of DOT ``source``."""
+    depth, opened = 0, {}
+    for line in source.splitlines():
+        m = re.match(r"\s*subgraph cluster_level(\d+) \{", line)
+        if m:
+            opened[int(m.group(1))] = depth
+        depth += line.count("{") - line.count("}")
+    return opened
+
+
+def test_hope_collapsed_is_small_and_keeps_its_four_nested_levels() -> None:
+    source = viz.nesting(library.get("hope")).source
+    assert source == viz.nesting(library.get("hope"), detail="collapsed").source  # the default
+    nodes, edges = drawn(source)
+    assert len(nodes) < 40 and len(edges) < 60, (len(nodes), len(edges))
+    full_nodes, full_edges = drawn(viz.nesting(library.get("hope"), detail="full").source)
+    assert len(full_edges) > 3 * len(edges)
+    # identical blocks drawn once, groups as one node, edges bundled by kind with a count
+    assert 'label="block ×2"' in source
+    assert "block1." not in source
+    assert "<B>projections (6)</B>" in source and "<B>memories (5)</B>" in source
+    assert 'label="context ×5"' in source and 'label="generates ×5"' in source
+    # the four levels, slowest outermost, each box inside the previous one
+    assert box_depths(source) == {4: 1, 3: 2, 2: 3, 1: 4}
+    for rank, freq in ((1, "every token"), (2, "every 8 tokens"), (3, "every 32 tokens"),
+                       (4, "every step")):  # fmt: skip
+        assert f'label="level {rank} of 4 · {freq}' in source
+    # every level of block0 and outside the blocks is in some node
+    text = html.unescape(source)
+    for lv in library.get("hope").spec.levels:
+        if not lv.name.startswith("block1."):
+            leaf = lv.name.rsplit(".", 1)[-1]
+            assert re.search(rf"(?<![\w]){re.escape(leaf)}(?![\w])", text), lv.name
+
+
+@needs_dot
+def test_hope_collapsed_fits_a_laptop_screen(tmp_path: Path) -> None:
+    png = viz.render(library.get("hope"), tmp_path / "hope.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width <= 1600 and height <= 1000, (width, height)
+
+
+def test_identical_blocks_merge_and_different_ones_do_not() -> None:
+    same = viz.nesting(stacked_graph((0.1, 0.1, 0.1))).source
+    assert 'label="block ×3"' in same and "block1." not in same and "block2." not in same
+    assert "<B>projections (2)</B>" in same and 'label="context ×2"' in same
+    differ = viz.nesting(stacked_graph((0.1, 0.2))).source
+    assert "×2" not in differ.replace("context ×2", "")
+    assert "GD(lr=0.1)" in differ and "GD(lr=0.2)" in differ
+    assert '"block0.M"' in differ and '"block1.M"' in differ
+    # two of three alike: those two merge, the third is drawn on its own
+    partial = viz.nesting(stacked_graph((0.1, 0.2, 0.1))).source
+    assert 'label="block0, block2 (×2)"' in partial and '"block1.M"' in partial
+    assert '"block2.M"' not in partial
+
+
+def test_titans_lm_folds_the_second_blocks_tier_into_the_first() -> None:
+    source = viz.nesting(library.get("titans_lm")).source
+    assert 'label="levels 1–2 of 3 · every token · fastest"' in source
+    assert box_depths(source) == {3: 1, 1: 2}
+    nodes, edges = drawn(source)
+    assert len(nodes) < 15 and len(edges) < 15
+
+
+@pytest.mark.parametrize("name", library.names("optimizer"))
+def test_optimizers_are_drawn_as_in_full(name: str) -> None:
+    g = library.get(name)
+    assert viz.nesting(g).source == viz.nesting(g, detail="full").source
+
+
+def test_detail_is_checked_and_reaches_render_and_diagram(tmp_path: Path) -> None:
+    g = library.get("hope")
+    with pytest.raises(nl.NLGraphError, match="detail must be one of collapsed, full"):
+        viz.nesting(g, detail="partial")
+    full = viz.render(g, tmp_path / "full.dot", detail="full").read_text(encoding="utf-8")
+    assert full == (GOLDEN / "nesting_hope.dot").read_text(encoding="utf-8")
+    assert viz.Diagram.of(g, detail="full").source == full
+    assert viz.Diagram.of(g).source == viz.nesting(g).source != full
+    with pytest.raises(nl.NLGraphError, match="nesting diagram only"):
+        viz.render(g, tmp_path / "l.dot", kind="ladder", detail="full")
+
+
+def test_cli_viz_detail(tmp_path: Path, capsys, monkeypatch) -> None:
+    from nlgraph.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["viz", "hope", "-o", "full.dot", "--detail", "full"]) == 0
+    assert (tmp_path / "full.dot").read_text(encoding="utf-8") == viz.nesting(
+        library.get("hope"), detail="full"
+    ).source
+    assert main(["viz", "hope", "-o", "default.dot"]) == 0
+    assert (tmp_path / "default.dot").read_text(encoding="utf-8") == viz.nesting(
+        library.get("hope")
+    ).source
+    capsys.readouterr()
+    assert main(["viz", "hope", "-o", "x.dot", "--detail", "partial"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'partial'" in err, err
+    assert main(["viz", "hope", "-o", "x.dot", "--kind", "ladder", "--detail", "full"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nesting diagram only" in err, err
 
 
 # ----------------------------------------------------------------------------------- ladder

@@ -106,7 +106,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     if args.ticks is not None and args.kind != "timeline":
         raise UsageError(f"--ticks applies to --kind timeline only, not --kind {args.kind}")
     graph = load_spec(args.spec)
-    path = render(graph, args.output, kind=args.kind, ticks=args.ticks or 128)
+    path = render(graph, args.output, kind=args.kind, ticks=args.ticks or 128, detail=args.detail)
     print(f"wrote {path}")
     return 0
 
@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="levels as nested boxes, the frequency ladder, or updates per token tick",
     )
     p.add_argument("--ticks", type=_TICKS, metavar="N", help="timeline width (default 128)")
+    p.add_argument(
+        "--detail",
+        choices=["collapsed", "full"],
+        default=None,
+        help="nesting only: identical blocks once, groups of levels as one node (collapsed, "
+        "the default), or every level and edge (full)",
+    )
 
     p = verb("compile", "build the PyTorch learner; print its plan; check it", _cmd_compile)
     p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)

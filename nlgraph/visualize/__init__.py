@@ -12,6 +12,9 @@ Example::
     g = nlgraph.library.get("titans")
     print(viz.tree(g))
     viz.render(g, "titans.svg")                      # nested levels
+    hope = nlgraph.library.get("hope")
+    viz.render(hope, "hope.svg")                     # identical blocks once, groups as one node
+    viz.render(hope, "hope-full.svg", detail="full") # every level and edge
     viz.render(g, "titans-ladder.png", kind="ladder")
     viz.update_ticks(g, ticks=32)                    # {"M": [1, 2, ..., 32], "W_k": [32], ...}
 """

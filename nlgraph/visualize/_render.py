@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nlgraph._errors import BackendUnavailableError, NLGraphError
 from nlgraph.graph import Graph
 from nlgraph.level import GraphSpec
+from nlgraph.visualize._collapse import DETAILS
 from nlgraph.visualize._ladder import ladder
 from nlgraph.visualize._nesting import nesting
 from nlgraph.visualize._timeline import timeline
@@ -63,8 +64,11 @@ class Diagram:
         self.digraph = digraph
 
     @classmethod
-    def of(cls, graph: Graph | GraphSpec, kind: str = "nesting") -> Diagram:
-        """The ``kind`` drawing of ``graph``: ``"nesting"`` or ``"ladder"``."""
+    def of(
+        cls, graph: Graph | GraphSpec, kind: str = "nesting", *, detail: str | None = None
+    ) -> Diagram:
+        """The ``kind`` drawing of ``graph``: ``"nesting"`` or ``"ladder"``; ``detail``: the
+        nesting diagram's ``"collapsed"`` (default) or ``"full"`` (see :func:`nesting`)."""
         builders = {"nesting": nesting, "ladder": ladder}
         if kind not in builders:
             hint = (
@@ -73,7 +77,10 @@ class Diagram:
                 else ""
             )
             raise NLGraphError(f"Diagram kind must be 'nesting' or 'ladder', got {kind!r}{hint}")
-        return cls(builders[kind](graph))
+        _check_detail(kind, detail)
+        if kind == "nesting":
+            return cls(nesting(graph, detail=detail or "collapsed"))
+        return cls(ladder(graph))
 
     @property
     def source(self) -> str:
@@ -101,6 +108,13 @@ class Diagram:
 
     def __repr__(self) -> str:
         return f"Diagram({self.digraph.name!r})"
+
+
+def _check_detail(kind: str, detail: str | None) -> None:
+    if detail is not None and detail not in DETAILS:
+        raise NLGraphError(f"detail must be one of {', '.join(DETAILS)}; got {detail!r}")
+    if detail is not None and kind != "nesting":
+        raise NLGraphError(f"detail applies to the nesting diagram only, not the {kind}")
 
 
 def _target(path: str | os.PathLike[str]) -> tuple[Path, str]:
@@ -157,6 +171,7 @@ def render(
     *,
     ticks: int = 128,
     seq_len: int | None = None,
+    detail: str | None = None,
 ) -> Path:
     """Draw ``graph`` into ``path``; the format comes from the suffix (.svg, .png, .pdf, .dot).
 
@@ -164,15 +179,20 @@ def render(
         kind: ``"nesting"`` (levels as nested boxes), ``"ladder"`` (the frequency ladder) or
             ``"timeline"`` (updates per token tick; matplotlib, so .svg/.png/.pdf only).
         ticks, seq_len: the window of the timeline (see :func:`update_ticks`).
+        detail: the nesting diagram's ``"collapsed"`` (default: identical blocks once, groups
+            of levels as one node, edges bundled) or ``"full"`` (every level and edge); see
+            :func:`nesting`.
 
     Raises:
         SpecError: ``graph`` is invalid.
         BackendUnavailableError: an SVG/PNG/PDF was asked for without graphviz's ``dot``
             (the DOT text is written next to ``path`` first), or the timeline without matplotlib.
-        NLGraphError: unknown kind or suffix, or ``path`` is not writable.
+        NLGraphError: unknown kind, detail or suffix, a detail for another kind than the
+            nesting diagram, or ``path`` is not writable.
     """
     if kind not in KINDS:
         raise NLGraphError(f"render kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    _check_detail(kind, detail)
     target, fmt = _target(path)
     if kind == "timeline":
         if fmt == "dot":
@@ -188,5 +208,5 @@ def render(
                 f"cannot write {str(target)!r}: {err.strerror or err}; pick a writable path"
             ) from None
         return target
-    digraph = nesting(graph) if kind == "nesting" else ladder(graph)
+    digraph = nesting(graph, detail=detail or "collapsed") if kind == "nesting" else ladder(graph)
     return _write_digraph(digraph, target, fmt)
