@@ -13,7 +13,7 @@ import torch
 
 from nlgraph._errors import NLGraphError
 from nlgraph.train import checkpoint as ckpt
-from nlgraph.train.cli import add_train_parser, options_from_args
+from nlgraph.train.cli import DEFAULT_STEPS, add_train_parser, options_from_args
 from nlgraph.train.data import HOLDOUT, batch_at, load_corpus, val_windows
 from nlgraph.train.errors import CheckpointError, DataError, TrainConfigError
 from nlgraph.train.faults import bad_state_levels, first_nonfinite, level_of, nonfinite_in_state
@@ -228,7 +228,11 @@ def test_parser_defaults_and_flags():
     args = _parse()
     opts = options_from_args(args)
     assert opts.config.model == "hope" and opts.config.preset == "tiny"
-    assert opts.baselines and opts.auto_steps and opts.data is None
+    # the default budget is a fixed number of steps (the same table on any machine);
+    # --budget-minutes alone calibrates them to the machine
+    assert opts.baselines and not opts.auto_steps and opts.data is None
+    assert opts.config.steps == DEFAULT_STEPS
+    assert options_from_args(_parse("--budget-minutes", "3")).auto_steps
     args = _parse(
         "--model", "transformer", "--steps", "7", "--no-baselines", "--on-nan", "skip",
         "--size", "small", "--optimizer", "m3", "--budget-minutes", "2",

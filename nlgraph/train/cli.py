@@ -24,6 +24,11 @@ from nlgraph._argtypes import positive_int as _positive_int
 from nlgraph._argtypes import seed as _seed
 from nlgraph.train.errors import TrainConfigError
 
+# The default run's token budget, fixed so the same command gives the same table on any machine:
+# 1600 steps x batch 8 x 32 bytes = 409,600 tokens per model, 9-10 minutes for the three
+# models on a quiet 2-core CPU (docs/results.md). --budget-minutes calibrates instead.
+DEFAULT_STEPS = 1600
+
 __all__ = ["add_train_parser", "cmd_train", "EXAMPLES", "options_from_args"]
 
 EXAMPLES = (
@@ -61,7 +66,8 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
         "--steps",
         type=bounded_int(10_000_000, "optimizer steps per model"),
         default=None,
-        help="optimizer steps per model (default: as many as fit --budget-minutes)",
+        help=f"optimizer steps per model (default {DEFAULT_STEPS}: with the default batch and "
+        "sequence, the same 409,600 tokens for every model on any machine)",
     )
     a("--batch", type=bounded_int(4096, "sequences per batch"), default=8,
       help="global batch in sequences (default 8)")  # fmt: skip
@@ -98,7 +104,8 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
         type=_positive_float,
         default=None,
         metavar="MIN",
-        help="wall-clock budget for the whole run (default 10 without --steps, else none)",
+        help="calibrate the steps to fit MIN minutes of wall clock on this machine instead of "
+        "the fixed default (the result then depends on the machine and its load)",
     )
     a(
         "--eval-every",
@@ -134,14 +141,15 @@ def options_from_args(args: argparse.Namespace):
     if args.model.endswith((".json", ".yaml", ".yml")) and args.size:
         raise TrainConfigError("--size applies to library models, not to spec files")
     cfg = TrainConfig(
-        model=args.model, preset=preset, steps=args.steps or 100, batch=args.batch,
+        model=args.model, preset=preset, steps=args.steps or DEFAULT_STEPS, batch=args.batch,
         seq=args.seq, optimizer=args.optimizer, lr=args.lr, device=args.device,
         seed=args.seed, eval_every=args.eval_every or 0,
         checkpoint_every=args.checkpoint_every or 0, on_nan=args.on_nan,
     )  # fmt: skip
     return RunOptions(
         config=cfg, data=args.data, out=args.out, baselines=args.baselines,
-        budget_minutes=args.budget_minutes, auto_steps=args.steps is None,
+        budget_minutes=args.budget_minutes,
+        auto_steps=args.steps is None and args.budget_minutes is not None,
         resume=args.resume, progress=args.progress,
     )  # fmt: skip
 

@@ -23,6 +23,7 @@ import torch
 
 from nlgraph.train import distributed as D
 from nlgraph.train.checkpoint import check_schema, load, write_checkpoint
+from nlgraph.train.cli import DEFAULT_STEPS
 from nlgraph.train.data import Corpus, load_corpus
 from nlgraph.train.errors import CheckpointError, OutputError, TrainConfigError
 from nlgraph.train.metrics import MEMORY_METHOD, plot, table, write_csv, write_json
@@ -348,7 +349,15 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
                 steps, shares = _calibrate(configs, corpus, budget * 60, log)
             configs = [replace(c, steps=steps) for c in configs]
             log(f"token budget: {steps} steps x {configs[0].batch} x {configs[0].seq} = "
-                f"{steps * configs[0].batch * configs[0].seq:,} tokens per model")  # fmt: skip
+                f"{steps * configs[0].batch * configs[0].seq:,} tokens per model "
+                f"(calibrated to {budget:g} minutes on this machine)")  # fmt: skip
+        else:
+            c0 = configs[0]
+            default = (c0.steps, c0.batch, c0.seq) == (DEFAULT_STEPS, 8, 32) and opts.baselines
+            when = "; the default run takes 9-10 minutes on a 2-core CPU" if default else ""
+            log(f"token budget: {c0.steps} steps x {c0.batch} x {c0.seq} = "
+                f"{c0.steps * c0.batch * c0.seq:,} tokens per model (fixed: the same on any "
+                f"machine{when})")  # fmt: skip
         if opts.resume:  # every model's checkpoint, before any model trains
             _check_checkpoints(configs, out)
         if world.main and not (opts.resume and (out / RUN_FILE).is_file()):
