@@ -54,13 +54,24 @@ def _check_shape(data: Any, source: str) -> None:
             stack.extend((v, depth + 1) for v in node)
 
 
-def _check_yaml(text: str, source: str) -> None:
-    """Depth and expanded size of a YAML document's node graph, before anything is built from
-    it: aliases are counted each time they are used, so an alias bomb is refused unexpanded."""
+def _safe_load(text: str, source: str) -> Any:
+    """``yaml.safe_load``, with the depth and expanded size of the document's node graph
+    checked before anything is built from it: aliases are counted each time they are used, so
+    an alias bomb is refused unexpanded."""
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except RecursionError:
-        raise _too_deep(source) from None
+        try:
+            root = loader.get_single_node()
+        except RecursionError:
+            raise _too_deep(source) from None
+        if root is not None:
+            _check_nodes(root, source)
+        return None if root is None else loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root: Any, source: str) -> None:
     sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded values, depth)
 
     def measure(node: Any) -> tuple[int, int]:
@@ -83,8 +94,7 @@ def _check_yaml(text: str, source: str) -> None:
             sizes[id(node)] = hit
         return hit
 
-    if root is not None:
-        measure(root)
+    measure(root)
 
 
 def _spec(graph: Graph | GraphSpec) -> GraphSpec:
@@ -165,8 +175,7 @@ def to_yaml(graph: Graph | GraphSpec) -> str:
 def from_yaml(text: str, source: str = "YAML spec") -> Graph:
     _bounded_text(text, source)
     try:
-        _check_yaml(text, source)
-        data = yaml.safe_load(text)
+        data = _safe_load(text, source)
     except yaml.YAMLError as err:
         raise SpecError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
     return from_dict(data, source)
