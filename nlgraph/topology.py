@@ -27,7 +27,10 @@ from nlgraph.flows import FlowBase, references
 from nlgraph.level import GraphSpec, Level
 from nlgraph.optimizers import Follow, Precondition, Signal, scalar_fields
 
-__all__ = ["Edge", "EDGE_KINDS", "edges", "to_networkx", "tiers", "frequency_key", "is_faster"]
+__all__ = [
+    "Edge", "EDGE_KINDS", "edges", "to_networkx", "tiers", "frequency_key", "is_faster",
+    "first_order_levels",
+]  # fmt: skip
 
 EDGE_KINDS = ("context", "gradient", "optimizer", "generates", "init", "reset", "shape")
 # Kinds that are data dependencies at update time (the others are about initialisation).
@@ -93,6 +96,14 @@ def edges(spec: GraphSpec) -> list[Edge]:
             if prev is None or (e.same_tick and not prev.same_tick):
                 merged[key] = e
     return sorted(merged.values(), key=lambda e: (e.src, e.dst, e.kind))
+
+
+def first_order_levels(spec: GraphSpec) -> frozenset[str]:
+    """Levels whose in-sequence updates are first-order: ``stop_grad`` declared on the level's
+    own recurrence (``g.differentiate("M", "M", stop_grad())``). The outer gradient then takes
+    each of their updates as a constant increment (first-order MAML): a read sees
+    ``M_start + sg(M_t - M_start)``, so nothing is differentiated through the writes."""
+    return frozenset(d.src for d in spec.diff if d.src == d.dst and d.mode.mode == "stop_grad")
 
 
 def frequency_key(spec: GraphSpec, level: Level) -> tuple[int, int]:

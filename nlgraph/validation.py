@@ -17,7 +17,7 @@ import networkx as nx
 from nlgraph._base import IMPORT_PATH_RE, NAME_RE, format_validation_error
 from nlgraph._errors import SpecError
 from nlgraph.flows import KV, FlowBase, Input, Read, references, walk
-from nlgraph.level import GraphSpec, Level
+from nlgraph.level import EdgeDiff, GraphSpec, Level
 from nlgraph.objectives import NEEDS_VALUE
 from nlgraph.optimizers import Follow, Learned, Signal, scalar_fields
 from nlgraph.topology import edges, frequency_key, same_tick_graph
@@ -310,7 +310,9 @@ def errors(spec: GraphSpec) -> list[str]:
                 )
     edge_pairs = {(e.src, e.dst) for e in edges(spec)}
     for d in spec.diff:
-        if (d.src, d.dst) not in edge_pairs:
+        if d.src == d.dst and d.src in names:
+            out.extend(_check_own_recurrence(spec, d))
+        elif (d.src, d.dst) not in edge_pairs:
             out.append(
                 f"edge {d.src!r} -> {d.dst!r}: declared {d.mode} but the graph has no such edge"
             )
@@ -352,3 +354,25 @@ def validate(spec: GraphSpec) -> GraphSpec:
         )
         raise SpecError(f"invalid graph {spec.name!r}: {head}")
     return spec
+
+
+def _check_own_recurrence(spec: GraphSpec, d: EdgeDiff) -> list[str]:
+    """``g.differentiate("M", "M", stop_grad())``: M's in-sequence updates are first-order (the
+    outer gradient takes each update as a constant increment). Only ``stop_grad`` (or the
+    default, ``unrolled``) applies to a level's own recurrence, and only to a level that
+    updates within a sequence."""
+    lv = spec.level(d.src)
+    if d.mode.mode == "truncated":
+        return [
+            f"edge {d.src!r} -> {d.src!r}: truncated(k) on a level's own recurrence is not "
+            f"defined; declare it on the edges into {d.src!r} (its carried state is then "
+            "detached every k chunks)"
+        ]
+    if d.mode.mode == "stop_grad" and (lv.frequency.unit not in ("token", "chunk")
+                                       or not lv.optimizer):  # fmt: skip
+        return [
+            f"edge {d.src!r} -> {d.src!r}: stop_grad on a level's own recurrence makes its "
+            f"in-sequence updates first-order, but {d.src!r} updates {lv.frequency}; only a "
+            "level with an inner optimizer updated every token or chunk has such updates"
+        ]
+    return []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -25,9 +27,11 @@ def smt(chunk, chunk_mem, momentum=0.9, exact=True, heads=1, **kw):
     return learner
 
 
-def naive(learner, x, chunk, chunk_mem, momentum, exact):
+def naive(learner, x, chunk, chunk_mem, momentum, exact, first_order=False):
     """Eqs. 83-88 token by token, written independently of the compiler: per layer DGD with
-    autograd gradients; every read at the state of the end of the memory's previous chunk."""
+    autograd gradients; every read at the state of the end of the memory's previous chunk.
+    ``first_order``: the writes run without a graph and each chunk-end state is read as
+    ``W0 + sg(W - W0)`` (every update a constant increment on the initial state)."""
     names = ["k", "v", "eta", "alpha", "mem"]
     W = {n: [learner.meta[f"M_{n}__W2"][0], learner.meta[f"M_{n}__W1"][0]] for n in names}
     run = {n: [w.clone() for w in W[n]] for n in names}
@@ -47,21 +51,31 @@ def naive(learner, x, chunk, chunk_mem, momentum, exact):
         alpha = torch.sigmoid(Walpha @ M(vis["alpha"], xt) + 6.0)[0]
         q = F.normalize(Wq @ xt, dim=-1)
         ys.append(M(vis["mem"], q))
-        for n in names:
-            target = F.normalize(M(vis[n], v), dim=-1)  # self-generated value, chunk-start state
-            loss = lambda ws, k=k, target=target: 0.5 * ((M(ws, k) - target) ** 2).sum()  # noqa: E731
-            grads = torch.func.grad(loss)(vis[n])
-            h = F.silu(vis[n][0] @ k)
-            for i, (g, xin) in enumerate(zip(grads, (k, h), strict=True)):
-                step = eta / (1 + eta * xin @ xin) if exact else eta
-                w = run[n][i]
-                mom[n][i] = momentum * mom[n][i] - (1 - momentum) * step * g  # dampened
-                run[n][i] = alpha * w - step * torch.outer(w @ xin, xin) + mom[n][i]
+        with torch.no_grad() if first_order else contextlib.nullcontext():
+            _write(vis, run, mom, names, k, v, eta, alpha, momentum, exact, M)
         for n in names:
             c = chunk_mem if n == "mem" else chunk
             if (t + 1) % c == 0:
-                vis[n] = [w.clone() for w in run[n]]
+                vis[n] = (
+                    [w.detach() + (w0 - w0.detach()) for w, w0 in zip(run[n], W[n], strict=True)]
+                    if first_order
+                    else [w.clone() for w in run[n]]
+                )
     return torch.stack(ys)[None]
+
+
+def _write(vis, run, mom, names, k, v, eta, alpha, momentum, exact, M):
+    """One token's DGD step of every memory (gradients at the chunk-start states ``vis``)."""
+    for n in names:
+        target = F.normalize(M(vis[n], v), dim=-1)  # self-generated value, chunk-start state
+        loss = lambda ws, k=k, target=target: 0.5 * ((M(ws, k) - target) ** 2).sum()  # noqa: E731
+        grads = torch.func.grad(loss)(vis[n])
+        h = F.silu(vis[n][0] @ k)
+        for i, (g, xin) in enumerate(zip(grads, (k, h), strict=True)):
+            step = eta / (1 + eta * xin @ xin) if exact else eta
+            w = run[n][i]
+            mom[n][i] = momentum * mom[n][i] - (1 - momentum) * step * g  # dampened
+            run[n][i] = alpha * w - step * torch.outer(w @ xin, xin) + mom[n][i]
 
 
 @pytest.mark.parametrize(

@@ -169,7 +169,9 @@ class MemoryBase:
     """What every fast memory's lowering is told: its level, heads, how its key, value and
     queries are normalised (per head), whether its reads see the state after each token's
     update (``read_after``), its chunk, and the tokens between detached states (``truncate``,
-    from ``truncated(k)`` edges)."""
+    from ``truncated(k)`` edges), and whether its updates are first-order (``first_order``:
+    stop_grad on its own recurrence; the outer gradient takes each update as a constant
+    increment)."""
 
     name: str
     heads: int
@@ -180,6 +182,7 @@ class MemoryBase:
     chunk: int
     objective: Objective
     truncate: int | None = None
+    first_order: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

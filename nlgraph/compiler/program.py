@@ -20,6 +20,7 @@ from nlgraph.compiler.plan import Plan, memory_reads
 from nlgraph.flows import KV, FlowBase, Read, Unary
 from nlgraph.level import Level
 from nlgraph.optimizers import Learned, Signal
+from nlgraph.topology import first_order_levels
 
 __all__ = ["Node", "ClusterCfg", "Program", "build_program", "key"]
 
@@ -169,13 +170,28 @@ class _Builder(_Lowering):
         self.cluster_of = {n: i for i, c in enumerate(plan.clusters) for n in c}
         self.stop_grad: dict[str, frozenset[str]] = {}
         self.truncated: dict[str, int] = {}
+        # stop_grad on a level's own recurrence: its in-sequence updates are first-order
+        self.first_order = first_order_levels(self.spec)
         for d in self.spec.diff:
+            if d.src == d.dst:
+                continue
             if d.mode.mode == "stop_grad":
                 self.stop_grad[d.dst] = self.stop_grad.get(d.dst, frozenset()) | {d.src}
             elif d.mode.mode == "truncated":
                 if self.truncated.get(d.dst, d.mode.k) != d.mode.k:
                     raise CompileError(f"level {d.dst!r}: edges into it truncate at different k")
                 self.truncated[d.dst] = d.mode.k
+        for name in sorted(self.first_order):
+            lowering = plan.levels[name].lowering
+            if lowering not in ("cluster", "boundary"):
+                raise CompileError(
+                    f"level {name!r} ({lowering}): first-order updates (stop_grad on its own "
+                    "recurrence) are lowered for memories read at their chunk-start state in a "
+                    "recurrent cluster (self-modifying Titans) and for CMS blocks; a "
+                    f"{lowering} memory's reads see its updates inside the chunk. Drop the "
+                    f"stop_grad edge {name!r} -> {name!r}, or detach its inputs with stop_grad "
+                    "edges into it"
+                )
         for dst in (*self.stop_grad, *self.truncated):
             lowering = plan.levels[dst].lowering
             if lowering == "parameter":
@@ -257,6 +273,7 @@ class _Builder(_Lowering):
             chunk=lp.chunk,
             objective=ir.Objective(obj.kind, getattr(obj, "p", None), getattr(obj, "path", None)),
             truncate=self.truncated[lv.name] * lp.chunk if lv.name in self.truncated else None,
+            first_order=lv.name in self.first_order,
         )
         mlp = dict(
             depth=1 if st.kind in ("linear", "nonparametric") else st.depth,

@@ -26,6 +26,7 @@ from nlgraph.compiler.modules import CausalConv
 from nlgraph.compiler.ops import UNARY
 from nlgraph.compiler.plan import Plan
 from nlgraph.compiler.program import build_program, key
+from nlgraph.topology import first_order_levels
 
 __all__ = ["CompiledLearner", "STATE_VERSION"]
 
@@ -55,15 +56,18 @@ class CompiledLearner(nn.Module):
         # Differentiation of edges into blocks and into the initial states of memories:
         # truncated(k) into a block detaches its parameters after every k-th of its updates;
         # stop_grad from the level that meta-learns an initial state (init=meta(src)) stops
-        # the meta-gradient into that initial state.
+        # the meta-gradient into that initial state; stop_grad on a block's own recurrence
+        # makes its updates first-order.
         self._block_truncate: dict[str, int] = {}
-        cut: set[str] = set()
+        self._init_cut: set[str] = set()
         for d in self.spec.diff:
             if d.mode.mode == "truncated" and plan.levels[d.dst].lowering == "boundary":
                 self._block_truncate[d.dst] = d.mode.k
             init = self.spec.level(d.dst).init
             if d.mode.mode == "stop_grad" and init.kind == "meta" and init.level == d.src:
-                cut.add(d.dst)
+                self._init_cut.add(d.dst)
+        self._first_order = first_order_levels(self.spec)
+        cut = self._init_cut
 
         def memory(name: str, cfg: Any) -> nn.Module:
             return memory_module(cfg, built.initial.get(name, {}), name in built.meta,
@@ -90,19 +94,6 @@ class CompiledLearner(nn.Module):
         # Run pieces of sequences with CMS blocks as one function (program, loss, inner gradient
         # by torch.func); on whenever the program is compiled.
         self.functional_pieces = False
-        # Differentiation of edges into blocks and into the initial states of memories:
-        # truncated(k) into a block detaches its parameters after every k-th of its updates;
-        # stop_grad from the level that meta-learns an initial state (init=meta(src)) stops
-        # the meta-gradient into that initial state.
-        self._block_truncate: dict[str, int] = {}
-        self._init_cut: set[str] = set()
-        for d in self.spec.diff:
-            lp = plan.levels[d.dst]
-            if d.mode.mode == "truncated" and lp.lowering == "boundary":
-                self._block_truncate[d.dst] = d.mode.k
-            init = self.spec.level(d.dst).init
-            if d.mode.mode == "stop_grad" and init.kind == "meta" and init.level == d.src:
-                self._init_cut.add(d.dst)
         # The outer clock: outer steps taken so far (saved with the state_dict).
         self.register_buffer("clock", torch.zeros((), dtype=torch.long))
 
@@ -218,6 +209,10 @@ class CompiledLearner(nn.Module):
         rates = {lv.name: self.blocks[_key(lv.name)].rates() for lv in blocks}  # every piece
         pieces, total, start = [], 0.0, 0
         differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
+        # First-order blocks: every update is a constant increment on the parameters the call
+        # starts from (or restarts from, after a nested reset).
+        origins = {lv.name: list(state[lv.name]["theta"]) for lv in blocks
+                   if lv.name in self._first_order}  # fmt: skip
         with torch.enable_grad():  # blocks learn at test time too
             while start < T:
                 # The next tick from the blocks' phases now: a nested block that restarted with
@@ -240,7 +235,15 @@ class CompiledLearner(nn.Module):
                     outs, state = self._piece(piece, state)
                     loss = loss_fn(outs, start, end)
                 updated = boundary.accumulate_and_update(
-                    loss, blocks, state, periods, rates, end - start, differentiable, grads
+                    loss,
+                    blocks,
+                    state,
+                    periods,
+                    rates,
+                    end - start,
+                    differentiable,
+                    grads,
+                    origins,
                 )
                 for name, k in self._block_truncate.items():
                     if name in updated and state[name]["updates"] % k == 0:
@@ -252,6 +255,8 @@ class CompiledLearner(nn.Module):
                         # 5.2): its chunks start again with the parent's, so a last chunk cut
                         # short by the parent's boundary is dropped with the reset.
                         state[lv.name] = self.blocks[_key(lv.name)].initial_state(B)
+                        if lv.name in origins:
+                            origins[lv.name] = list(state[lv.name]["theta"])
                 pieces.append(outs)
                 total = total + loss
                 start = end

@@ -7,6 +7,14 @@ import nlgraph as nl
 from nlgraph.library import register
 from nlgraph.optimizers import Scalar
 
+META = ("exact", "first_order")
+
+
+def check_meta(model: str, meta: object) -> None:
+    """``meta=``: how the outer gradient treats in-sequence writes (exact or first-order)."""
+    if meta not in META:
+        raise nl.SpecError(f"{model}: meta={meta!r}; expected 'exact' or 'first_order'")
+
 
 def projections(g: nl.Graph, x: object, d_in: int, d_out: int, names: tuple[str, ...]) -> list:
     """Slow linear projections (updated every outer step), one level each."""
@@ -257,6 +265,7 @@ def self_modifying_titans(
     output_gate: bool = True,
     value_norm: bool = True,
     retain_bias: float = 6.0,
+    meta: str = "exact",
 ) -> nl.Graph:
     """Self-modifying Titans: MLP memories that make their own keys, values and rates (Eqs. 83–93).
 
@@ -288,6 +297,13 @@ def self_modifying_titans(
         retain_bias: ``alpha = sigmoid(W_alpha M_alpha(xc) + retain_bias)``: the retention
             starts near ``sigmoid(6) = 0.9975`` per token instead of 0.5, which erased every
             memory within a few tokens (not given in the paper; gates start near keep) [I].
+        meta: ``"exact"`` (default): the outer gradient flows through every write (full
+            meta-gradients, PAPER.md 4.5's natural default); ``"first_order"``: every memory's
+            writes are constants to it (``stop_grad`` on each memory's own recurrence): the
+            same forward, no autograd graph for the writes; ``M_mem``'s initial state, ``W_q``,
+            the convolution and the output gate still learn through the reads, while ``M_k``,
+            ``M_v``, ``M_eta``, ``M_alpha``, ``W_eta`` and ``W_alpha`` act only through writes
+            and get no gradient (they keep their initial values).
 
     The momentum is dampened (``S <- mu S - (1 - mu) lr' grad``): undampened, momentum 0.9 on top
     of DGD's exact step diverged to NaN within 200 tokens in our runs [I].
@@ -297,6 +313,7 @@ def self_modifying_titans(
     an MLP applies per layer with each layer's input (``dgd_mlp="per_layer"``).
     """
     width = width or d
+    check_meta("self_modifying_titans", meta)
     g = nl.Graph(
         "self_modifying_titans",
         doc=self_modifying_titans.__doc__ or "",
@@ -318,6 +335,7 @@ def self_modifying_titans(
         value_grad="full",
         chunk_index="causal",
         dgd_mlp="per_layer",
+        meta_gradients=meta,
     )
     x = g.input("x", dim=d)
     xc: object = x
@@ -361,6 +379,8 @@ def self_modifying_titans(
             group="memories",
             doc="the memory read by q" if n == "mem" else f"produces {n} and trains on M_{n}(v)",
         )
+        if meta == "first_order":  # the writes of every memory are constants to the outer loss
+            g.differentiate(f"M_{n}", f"M_{n}", nl.stop_grad())
     y = nl.read("M_mem", q)
     if output_gate:
         norm = g.level(

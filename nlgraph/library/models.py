@@ -13,7 +13,13 @@ from typing import Any
 
 import nlgraph as nl
 from nlgraph.library import register
-from nlgraph.library.memories import projections, self_modifying_titans, softmax_attention, titans
+from nlgraph.library.memories import (
+    check_meta,
+    projections,
+    self_modifying_titans,
+    softmax_attention,
+    titans,
+)
 
 NORM = "torch.nn:RMSNorm"
 
@@ -58,6 +64,7 @@ def cms(
     residual: bool = False,
     reset: str = "sequence",
     activation: str = "silu",
+    meta: str = "exact",
 ) -> nl.Graph:
     """Continuum Memory System: MLP blocks, each updated every C_l tokens (Eqs. 70–74).
 
@@ -76,6 +83,11 @@ def cms(
         residual: ``MLP(z) = z + ...`` inside each block (unspecified; Eq. 70 has none).
         reset: ``"sequence"`` or ``"never"`` (continual learning; PAPER.md 5.6 leaves it open);
             the nested variant resets fast blocks with their parent.
+        meta: ``"exact"`` (default): the outer gradient flows through every in-sequence
+            update; ``"first_order"``: each update is a constant increment to it (``stop_grad``
+            on each block's own recurrence; first-order MAML): the same forward, each block's
+            initial parameters learn from every piece's gradient, the inner gradients are taken
+            without a graph.
     """
     chunks = (chunks,) if isinstance(chunks, int) else tuple(chunks)  # one level: an int
     lrs = tuple(lrs) if isinstance(lrs, Sequence) else (lrs,) * len(chunks)
@@ -89,6 +101,7 @@ def cms(
         raise nl.SpecError(f"cms: {len(lrs)} learning rates for {len(chunks)} levels")
     if reset not in ("sequence", "never"):
         raise nl.SpecError(f"cms: reset={reset!r}; expected 'sequence' or 'never'")
+    check_meta("cms", meta)
     g = nl.Graph(
         "cms",
         doc=cms.__doc__ or "",
@@ -97,6 +110,7 @@ def cms(
         lrs=list(lrs),
         residual=residual,
         reset=reset,
+        meta_gradients=meta,
     )
     x = g.input("x", dim=d)
     policy = nl.reset_per_sequence() if reset == "sequence" else nl.reset_never()
@@ -115,6 +129,8 @@ def cms(
             group="cms",
             doc=f"MLP updated every {c} tokens with its accumulated gradient",
         )
+        if meta == "first_order":
+            g.differentiate(names[i], names[i], nl.stop_grad())
     if variant == "independent":
         terms = []
         for i, n in enumerate(names):
@@ -180,12 +196,14 @@ def hope_block(
     cms_variant: str = "sequential",
     adaptive_q: bool = False,
     momentum: float = 0.9,
+    meta: str = "exact",
 ) -> nl.Graph:
     """Hope block: self-modifying Titans, then a CMS, both pre-norm residual (Eqs. 94–97).
 
     ``h = x + W_o SMT(norm(x))`` (the small memory with an expressive rule, PAPER.md 4);
     ``y = h + CMS(norm(h))`` (the large memory with a simple rule, PAPER.md 5). The keyword
-    arguments are those of ``self_modifying_titans`` and ``cms`` (``cms_*``, ``hidden``).
+    arguments are those of ``self_modifying_titans`` and ``cms`` (``cms_*``, ``hidden``);
+    ``meta`` ("exact" or "first_order") applies to both.
     """
     smt = self_modifying_titans(
         d=d,
@@ -195,8 +213,9 @@ def hope_block(
         chunk_mem=chunk_mem,
         adaptive_q=adaptive_q,
         momentum=momentum,
+        meta=meta,
     )
-    mem = cms(d=d, chunks=cms_chunks, lrs=cms_lrs, hidden=hidden, variant=cms_variant)
+    mem = cms(d=d, chunks=cms_chunks, lrs=cms_lrs, hidden=hidden, variant=cms_variant, meta=meta)
     g = _block("hope_block", hope_block.__doc__ or "", d, ("titans", smt), ("cms", mem))
     g.meta.update(titans=smt.meta, cms=mem.meta)
     return g
@@ -254,13 +273,18 @@ def hope(
     cms_variant: str = "sequential",
     adaptive_q: bool = False,
     momentum: float = 0.9,
+    meta: str = "exact",
 ) -> nl.Graph:
     """Hope: a language model of Hope blocks, self-modifying Titans + CMS (Eqs. 94–97).
 
     ``h_0 = E[tokens]``; ``h_l = hope_block(h_{l-1})`` for ``n_layers`` blocks;
     ``logits = W_head norm(h_L)``. ``preset`` gives the sizes ("tiny", the default: d=64,
     2 layers, 2 heads; "small": d=768, 12 layers, 12 heads); a size passed explicitly wins.
+    ``meta="first_order"`` makes every in-sequence write a constant to the outer gradient
+    (see ``self_modifying_titans`` and ``cms``); the default ``"exact"`` differentiates
+    through them.
     """
+    check_meta("hope", meta)
     s = _sizes("hope", preset, dict(vocab=vocab, d=d, n_layers=n_layers, heads=heads,
                                     hidden=hidden, width=width, chunk=chunk,
                                     chunk_mem=chunk_mem, cms_chunks=cms_chunks))  # fmt: skip
@@ -278,6 +302,7 @@ def hope(
             cms_variant=cms_variant,
             adaptive_q=adaptive_q,
             momentum=momentum,
+            meta=meta,
         )
 
     return _lm(
@@ -290,6 +315,7 @@ def hope(
         cms_variant=cms_variant,
         adaptive_q=adaptive_q,
         momentum=momentum,
+        meta_gradients=meta,
     )
 
 
@@ -304,20 +330,23 @@ def hope_attention(
     cms_chunks: Sequence[int] | None = None,
     cms_lrs: float | Sequence[float] = 1e-3,
     cms_variant: str = "sequential",
+    meta: str = "exact",
 ) -> nl.Graph:
     """Hope-Attention: global softmax attention followed by a CMS in each block (Eqs. 62, 70–73).
 
     Hope with self-modifying Titans replaced by softmax attention (PAPER.md 6.1): against the
-    ``transformer`` it isolates the CMS. ``preset`` as in ``hope``.
+    ``transformer`` it isolates the CMS. ``preset`` and ``meta`` as in ``hope``.
     """
+    check_meta("hope_attention", meta)
     s = _sizes("hope_attention", preset, dict(vocab=vocab, d=d, n_layers=n_layers, heads=heads,
                                               hidden=hidden, cms_chunks=cms_chunks))  # fmt: skip
 
     def block() -> nl.Graph:
         attn = softmax_attention(d=s["d"], heads=s["heads"])
         mem = cms(
-            d=s["d"], chunks=s["cms_chunks"], lrs=cms_lrs, hidden=s["hidden"], variant=cms_variant
-        )
+            d=s["d"], chunks=s["cms_chunks"], lrs=cms_lrs, hidden=s["hidden"],
+            variant=cms_variant, meta=meta,
+        )  # fmt: skip
         return _block("hope_attention_block", "", s["d"], ("attn", attn), ("cms", mem))
 
     return _lm(
@@ -328,6 +357,7 @@ def hope_attention(
         preset=preset,
         cms_lrs=cms_lrs,
         cms_variant=cms_variant,
+        meta_gradients=meta,
     )
 
 

@@ -149,6 +149,7 @@ def accumulate_and_update(
     n_tokens: int,
     create_graph: bool,
     grads: list[torch.Tensor | None] | None = None,
+    origins: dict[str, list[torch.Tensor]] | None = None,
 ) -> list[str]:
     """Add this piece's gradients to each block's accumulator; apply the update of every block
     whose chunk ends here. Returns the names of the blocks that updated.
@@ -158,12 +159,26 @@ def accumulate_and_update(
     written by the program) and are dropped from it here.
     ``grads``: the gradients of ``loss`` with respect to every block's parameters (in level
     order), when the caller took them already (the functional piece step); else they are taken
-    here with ``torch.autograd.grad``."""
-    flat = [t for lv in levels for t in states[lv.name]["theta"]]
+    here with ``torch.autograd.grad``.
+    ``origins``: the parameters each first-order block (stop_grad on its own recurrence)
+    started the call from; its gradients are taken without a graph and its new parameters are
+    ``origin + sg(new - origin)``: the outer gradient takes every update as a constant."""
+    origins = origins or {}
     if grads is None:
-        grads = torch.autograd.grad(
-            loss, flat, create_graph=create_graph, retain_graph=True, allow_unused=True
-        )
+        grads = [None] * sum(len(states[lv.name]["theta"]) for lv in levels)
+        for first_order in (False, True):
+            idx, flat, i = [], [], 0
+            for lv in levels:
+                n = len(states[lv.name]["theta"])
+                if (lv.name in origins) == first_order:
+                    idx.extend(range(i, i + n))
+                    flat.extend(states[lv.name]["theta"])
+                i += n
+            if flat:
+                got = torch.autograd.grad(loss, flat, create_graph=create_graph and not first_order,
+                                          retain_graph=True, allow_unused=True)  # fmt: skip
+                for j, gr in zip(idx, got, strict=True):
+                    grads[j] = gr
     updated, i = [], 0
     for lv in levels:
         st = dict(states[lv.name])
@@ -175,6 +190,8 @@ def accumulate_and_update(
             for t, gr in zip(st["theta"], grads[i : i + n], strict=True)
         ]
         i += n
+        if lv.name in origins:  # first-order: the signal is a constant
+            g = [x.detach() for x in g]
         weighted = token_weighted(rules)
         if weighted is not None:  # eta_t inside the sum (Eq. 71): one token per piece
             if n_tokens != 1:  # pragma: no cover - forward cuts such learners at every token
@@ -198,6 +215,11 @@ def accumulate_and_update(
             # Without meta-gradients the new parameters start a fresh graph: a long stream run
             # under torch.no_grad() would otherwise chain every update's graph to the next.
             theta = theta if create_graph else [t.detach() for t in theta]
+            if lv.name in origins:  # the value of the update, the gradient of the origin
+                theta = [t.detach() + (o - o.detach()) if create_graph else t.detach()
+                         for t, o in zip(theta, origins[lv.name], strict=True)]  # fmt: skip
+                new.update({k: [m.detach() for m in v] for k, v in new.items()
+                            if k.startswith("momentum")})  # fmt: skip
             states[lv.name] = {**st, "theta": [live(t) for t in theta], **new}
             updated.append(lv.name)
         else:

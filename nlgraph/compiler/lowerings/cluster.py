@@ -41,6 +41,7 @@ another at="new" updates after it within the token (``ClusterCfg.stages``, Def. 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -80,6 +81,17 @@ class _Member:
             if self.loop:  # the reference loop's pending gradient sum and rule buffers
                 prev.update(acc=None, buffers={})
         self.state = dict(prev)
+        # First-order updates (stop_grad on the member's own recurrence) run without a graph;
+        # every state they reach is read as the call's starting state plus a constant.
+        self.origin = list(prev["visible"]) if cfg.first_order else None
+
+    def seen(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``weights`` as the outer gradient sees them: as they are, or, for a first-order
+        member, ``origin + sg(weights - origin)`` (the value of ``weights``, the gradient of
+        ``origin``)."""
+        if self.origin is None:
+            return weights
+        return [w + (o - o.detach()) for w, o in zip(weights, self.origin, strict=True)]
 
     @property
     def loop(self) -> bool:
@@ -130,7 +142,7 @@ def run_cluster(
                 pieces[n][slot].append(vals[node])
         for mem in members.values():
             if mem.state["phase"] % mem.chunk == 0:
-                mem.state["visible"] = list(mem.state["running"])
+                mem.state["visible"] = mem.seen(mem.state["running"])
     for n, mem in members.items():
         new_state[n] = mem.state
     return {n: tuple(torch.cat(p, dim=1) for p in pieces[n]) for n in c.names}
@@ -191,8 +203,9 @@ def _window(
             v = done.pop(i)
         elif op == "running":  # the state after the token's update (one-token windows)
             mem = members[n.attrs[0]]
-            y, _, _ = mlp_forward(mem.state["running"], heads(a[0], mem.cfg.heads, n.attrs[1]),
-                                  mem.cfg.activation, mem.cfg.residual)  # fmt: skip
+            z = heads(a[0], mem.cfg.heads, n.attrs[1])
+            y, _, _ = mlp_forward(mem.seen(mem.state["running"]), z, mem.cfg.activation,
+                                  mem.cfg.residual)  # fmt: skip
             v = y.reshape(*y.shape[:2], -1)
         elif op == "slow":
             v = slow[key(n.attrs[0])](a[0])
@@ -321,7 +334,16 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
 
 def _update_all(members: dict, c: Any, vals: list, backend: str, n: int) -> None:
     """One window's updates of every member (``n`` tokens): the kernel members' layer
-    recurrences batched, the token loops of members without a cluster lowering one by one."""
+    recurrences batched, the token loops of members without a cluster lowering one by one.
+    First-order members update without an autograd graph, batched among themselves."""
+    for first_order in (False, True):
+        group = {k: m for k, m in members.items() if m.cfg.first_order == first_order}
+        if group:
+            with torch.no_grad() if first_order else contextlib.nullcontext():
+                _update_group(group, c, vals, backend, n)
+
+
+def _update_group(members: dict, c: Any, vals: list, backend: str, n: int) -> None:
     jobs = []
     for name, mem in members.items():
         args = tuple(vals[i] for i in c.member_args[name])
