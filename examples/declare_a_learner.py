@@ -40,7 +40,7 @@ def build(d: int = 16) -> nl.Graph:
     g.output("y", mem(proj["W_q"](x).normalize(), at="new"))
     # The weights follow a momentum memory of their gradients (Eqs. 10-13).
     w = g.level("w", state=nl.params(), frequency=nl.per_step(), objective=nl.outer(),
-                optimizer=nl.follow(nl.state("m")))  # fmt: skip
+                optimizer=nl.follow(nl.state("m", at="new")))  # fmt: skip
     g.level("m", state=nl.like("w"), frequency=nl.per_step(), context=-w.grad(),
             objective=nl.dot(), optimizer=nl.gd(lr=0.01, retain=0.9))  # fmt: skip
     return g

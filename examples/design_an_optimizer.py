@@ -26,7 +26,9 @@ def delta_adam(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, decay=0.1) -> nl.Graph:
     """Adam with a delta-rule first moment (Eqs. 48–49, App. B)."""
     g = nl.Graph("delta_adam", doc=delta_adam.__doc__)
     grad = nl.grad_of("w")
-    step = -lr * nl.debias(nl.state("m"), b1) / (nl.debias(nl.state("v"), b2).sqrt() + eps)
+    m_hat = nl.debias(nl.state("m", at="new"), b1)
+    v_hat = nl.debias(nl.state("v", at="new"), b2)
+    step = -lr * m_hat / (v_hat.sqrt() + eps)
     # fmt: off
     g.level("w", state=nl.params(), frequency=nl.per_step(), objective=nl.outer(),
             optimizer=nl.follow(step))

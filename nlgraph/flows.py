@@ -9,6 +9,7 @@ pairs as a memory's context. Flows are frozen data: they serialize to JSON and c
 Timing: ``read`` and ``state`` take ``at="prev"`` (the level's state before this tick's update,
 e.g. ``o_t = M_{t-1}(q_t)``) or ``at="new"`` (after it, e.g. ``W_{t+1} = W_t + m_{t+1}``). Only
 ``at="new"`` references are same-tick dependencies for the level ordering of PAPER.md 1.2.
+``read`` defaults to ``prev`` (a memory's read-out); ``state`` has no default (:func:`require_at`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field
 
 from nlgraph._base import Spec
+from nlgraph._errors import SpecError
 
 __all__ = [
     "Flow",
@@ -282,9 +284,27 @@ def as_flow(x: object) -> FlowBase:
     )
 
 
-def state(level: str, at: Literal["prev", "new"] = "new") -> State:
-    """The state of ``level`` (``at="new"``: after its update at this tick)."""
-    return State(level=level, at=at)
+def state(level: str, at: Literal["prev", "new"] | None = None) -> State:
+    """The state of ``level``: ``at="new"`` after its update at this tick (``W <- W + m_{t+1}``),
+    ``at="prev"`` as the tick starts (``m_t``). ``at`` has no default: the two readings build
+    different optimizers, and either is a common intent (see :func:`require_at`)."""
+    return State(level=level, at=require_at(f"nl.state({level!r})", level, at))
+
+
+def require_at(call: str, level: str, at: str | None) -> str:
+    """``at`` itself, or a :class:`SpecError` naming the read when it was left out.
+
+    A state read is a timing choice, not a detail: ``nl.follow(-lr * nl.state("m").sign())``
+    with the new momentum is signum, with ``at="prev"`` it is a step behind; both are valid
+    graphs, so a silent default would build the other optimizer without a word.
+    """
+    if at is None:
+        raise SpecError(
+            f"{call}: say when to read {level!r}: at='new' (after its update at this tick, as "
+            f"W <- W + m_(t+1) reads a momentum) or at='prev' (as the tick starts, before the "
+            "update); the two build different learners, so nlgraph does not pick one"
+        )
+    return at
 
 
 def read(level: str, arg: object, at: Literal["prev", "new"] = "prev") -> Read:

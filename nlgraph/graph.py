@@ -4,7 +4,7 @@ Example — SGD with momentum as two levels (PAPER.md 2.2, Eq. 33)::
 
     g = nl.Graph("momentum")
     w = g.level("w", state=nl.params(), frequency=nl.per_step(),
-                objective=nl.outer(), optimizer=nl.follow(nl.state("m")))
+                objective=nl.outer(), optimizer=nl.follow(nl.state("m", at="new")))
     g.level("m", state=nl.like("w"), frequency=nl.per_step(),
             context=-w.grad(), objective=nl.dot(), optimizer=nl.gd(lr=0.1, retain=0.9))
 
@@ -20,7 +20,7 @@ from typing import Any
 import networkx as nx
 
 from nlgraph._errors import SpecError, SpecFieldError
-from nlgraph.flows import FlowBase, Grad, Input, Read, Ref, State, as_flow
+from nlgraph.flows import FlowBase, Grad, Input, Read, Ref, State, as_flow, require_at
 from nlgraph.level import EdgeDiff, GraphSpec, InputSpec, Level
 
 __all__ = ["Graph", "LevelHandle"]
@@ -49,7 +49,10 @@ class LevelHandle:
         """The read-out ``M(arg)`` (``at="prev"``: with the state before this tick's update)."""
         return Read(level=self.name, arg=as_flow(arg), at=at)  # type: ignore[arg-type]
 
-    def state(self, at: str = "new") -> State:
+    def state(self, at: str | None = None) -> State:
+        """The level's state, ``at="new"`` (after this tick's update) or ``"prev"`` (before it);
+        ``at`` is required (:func:`nlgraph.flows.require_at`)."""
+        at = require_at(f"{self.name}.state()", self.name, at)
         return State(level=self.name, at=at)  # type: ignore[arg-type]
 
     def grad(self, objective: str = "loss") -> Grad:

@@ -24,7 +24,7 @@ def small_memory(d: int = 4) -> nl.Graph:
     g.output("y", mem(wk(x), at="new"))
     w = g.level(
         "w", state=nl.params(), frequency=nl.per_step(), objective=nl.outer(),
-        optimizer=nl.follow(nl.state("m")),
+        optimizer=nl.follow(nl.state("m", at="new")),
     )  # fmt: skip
     g.level(
         "m", state=nl.like("w"), frequency=nl.per_step(), context=-w.grad(),

@@ -49,7 +49,7 @@ def test_hyperparameters_are_numbers_of_one_skeleton():
 def _graph(**level) -> nl.Graph:
     g = nl.Graph("g")
     g.level("w", state=nl.params(), frequency=nl.per_step(), objective=nl.outer(),
-            optimizer=nl.follow(nl.state("m")))  # fmt: skip
+            optimizer=nl.follow(nl.state("m", at="new")))  # fmt: skip
     fields = {"state": nl.like("w"), "frequency": nl.per_step(), "context": -nl.grad_of("w"),
               "objective": nl.dot(), "optimizer": nl.gd(lr=0.1), **level}  # fmt: skip
     g.level("m", **fields)
@@ -87,9 +87,9 @@ def test_what_has_no_lowering_is_refused(make, match):
 def test_parts_share_no_state():
     g = nl.Graph("split")
     g.level("w", state=nl.params(min_ndim=2), frequency=nl.per_step(), objective=nl.outer(),
-            optimizer=nl.follow(nl.state("b.m")))  # fmt: skip
+            optimizer=nl.follow(nl.state("b.m", at="new")))  # fmt: skip
     g.level("b", state=nl.params(max_ndim=1), frequency=nl.per_step(), objective=nl.outer(),
-            optimizer=nl.follow(nl.state("b.m")))  # fmt: skip
+            optimizer=nl.follow(nl.state("b.m", at="new")))  # fmt: skip
     g.level("b.m", state=nl.like("b"), frequency=nl.per_step(), context=-nl.grad_of("b"),
             objective=nl.dot(), optimizer=nl.gd(lr=0.1))  # fmt: skip
     with pytest.raises(nl.CompileError, match="parts selected by shape share no state"):
@@ -113,7 +113,7 @@ UNARY = ["neg", "square", "abs", "sign", "tanh", "sigmoid", "relu", "silu", "nor
 def flows(depth: int = 3):
     def build(tree):
         if isinstance(tree, str):
-            return {"g": nl.grad_of("w"), "m": nl.state("m"), "c": nl.const(1.5)}[tree]
+            return {"g": nl.grad_of("w"), "m": nl.state("m", at="new"), "c": nl.const(1.5)}[tree]
         op, *args = tree
         xs = [build(a) for a in args]
         if op in UNARY:

@@ -39,9 +39,10 @@ def my_adam(
         stream = nl.state("weights", at="prev") * l2 + stream
     stream = g.let("stream", stream)
     held = "peak" if amsgrad else "second"
-    v_hat = nl.debias(nl.state(held), b2)
+    v_hat = nl.debias(nl.state(held, at="new"), b2)
     denom = (v_hat + eps).sqrt() if eps_inside else eps + v_hat.sqrt()
-    step = (nl.debias(nl.state("first"), b1 if b1_debias is None else b1_debias) * -lr) / denom
+    m_hat = nl.debias(nl.state("first", at="new"), b1 if b1_debias is None else b1_debias)
+    step = (m_hat * -lr) / denom
     rules = (nl.weight_decay(lr * decoupled),) if decoupled is not None else ()
     g.level("weights", state=nl.params(), frequency=nl.per_step(), objective=nl.outer(),
             optimizer=nl.chain(*rules, nl.follow(step)))  # fmt: skip
@@ -52,7 +53,7 @@ def my_adam(
             objective=nl.l2_to(stream.apply(second)), optimizer=nl.ema(b2))  # fmt: skip
     if amsgrad:
         g.level("peak", state=nl.like("weights"), frequency=nl.per_step(),
-                optimizer=nl.follow((nl.state("second") - nl.state("peak", at="prev"))
+                optimizer=nl.follow((nl.state("second", at="new") - nl.state("peak", at="prev"))
                                     .apply("relu")))  # fmt: skip
     if fourth:
         g.level("extra", state=nl.like("weights"), frequency=nl.per_step(),

@@ -40,7 +40,7 @@ def test_adam_moments_share_a_tier():
 def test_ordering_by_frequency_then_dependency():
     g = nl.Graph("clock", chunk=4)
     g.input("x", dim=2)
-    kw = dict(state=nl.tensor(2), objective=nl.l2_to(nl.read("x0", nl.state("x0"))))
+    kw = dict(state=nl.tensor(2), objective=nl.l2_to(nl.read("x0", nl.state("x0", at="new"))))
     del kw["objective"]
     for name, freq in [
         ("slow", nl.per_step()),
@@ -91,12 +91,12 @@ def test_round_trips_are_identities():
 
 
 def test_flow_algebra_prints_like_the_paper():
-    m, v = nl.state("m"), nl.state("v")
+    m, v = nl.state("m", at="new"), nl.state("v", at="new")
     e = -0.1 * nl.debias(m, 0.9) / (nl.debias(v, 0.999).sqrt() + 1e-8)
     assert str(e) == "(-0.1 * debias(m, 0.9)) / (sqrt(debias(v, 0.999)) + 1e-08)"
     assert str(nl.grad_of("w") ** 2) == "∇w²"
     with pytest.raises(TypeError, match="expected a flow"):
-        nl.state("m") + "text"
+        nl.state("m", at="new") + "text"
 
 
 def test_frequency_ticks():

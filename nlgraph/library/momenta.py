@@ -21,7 +21,7 @@ def preconditioned_momentum(
     ``v <- b2 v + (1 - b2) u^2``; so ``v`` precedes ``m``, which precedes ``W``.
     """
     g = nl.Graph("preconditioned_momentum", doc=preconditioned_momentum.__doc__ or "")
-    w = _weights(g, nl.state("m"))
+    w = _weights(g, nl.state("m", at="new"))
     u = w.grad()
     g.level(
         "v",
@@ -36,7 +36,7 @@ def preconditioned_momentum(
         "m",
         state=nl.like("w"),
         frequency=nl.per_step(),
-        context=-u / (nl.debias(nl.state("v"), b2).sqrt() + eps),
+        context=-u / (nl.debias(nl.state("v", at="new"), b2).sqrt() + eps),
         objective=nl.dot(),
         optimizer=nl.gd(lr=lr, retain=beta),
         group="momentum",
@@ -69,7 +69,7 @@ def delta_momentum(
             "decay -> 0 has no write term). Use `momentum` for plain EMA momentum"
         )
     g = nl.Graph("delta_momentum", doc=delta_momentum.__doc__ or "")
-    w = _weights(g, nl.state("m"))
+    w = _weights(g, nl.state("m", at="new"))
     u = w.grad().normalize() if normalize else w.grad()
     g.level(
         "m",
@@ -145,7 +145,7 @@ def muon(
 def _muon(
     g: nl.Graph, lr: float, beta: float, steps: int, variant: str, nesterov: bool, wd: float
 ) -> None:
-    m = beta * nl.state("m") - nl.grad_of("w") if nesterov else nl.state("m")
+    m = beta * nl.state("m", at="new") - nl.grad_of("w") if nesterov else nl.state("m", at="new")
     w = _weights(
         g,
         lr * nl.newton_schulz(m, steps=steps, variant=variant),
@@ -223,9 +223,9 @@ def _m3(
     if momenta not in ("sum", "ema"):
         raise nl.SpecError(f"m3: momenta={momenta!r}; expected 'sum' (Algorithm 1) or 'ema'")
     ema = momenta == "ema"
-    ns1 = nl.newton_schulz(nl.state("M1"), steps=steps, variant=variant)
+    ns1 = nl.newton_schulz(nl.state("M1", at="new"), steps=steps, variant=variant)
     ns2 = nl.newton_schulz(nl.state("M2", at="prev"), steps=steps, variant=variant)
-    v = nl.debias(nl.state("V"), b2) if ema else nl.state("V")
+    v = nl.debias(nl.state("V", at="new"), b2) if ema else nl.state("V", at="new")
     w = _weights(g, -lr * (ns1 + alpha * ns2) / (v.sqrt() + eps), select=nl.params(min_ndim=2))
     grad = w.grad()
     for name, stream, b, every in (

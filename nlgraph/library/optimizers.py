@@ -71,7 +71,7 @@ def sgd(
             doc="W <- W - lr * grad",
         )
         return g
-    b = nl.state("b")
+    b = nl.state("b", at="new")
     _weights(g, -lr * (grad + momentum * b if nesterov else b))
     _accumulator(g, "b", grad, 1.0, retain=momentum, doc="b <- momentum b + g", group="momentum")
     return g
@@ -85,7 +85,7 @@ def momentum(lr: float = 1e-2, beta: float = 0.9) -> nl.Graph:
     ``W <- W + m``. Equals ``torch.optim.SGD(lr, momentum=beta)`` with ``m = -lr b``.
     """
     g = nl.Graph("momentum", doc=momentum.__doc__ or "")
-    w = _weights(g, nl.state("m"))
+    w = _weights(g, nl.state("m", at="new"))
     _momentum(g, w, lr, beta)
     return g
 
@@ -107,7 +107,9 @@ def _adam(
     w, m, v = f"{prefix}w", f"{prefix}m", f"{prefix}v"
     grad = _gradient(g, w, weight_decay, name=f"{prefix}grad")
     denom = f"{prefix}vmax" if amsgrad else v
-    step = -lr * nl.debias(nl.state(m), b1) / (nl.debias(nl.state(denom), b2).sqrt() + eps)
+    m_hat = nl.debias(nl.state(m, at="new"), b1)
+    v_hat = nl.debias(nl.state(denom, at="new"), b2)
+    step = -lr * m_hat / (v_hat.sqrt() + eps)
     decay = None if decoupled is None else lr * decoupled
     _weights(g, step, name=w, decay=decay, select=select)
     g.level(
@@ -133,7 +135,7 @@ def _adam(
             denom,
             state=nl.like(w),
             frequency=nl.per_step(),
-            optimizer=nl.follow((nl.state(v) - nl.state(denom, at="prev")).apply("relu")),
+            optimizer=nl.follow((nl.state(v, at="new") - nl.state(denom, at="prev")).apply("relu")),
             group="moments",
             doc="AMSGrad: the running maximum of v, vmax <- vmax + relu(v - vmax)",
         )
@@ -225,7 +227,7 @@ def nesterov(lr: float = 1e-2, beta: float = 0.9) -> nl.Graph:
     ``torch.optim.SGD(lr, momentum=beta, nesterov=True)`` with ``m = -lr b``.
     """
     g = nl.Graph("nesterov", doc=nesterov.__doc__ or "")
-    w = _weights(g, beta * nl.state("m") - lr * nl.grad_of("w"))
+    w = _weights(g, beta * nl.state("m", at="new") - lr * nl.grad_of("w"))
     _momentum(g, w, lr, beta)
     return g
 
@@ -247,7 +249,9 @@ def adagrad(
     """
     g = nl.Graph("adagrad", doc=adagrad.__doc__ or "")
     grad = _gradient(g, "w", weight_decay)
-    v = nl.state("v") + initial_accumulator_value if initial_accumulator_value else nl.state("v")
+    v = nl.state("v", at="new")
+    if initial_accumulator_value:
+        v = v + initial_accumulator_value
     scale = -lr / (1 + (ticks() - 1) * lr_decay) if lr_decay else -lr
     _weights(g, scale * grad / (v.sqrt() + eps))
     _accumulator(g, "v", grad.square(), 1.0, doc="v <- v + g^2")
@@ -273,9 +277,9 @@ def rmsprop(
     """
     g = nl.Graph("rmsprop", doc=rmsprop.__doc__ or "")
     grad = _gradient(g, "w", weight_decay)
-    v = nl.state("v")
-    denom = ((v - nl.state("a").square()) if centered else v).sqrt() + eps
-    _weights(g, -lr * nl.state("b") if momentum else -lr * grad / denom)
+    v = nl.state("v", at="new")
+    denom = ((v - nl.state("a", at="new").square()) if centered else v).sqrt() + eps
+    _weights(g, -lr * nl.state("b", at="new") if momentum else -lr * grad / denom)
     g.level(
         "v",
         state=nl.like("w"),
@@ -312,7 +316,7 @@ def adagrad_momentum(
     sums, as printed; same tier), ``W <- W - lr m / (sqrt(v) + eps)``.
     """
     g = nl.Graph("adagrad_momentum", doc=adagrad_momentum.__doc__ or "")
-    w = _weights(g, -lr * nl.state("m") / (nl.state("v").sqrt() + eps))
+    w = _weights(g, -lr * nl.state("m", at="new") / (nl.state("v", at="new").sqrt() + eps))
     _accumulator(g, "m", w.grad(), b1, doc="m <- m + b1 g")
     _accumulator(g, "v", w.grad().square(), b2, doc="v <- v + b2 g^2")
     return g
