@@ -38,6 +38,7 @@ from nlgraph.clock import (
 )
 from nlgraph.flows import const, debias, grad_of, kv, newton_schulz, read, state
 from nlgraph.graph import Graph, LevelHandle
+from nlgraph.hyper import substitute, trace
 from nlgraph.level import SCHEMA_VERSION, GraphSpec, Level, stop_grad, truncated, unrolled
 from nlgraph.objectives import custom, dot, l2, l2_to, lp, nadaraya_watson, outer
 from nlgraph.optimizers import (
@@ -82,5 +83,7 @@ __all__ = [
     "stop_grad", "truncated", "unrolled",
     # serialization
     "to_dict", "from_dict", "to_json", "from_json", "to_yaml", "from_yaml", "load", "save",
+    # symbolic hyperparameters
+    "trace", "substitute",
     "__version__",
 ]  # fmt: skip

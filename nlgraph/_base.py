@@ -5,13 +5,18 @@ from __future__ import annotations
 import difflib
 import re
 import reprlib
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nlgraph._errors import SpecFieldError
 
-__all__ = ["Spec", "NAME_RE", "IMPORT_PATH_RE", "format_validation_error"]
+__all__ = ["Spec", "NAME_RE", "IMPORT_PATH_RE", "format_validation_error", "BUILD_HOOKS"]
+
+# Called with each spec object built by a call and the call's keyword arguments, innermost last:
+# nlgraph.hyper.trace records where symbolic hyperparameters land (empty otherwise).
+BUILD_HOOKS: list[Callable[[Any, dict[str, Any]], None]] = []
 
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 3, 4, 4, 60, 60
@@ -32,9 +37,12 @@ class _SpecMeta(type(BaseModel)):  # type: ignore[misc]
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().__call__(*args, **kwargs)
+            obj = super().__call__(*args, **kwargs)
         except ValidationError as err:
             raise SpecFieldError(cls.__name__, format_validation_error(err)) from None
+        if BUILD_HOOKS:
+            BUILD_HOOKS[-1](obj, kwargs)
+        return obj
 
 
 class Spec(BaseModel, metaclass=_SpecMeta):

@@ -277,7 +277,9 @@ def as_flow(x: object) -> FlowBase:
         return x
     if isinstance(x, bool):
         raise TypeError(f"expected a flow or a number, got a bool ({x!r})")
-    if isinstance(x, int | float):
+    if isinstance(x, float):
+        return Const(value=x)  # as is: a traced hyperparameter (nlgraph.hyper) is a float subclass
+    if isinstance(x, int):
         return Const(value=float(x))
     raise TypeError(
         f"expected a flow (input, read, state, grad_of, ...) or a number, got {type(x).__name__}"

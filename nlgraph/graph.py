@@ -21,6 +21,7 @@ import networkx as nx
 
 from nlgraph._errors import SpecError, SpecFieldError
 from nlgraph.flows import FlowBase, Grad, Input, Read, Ref, State, as_flow, require_at
+from nlgraph.hyper import Hyperparameters
 from nlgraph.level import EdgeDiff, GraphSpec, InputSpec, Level
 
 __all__ = ["Graph", "LevelHandle"]
@@ -86,6 +87,8 @@ class Graph:
         self._flows: dict[str, FlowBase] = {}
         self._outputs: dict[str, FlowBase] = {}
         self._diff: list[EdgeDiff] = []
+        # set by nl.trace: the named hyperparameters the graph was built from (nlgraph.hyper)
+        self.hyperparameters: Hyperparameters | None = None
 
     # ------------------------------------------------------------------------------- building
     def input(self, name: str, dim: int | str | None = None, kind: str = "vector") -> Input:
@@ -189,6 +192,7 @@ class Graph:
                 outputs=dict(self._outputs),
                 diff=tuple(self._diff),
                 meta=_json_meta(self.name, self.meta),
+                hyperparameters=self.hyperparameters,
             )
         except SpecFieldError as err:
             raise SpecError(f"graph {self.name!r}: {err.detail}") from None
@@ -209,6 +213,7 @@ class Graph:
         g._flows = dict(spec.flows)
         g._outputs = dict(spec.outputs)
         g._diff = list(spec.diff)
+        g.hyperparameters = spec.hyperparameters
         return g
 
     def validate(self) -> Graph:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from nlgraph._base import Spec
 from nlgraph.clock import Default, Frequency, Init, Reset
 from nlgraph.flows import Flow
+from nlgraph.hyper import Hyperparameters, check
 from nlgraph.objectives import Objective
 from nlgraph.optimizers import Rule
 from nlgraph.states import Dim, StateKind
@@ -28,7 +29,8 @@ __all__ = [
     "GraphSpec",
 ]
 
-SCHEMA_VERSION = 1
+# 2: a spec may carry its symbolic hyperparameters (nlgraph.hyper). Version 1 files load as is.
+SCHEMA_VERSION = 2
 
 
 class StopGrad(Spec):
@@ -143,6 +145,13 @@ class GraphSpec(Spec):
     outputs: dict[str, Flow] = Field(default_factory=dict)
     diff: tuple[EdgeDiff, ...] = ()
     meta: dict[str, Any] = Field(default_factory=dict)
+    # the hyperparameters it was built from, by name, and where they land (nlgraph.hyper.trace)
+    hyperparameters: Hyperparameters | None = None
+
+    @model_validator(mode="after")
+    def _hyperparameters_match(self) -> GraphSpec:
+        check(self)
+        return self
 
     def level(self, name: str) -> Level:
         for lv in self.levels:

@@ -145,6 +145,8 @@ def from_dict(data: Any, source: str = "spec") -> Graph:
         )
     if version < 1:
         raise SpecError(f"{source}: schema_version {version} is not a valid version (>= 1)")
+    if version < SCHEMA_VERSION:  # version 1 lacks only what 2 added: it reads as it is
+        data = {**data, "schema_version": SCHEMA_VERSION}
     try:
         spec = GraphSpec.model_validate(data)
     except ValidationError as err:

@@ -22,7 +22,8 @@ PUBLIC = {
     "newton_schulz", "kv", "dot", "l2", "lp", "l2_to", "nadaraya_watson", "outer", "custom",
     "gd", "dgd", "ema", "precondition", "orthogonalize", "weight_decay", "follow", "exact",
     "chain", "learned", "signal", "stop_grad", "truncated", "unrolled", "to_dict", "from_dict",
-    "to_json", "from_json", "to_yaml", "from_yaml", "load", "save", "__version__",
+    "to_json", "from_json", "to_yaml", "from_yaml", "load", "save", "trace", "substitute",
+    "__version__",
 }  # fmt: skip
 
 

@@ -228,10 +228,10 @@ def _m3(
     v = nl.debias(nl.state("V", at="new"), b2) if ema else nl.state("V", at="new")
     w = _weights(g, -lr * (ns1 + alpha * ns2) / (v.sqrt() + eps), select=nl.params(min_ndim=2))
     grad = w.grad()
-    for name, stream, b, every in (
-        ("M1", grad, b1, 1),
-        ("V", grad.square(), b2, 1),
-        ("M2", grad, b3, f),
+    for name, stream, b, every, bn in (
+        ("M1", grad, b1, 1, "b1"),
+        ("V", grad.square(), b2, 1, "b2"),
+        ("M2", grad, b3, f, "b3"),
     ):
         _accumulator(
             g,
@@ -240,7 +240,8 @@ def _m3(
             1 - b if ema else b,
             retain=b if ema else None,
             frequency=nl.per_step(every),
-            doc=f"{name} <- " + (f"{b:g} {name} + {1 - b:g} x" if ema else f"{name} + {b:g} x"),
+            # names, not values: a traced graph's doc holds for any value (nlgraph.hyper)
+            doc=f"{name} <- " + (f"{bn} {name} + (1 - {bn}) x" if ema else f"{name} + {bn} x"),
         )
 
 

@@ -25,8 +25,10 @@ import torch
 from nlgraph._errors import SpecError, SpecFieldError
 from nlgraph.compiler.optimizer import OptimizerProgram, match, reference_step, scan
 from nlgraph.graph import Graph
+from nlgraph.hyper import substitute
 from nlgraph.kernels import _dispatch
 from nlgraph.kernels.optimizer import FlatParams
+from nlgraph.level import GraphSpec
 
 __all__ = ["GraphOptimizer", "compile_optimizer"]
 
@@ -283,8 +285,23 @@ class GraphOptimizer(torch.optim.Optimizer):
                            self.state_names, key)  # fmt: skip
 
 
+def _from_graph(graph: Graph | GraphSpec) -> tuple[Callable[..., Graph], dict[str, Any]]:
+    """A saved or traced graph as a builder: its symbolic hyperparameters are the optimizer's
+    (names and defaults), set by substitution (:func:`nlgraph.hyper.substitute`)."""
+    spec = graph.spec if isinstance(graph, Graph) else graph
+    hp = spec.hyperparameters
+    defaults = {} if hp is None else hp.values()
+
+    def build(**values: Any) -> Graph:
+        return substitute(spec, **values)
+
+    build.__name__ = spec.name
+    build.__doc__ = spec.doc
+    return build, defaults
+
+
 def compile_optimizer(
-    builder: Callable[..., Graph],
+    builder: Callable[..., Graph] | Graph | GraphSpec,
     name: str | None = None,
     defaults: dict[str, Any] | None = None,
     graph_kwargs: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -294,7 +311,8 @@ def compile_optimizer(
     """An optimizer class from a graph builder.
 
     Args:
-        builder: hyperparameters -> optimizer graph.
+        builder: hyperparameters -> optimizer graph; or a graph (``nl.load("adam.yaml")``,
+            ``nl.trace(adam)``), whose symbolic hyperparameters become the optimizer's.
         name: the class name (default: the builder's, in CamelCase).
         defaults: the optimizer's hyperparameters and their defaults, in positional order
             (default: the builder's keyword arguments).
@@ -302,6 +320,9 @@ def compile_optimizer(
             ``defaults``); how torch-style names (``betas``) map onto a builder (``b1, b2``).
         state_names: level name -> key in the per-parameter state (``{"m": "exp_avg"}``).
     """
+    if isinstance(builder, Graph | GraphSpec):
+        builder, traced = _from_graph(builder)
+        defaults = traced if defaults is None else defaults
     if defaults is None:
         sig = inspect.signature(builder)
         defaults = {
