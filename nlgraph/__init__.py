@@ -16,6 +16,7 @@ from nlgraph._errors import (
     SchemaVersionError,
     SpecError,
     SpecFieldError,
+    SpecTypeError,
 )
 from nlgraph.clock import (
     Frequency,
@@ -62,7 +63,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # errors
-    "NLGraphError", "SpecError", "SpecFieldError", "SchemaVersionError", "CompileError",
+    "NLGraphError", "SpecError", "SpecFieldError", "SpecTypeError", "SchemaVersionError",
+    "CompileError",
     "BackendUnavailableError", "NumericalFaultError", "ReferenceLoopWarning",
     # graph
     "Graph", "GraphSpec", "Level", "LevelHandle", "SCHEMA_VERSION", "validate",

@@ -11,6 +11,7 @@ __all__ = [
     "NLGraphError",
     "SpecError",
     "SpecFieldError",
+    "SpecTypeError",
     "SchemaVersionError",
     "CompileError",
     "BackendUnavailableError",
@@ -35,6 +36,11 @@ class SpecFieldError(SpecError):
     def __init__(self, model: str, detail: str) -> None:
         super().__init__(f"{model}: {detail}")
         self.model, self.detail = model, detail
+
+
+class SpecTypeError(SpecError, TypeError):
+    """A DSL call given a value of the wrong kind where a flow or a name belongs (``None``, a
+    string, a list): a :class:`SpecError`, and a ``TypeError`` as Python would raise."""
 
 
 class SchemaVersionError(SpecError):

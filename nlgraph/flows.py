@@ -20,7 +20,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field
 
 from nlgraph._base import Spec
-from nlgraph._errors import SpecError
+from nlgraph._errors import SpecError, SpecTypeError
 
 __all__ = [
     "Flow",
@@ -67,33 +67,33 @@ class FlowBase(Spec):
     """Arithmetic and element-wise transforms shared by every flow node."""
 
     def __add__(self, other: object) -> Binary:
-        return Binary(fn="add", a=self, b=as_flow(other))
+        return Binary(fn="add", a=self, b=as_flow(other, "flow + x"))
 
     def __radd__(self, other: object) -> Binary:
-        return Binary(fn="add", a=as_flow(other), b=self)
+        return Binary(fn="add", a=as_flow(other, "x + flow"), b=self)
 
     def __sub__(self, other: object) -> Binary:
-        return Binary(fn="sub", a=self, b=as_flow(other))
+        return Binary(fn="sub", a=self, b=as_flow(other, "flow - x"))
 
     def __rsub__(self, other: object) -> Binary:
-        return Binary(fn="sub", a=as_flow(other), b=self)
+        return Binary(fn="sub", a=as_flow(other, "x - flow"), b=self)
 
     def __mul__(self, other: object) -> Binary:
-        return Binary(fn="mul", a=self, b=as_flow(other))
+        return Binary(fn="mul", a=self, b=as_flow(other, "flow * x"))
 
     def __rmul__(self, other: object) -> Binary:
-        return Binary(fn="mul", a=as_flow(other), b=self)
+        return Binary(fn="mul", a=as_flow(other, "x * flow"), b=self)
 
     def __truediv__(self, other: object) -> Binary:
-        return Binary(fn="div", a=self, b=as_flow(other))
+        return Binary(fn="div", a=self, b=as_flow(other, "flow / x"))
 
     def __rtruediv__(self, other: object) -> Binary:
-        return Binary(fn="div", a=as_flow(other), b=self)
+        return Binary(fn="div", a=as_flow(other, "x / flow"), b=self)
 
     def __pow__(self, other: object) -> Flow:
         if isinstance(other, int | float) and other == 2:
             return Unary(fn="square", x=self)
-        return Binary(fn="pow", a=self, b=as_flow(other))
+        return Binary(fn="pow", a=self, b=as_flow(other, "flow ** x"))
 
     def __neg__(self) -> Unary:
         return Unary(fn="neg", x=self)
@@ -271,18 +271,21 @@ def _wrap(f: FlowBase) -> str:
     return f"({f})" if isinstance(f, Binary) else str(f)
 
 
-def as_flow(x: object) -> FlowBase:
-    """Lift a number into a :class:`Const`; pass flows through; reject anything else."""
+def as_flow(x: object, where: str = "") -> FlowBase:
+    """Lift a number into a :class:`Const`; pass flows through; reject anything else with a
+    :class:`~nlgraph.SpecTypeError` that starts with ``where`` (the call and argument)."""
+    at = f"{where}: " if where else ""
     if isinstance(x, FlowBase):
         return x
     if isinstance(x, bool):
-        raise TypeError(f"expected a flow or a number, got a bool ({x!r})")
+        raise SpecTypeError(f"{at}expected a flow or a number, got a bool ({x!r})")
     if isinstance(x, float):
         return Const(value=x)  # as is: a traced hyperparameter (nlgraph.hyper) is a float subclass
     if isinstance(x, int):
         return Const(value=float(x))
-    raise TypeError(
-        f"expected a flow (input, read, state, grad_of, ...) or a number, got {type(x).__name__}"
+    raise SpecTypeError(
+        f"{at}expected a flow (input, read, state, grad_of, ...) or a number, "
+        f"got {type(x).__name__}"
     )
 
 
@@ -311,7 +314,7 @@ def require_at(call: str, level: str, at: str | None) -> str:
 
 def read(level: str, arg: object, at: Literal["prev", "new"] = "prev") -> Read:
     """The read-out of memory ``level`` on ``arg`` (``at="prev"``: before this tick's update)."""
-    return Read(level=level, arg=as_flow(arg), at=at)
+    return Read(level=level, arg=as_flow(arg, f"nl.read({level!r}, arg)"), at=at)
 
 
 def grad_of(wrt: str, objective: str = "loss") -> Grad:
@@ -324,7 +327,7 @@ def const(value: float) -> Const:
 
 
 def debias(x: object, beta: float) -> Debias:
-    return Debias(x=as_flow(x), beta=beta)
+    return Debias(x=as_flow(x, "nl.debias(x, beta): x"), beta=beta)
 
 
 def newton_schulz(
@@ -333,15 +336,17 @@ def newton_schulz(
     variant: Literal["cubic", "quintic"] = "quintic",
     prenorm: bool = True,
 ) -> NewtonSchulz:
-    return NewtonSchulz(x=as_flow(x), steps=steps, variant=variant, prenorm=prenorm)
+    return NewtonSchulz(
+        x=as_flow(x, "nl.newton_schulz(x): x"), steps=steps, variant=variant, prenorm=prenorm
+    )
 
 
 def kv(key: object = None, value: object = None, query: object = None) -> KV:
     """Bundle keys, values and queries as a memory's context."""
     return KV(
-        key=None if key is None else as_flow(key),
-        value=None if value is None else as_flow(value),
-        query=None if query is None else as_flow(query),
+        key=None if key is None else as_flow(key, "nl.kv: key"),
+        value=None if value is None else as_flow(value, "nl.kv: value"),
+        query=None if query is None else as_flow(query, "nl.kv: query"),
     )
 
 

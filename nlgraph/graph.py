@@ -19,7 +19,7 @@ from typing import Any
 
 import networkx as nx
 
-from nlgraph._errors import SpecError, SpecFieldError
+from nlgraph._errors import SpecError, SpecFieldError, SpecTypeError
 from nlgraph.flows import FlowBase, Grad, Input, Read, Ref, State, as_flow, require_at
 from nlgraph.hyper import Hyperparameters
 from nlgraph.level import EdgeDiff, GraphSpec, InputSpec, Level
@@ -48,7 +48,7 @@ class LevelHandle:
 
     def __call__(self, arg: object, at: str = "prev") -> Read:
         """The read-out ``M(arg)`` (``at="prev"``: with the state before this tick's update)."""
-        return Read(level=self.name, arg=as_flow(arg), at=at)  # type: ignore[arg-type]
+        return Read(level=self.name, arg=as_flow(arg, f"{self.name}(arg)"), at=at)  # type: ignore[arg-type]
 
     def state(self, at: str | None = None) -> State:
         """The level's state, ``at="new"`` (after this tick's update) or ``"prev"`` (before it);
@@ -93,6 +93,7 @@ class Graph:
     # ------------------------------------------------------------------------------- building
     def input(self, name: str, dim: int | str | None = None, kind: str = "vector") -> Input:
         """Declare an input stream; returns its flow."""
+        self._check_name("input", name)
         if name in self._inputs or name in self._levels:
             raise SpecError(
                 f"graph {self.name!r}: the name {name!r} is already used by an "
@@ -106,6 +107,7 @@ class Graph:
 
     def level(self, name: str, **fields: Any) -> LevelHandle:
         """Declare a level (see :class:`~nlgraph.level.Level` for the fields); returns a handle."""
+        self._check_name("level", name)
         if name in self._levels or name in self._inputs:
             raise SpecError(
                 f"graph {self.name!r}: duplicate name {name!r} (already an "
@@ -123,20 +125,29 @@ class Graph:
     def let(self, name: str, flow: object) -> Ref:
         """Name a flow; the returned reference is one shared node however often it is read
         (a residual stream read by the next block's norm and its skip connection)."""
+        self._check_name("let", name)
         if name in self._flows or name in self._levels or name in self._inputs:
             raise SpecError(f"graph {self.name!r}: the name {name!r} is already used")
-        self._flows[name] = as_flow(flow)
+        self._flows[name] = as_flow(flow, f"graph {self.name!r}, let({name!r})")
         return Ref(name=name)
 
     def output(self, name: str, flow: object) -> None:
         """Name a flow as an output of the learner (e.g. ``y = mem(q)``)."""
-        self._outputs[name] = as_flow(flow)
+        self._outputs[name] = as_flow(flow, f"graph {self.name!r}, output({name!r})")
 
     def differentiate(self, src: str, dst: str, mode: Any) -> None:
         """Declare how the edge ``src -> dst`` is differentiated (``stop_grad``, ``truncated(k)``,
         ``unrolled``; the default is unrolled)."""
         self._diff = [d for d in self._diff if (d.src, d.dst) != (src, dst)]
         self._diff.append(EdgeDiff(src=src, dst=dst, mode=mode))
+
+    def _check_name(self, what: str, name: object) -> None:
+        """A name must be a string before it is looked up (a list would fail as unhashable)."""
+        if not isinstance(name, str):
+            raise SpecTypeError(
+                f"graph {self.name!r}: {what} name must be a string, got {type(name).__name__} "
+                f"({name!r:.40})"
+            )
 
     def get(self, name: str) -> Level:
         try:
@@ -156,13 +167,18 @@ class Graph:
         """Copy ``sub``'s levels into this graph as ``prefix.<name>``.
 
         ``bind`` maps ``sub``'s input names to flows of this graph; unbound inputs become inputs
-        of this graph named ``prefix.<name>``. Returns ``sub``'s outputs, renamed.
+        of this graph named ``prefix.<name>``. Returns ``sub``'s outputs, renamed. A traced
+        ``sub``'s hyperparameters are not carried over (they name its own levels).
         """
         from nlgraph._rename import rename_spec
 
-        spec, outputs = rename_spec(
-            sub.spec, prefix, {k: as_flow(v) for k, v in (bind or {}).items()}
-        )
+        if not isinstance(sub, Graph):
+            raise SpecTypeError(
+                f"graph {self.name!r}: include() takes an nl.Graph, got {type(sub).__name__}"
+            )
+        self._check_name("include", prefix)
+        bound = {k: as_flow(v, f"include {prefix!r}: bind[{k!r}]") for k, v in (bind or {}).items()}
+        spec, outputs = rename_spec(sub.spec, prefix, bound)
         for inp in spec.inputs:
             if inp.name in self._inputs or inp.name in self._levels:
                 raise SpecError(f"include {sub.name!r} as {prefix!r}: name {inp.name!r} is taken")

@@ -116,7 +116,7 @@ def lp(p: float) -> Lp:
 
 
 def l2_to(target: object) -> L2To:
-    return L2To(target=as_flow(target))
+    return L2To(target=as_flow(target, "nl.l2_to(target)"))
 
 
 def nadaraya_watson(temperature: float | None = None) -> NadarayaWatson:

@@ -83,7 +83,7 @@ def learned(init: float, lo: float | None = None, hi: float | None = None) -> Le
 
 
 def signal(flow: object, act: str = "sigmoid", scale: float = 1.0) -> Signal:
-    return Signal(flow=as_flow(flow), act=act, scale=scale)  # type: ignore[arg-type]
+    return Signal(flow=as_flow(flow, "nl.signal(flow)"), act=act, scale=scale)  # type: ignore[arg-type]
 
 
 def _s(x: Scalar | None) -> str:
@@ -238,7 +238,7 @@ def ema(beta: Scalar) -> EMA:
 
 
 def precondition(by: object, power: float = 0.5, eps: float = 1e-8) -> Precondition:
-    return Precondition(by=as_flow(by), power=power, eps=eps)
+    return Precondition(by=as_flow(by, "nl.precondition(by)"), power=power, eps=eps)
 
 
 def orthogonalize(steps: int = 5, variant: str = "quintic") -> NewtonSchulzRule:
@@ -250,7 +250,7 @@ def weight_decay(rate: Scalar) -> WeightDecay:
 
 
 def follow(update: object) -> Follow:
-    return Follow(update=as_flow(update))
+    return Follow(update=as_flow(update, "nl.follow(update)"))
 
 
 def exact() -> Exact:

@@ -11,7 +11,8 @@ import nlgraph as nl
 ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC = {
-    "NLGraphError", "SpecError", "SpecFieldError", "SchemaVersionError", "CompileError",
+    "NLGraphError", "SpecError", "SpecFieldError", "SpecTypeError", "SchemaVersionError",
+    "CompileError",
     "BackendUnavailableError",
     "NumericalFaultError", "ReferenceLoopWarning", "Graph", "GraphSpec", "Level", "LevelHandle",
     "SCHEMA_VERSION",
