@@ -6,8 +6,13 @@ Titans chunks 8 / 64, CMS periods 8 / 32 / 128 / 512, hidden 4d, memory width d)
 
 - ``full``: forward with every write on (self-modifying memories, CMS levels), the backward
   through the writes (meta-gradients), an AdamW step;
-- ``first_order``: the same writes without their autograd graph (``hope(meta="first_order")``),
-  where the library offers it; reported as unavailable otherwise;
+- ``first_order``: the same writes without their autograd graph (``hope(meta="first_order")``:
+  every update a constant increment to the outer gradient);
+- ``teach``: the full step with the CMS blocks' chunk gradients from the teach signal
+  (``hope(cms_signal="teach")``: one first pass with the blocks fixed instead of one pass per
+  CMS tick; an approximation, docs/compiler.md);
+- ``first_order_teach``: both (the two-pass step of community implementations);
+  a kind whose options the library lacks is reported as unavailable;
 - ``read_only``: ``writes=False`` (every memory read at its initial state, nothing updates) —
   the same network as a fixed model, the baseline of the write cost.
 
@@ -15,8 +20,9 @@ For each: seconds per step (median and range of the repeats, the kinds interleav
 FLOPs per step (``torch.utils.flop_counter``, forward and backward, inner gradients included),
 achieved FLOP/s, and the peak resident memory after the kind's warm-up (each shape runs in its
 own process, read-only first, so each kind's high-water mark includes only what ran before it).
-Then the full step's peak memory at T = 512, 1024 and 2048 (d256, one process each, capped at
-``--mem-cap`` GB of address space; a run that exceeds it is reported as such).
+Then the peak memory of the full and the first-order teach steps at T = 512, 1024 and 2048
+(d256, one process each, capped at ``--mem-cap`` GB of address space; a run that exceeds it is
+reported as such).
 
 Before timing, each shape's chunked learner is checked against the reference loops (float64,
 B=2, T=17: outputs, final states and every gradient, ``nlgraph.compiler.verify``); a mismatch
@@ -49,7 +55,14 @@ SHAPES = {
     ),
     "tiny": dict(B=8, T=512, build={}),
 }  # fmt: skip
-KINDS = ("read_only", "first_order", "full")  # in this order: each peak includes the ones before
+# In this order: each kind's peak includes the ones before (lightest first).
+KINDS = ("read_only", "first_order_teach", "teach", "first_order", "full")
+OPTIONS = {  # hope's options per kind
+    "read_only": {}, "full": {},
+    "first_order": {"meta": "first_order"},
+    "teach": {"cms_signal": "teach"},
+    "first_order_teach": {"meta": "first_order", "cms_signal": "teach"},
+}  # fmt: skip
 TOLERANCE = 1e-10
 
 
@@ -60,20 +73,23 @@ def _rss_mb() -> float:
 def _graph(shape: str, kind: str):
     from nlgraph.library import get
 
-    build = dict(SHAPES[shape]["build"])
-    if kind == "first_order":
-        build["meta"] = "first_order"
-    return get("hope", **build)
+    return get("hope", **SHAPES[shape]["build"], **OPTIONS[kind])
 
 
 def _check(shape: str) -> float:
-    """Max relative error, chunked vs reference, over outputs, states and gradients."""
+    """Max relative error, chunked vs reference, over outputs, states and gradients, for the
+    exact and (where offered) the first-order learner."""
+    return max(_check_kind(shape, kind) for kind in KINDS if kind != "read_only" and
+               set(OPTIONS[kind]) <= _hope_options())  # fmt: skip
+
+
+def _check_kind(shape: str, kind: str) -> float:
     import torch
 
     from nlgraph.compiler import compile
     from nlgraph.compiler.verify import compare, random_inputs
 
-    graph = _graph(shape, "full")
+    graph = _graph(shape, kind)
     torch.manual_seed(0)
     chosen = compile(graph, backend="chunk", dtype=torch.float64)
     reference = compile(graph, backend="reference", dtype=torch.float64)
@@ -82,10 +98,12 @@ def _check(shape: str) -> float:
     errors = compare(reference, chosen, inputs).errors
     bad = [k for k, e in errors.items() if not isinstance(e, float)]
     if bad:
-        raise SystemExit(f"{shape}: chunked and reference disagree on {bad[:3]}; no timing")
+        raise SystemExit(f"{shape} {kind}: chunked and reference disagree on {bad[:3]}; no timing")
     worst = max(errors.values())
     if worst > TOLERANCE:
-        raise SystemExit(f"{shape}: chunked differs from the reference by {worst:.1e}; no timing")
+        raise SystemExit(
+            f"{shape} {kind}: chunked differs from the reference by {worst:.1e}; no timing"
+        )
     return worst
 
 
@@ -140,8 +158,9 @@ def run_shape(shape: str, reps: int, T: int | None) -> dict:
     out: dict = {"shape": shape, "B": SHAPES[shape]["B"], "T": T}
     steps, kinds = {}, {}
     for kind in KINDS:
-        if kind == "first_order" and "meta" not in _hope_options():
-            kinds[kind] = {"available": False, "why": "the library's hope has no meta= option yet"}
+        missing = set(OPTIONS[kind]) - _hope_options()
+        if missing:
+            kinds[kind] = {"available": False, "why": f"the library's hope has no {missing}"}
             continue
         step, params = _stepper(shape, kind, T)
         step()  # warm-up
@@ -158,11 +177,14 @@ def run_shape(shape: str, reps: int, T: int | None) -> dict:
     return out
 
 
-def run_memory(T: int) -> dict:
+MEMORY_KINDS = ("full", "first_order_teach")
+
+
+def run_memory(T: int, kind: str) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    step, _ = _stepper("d256", "full", T)
+    step, _ = _stepper("d256", kind, T)
     seconds = step()
     return {"T": T, "seconds": seconds, "peak_rss_mb": _rss_mb()}
 
@@ -219,6 +241,7 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--check", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--kind", default="full", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -228,7 +251,7 @@ def main() -> None:
         print(json.dumps({"check": _check(args.check)}))
         return
     if args.memory:
-        print(json.dumps(run_memory(args.memory)))
+        print(json.dumps(run_memory(args.memory, args.kind)))
         return
     reps = 1 if args.quick else args.reps
     seq = ["--seq", "32"] if args.quick else []
@@ -243,7 +266,8 @@ def main() -> None:
             raise SystemExit(f"{shape}: {r['error']}")
         results.append({**r, **check})
     sweep = [] if args.quick or not args.mem_seqs else [int(t) for t in args.mem_seqs.split(",")]
-    memory = [(T, _sub(["--memory", str(T)], args.mem_cap)) for T in sweep]
+    memory = [(kind, T, _sub(["--memory", str(T), "--kind", kind], args.mem_cap))
+              for kind in MEMORY_KINDS for T in sweep]  # fmt: skip
 
     import torch
 
@@ -264,16 +288,18 @@ def main() -> None:
         lines += _table(r) + [""]
     if memory:
         lines += [
-            "### Peak memory of the full step (d256, B=2)",
+            "### Peak memory by sequence length (d256, B=2)",
             "",
-            "| T | s/step (one run) | peak RSS (MB) |",
-            "|---|---|---|",
+            "| step | T | s/step (one run) | peak RSS (MB) |",
+            "|---|---|---|---|",
         ]
-        for T, m in memory:
+        for kind, T, m in memory:
             if "error" in m:
-                lines.append(f"| {T} | failed under a {args.mem_cap:g} GB cap: {m['error']} | |")
+                lines.append(
+                    f"| {kind} | {T} | failed under a {args.mem_cap:g} GB cap: {m['error']} | |"
+                )
             else:
-                lines.append(f"| {T} | {m['seconds']:.2f} | {m['peak_rss_mb']:.0f} |")
+                lines.append(f"| {kind} | {T} | {m['seconds']:.2f} | {m['peak_rss_mb']:.0f} |")
         lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -82,10 +82,16 @@ class NadarayaWatson(Spec):
 
 
 class Outer(Spec):
+    """The outer loss. For a block updated every C tokens (CMS), ``signal`` says how its
+    inner gradient is taken: ``None`` (backpropagation through the piece between two ticks,
+    exact) or ``"teach"`` (the error ``dL/dy`` at the block's output from one first pass with
+    every block held fixed, applied at each boundary; an approximation, docs/compiler.md)."""
+
     kind: Literal["outer"] = "outer"
+    signal: Literal["teach"] | None = None
 
     def __str__(self) -> str:
-        return "outer loss"
+        return "outer loss" if self.signal is None else "outer loss (teach signal)"
 
 
 class Custom(Spec):
@@ -123,8 +129,10 @@ def nadaraya_watson(temperature: float | None = None) -> NadarayaWatson:
     return NadarayaWatson(temperature=temperature)
 
 
-def outer() -> Outer:
-    return Outer()
+def outer(signal: str | None = None) -> Outer:
+    """The outer loss; ``signal="teach"`` on a CMS block: its chunk gradient from the
+    output error of a first pass (:class:`Outer`)."""
+    return Outer(signal=signal)
 
 
 def custom(path: str) -> Custom:

@@ -193,6 +193,11 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
             f"{at}: ema needs objective=nl.l2_to(target=...) (the stream it averages), or "
             "objective=nl.outer() on a block updated every C tokens"
         )
+    if obj is not None and obj.kind == "outer" and obj.signal == "teach" and not (block and rules):
+        yield (
+            f"{at}: signal='teach' is the inner gradient of a block updated every C tokens "
+            "on the outer loss (CMS); this level has no such updates. Use nl.outer()"
+        )
     if "exact" in rules and (obj is None or obj.kind != "nadaraya_watson"):
         yield f"{at}: optimizer exact() solves only nadaraya_watson objectives"
     if obj is not None and obj.kind == "nadaraya_watson" and st.kind != "nonparametric":
@@ -238,7 +243,8 @@ def _check_reads(spec: GraphSpec, names: set[str]) -> Iterator[str]:
                     if st.kind in ("params", "tensor", "like"):
                         yield (
                             f"level {lv.name!r}, {field}: {node.level!r} is a {st.kind} state, "
-                            f"not a memory to read with an argument; use nl.state({node.level!r})"
+                            "not a memory to read with an argument; use "
+                            f"nl.state({node.level!r}, at='prev')"
                         )
 
 

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph._errors import CompileError
 from nlgraph.compiler.build import build_levels
-from nlgraph.compiler.lowerings import boundary
+from nlgraph.compiler.lowerings import boundary, teach
 from nlgraph.compiler.lowerings._state import detach_state
 from nlgraph.compiler.lowerings.boundary import Block
 from nlgraph.compiler.lowerings.cluster import Cluster
@@ -85,6 +85,7 @@ class CompiledLearner(nn.Module):
             _key(n): Block(n, net, self.program.block_rules[n], built.scalars[n], n in cut)
             for n, net in built.blocks.items()
         })  # fmt: skip
+        teach.check([self.spec.level(n) for n in self.blocks_in_order()], self.program.block_rules)
         self.backend = backend
         namespace = {"F": F, "UNARY": UNARY, "torch": torch}
         exec(compile(self.program.source, f"<nlgraph {self.spec.name}>", "exec"), namespace)  # noqa: S102
@@ -125,6 +126,10 @@ class CompiledLearner(nn.Module):
             mod.backend = value
             for member in getattr(mod, "members", {}).values():
                 member.backend = value
+
+    def blocks_in_order(self) -> list[str]:
+        """The CMS blocks (lowering ``boundary``), in the plan's order."""
+        return [n for n in self.plan.order if self.plan.levels[n].lowering == "boundary"]
 
     def _memory_owners(self) -> dict[str, nn.Module]:
         owners = {m.cfg.name: m for m in self.memories.values()}
@@ -200,6 +205,8 @@ class CompiledLearner(nn.Module):
                 outputs["loss"] = loss_fn(outputs, 0, T)
             return outputs, state
         periods = {lv.name: self.plan.levels[lv.name].chunk for lv in blocks}
+        if blocks[0].objective.signal == "teach":  # every block does (teach.check)
+            return self._teach_forward(inputs, state, loss_fn, blocks, periods)
         # Pieces end at the ticks of the CMS clock, on every backend (the cuts are part of what
         # a block's signal means); a block whose rate is per token makes every token a tick:
         # each token's gradient is weighted by its own rate (Eq. 71).
@@ -265,6 +272,47 @@ class CompiledLearner(nn.Module):
         if not differentiable:  # under torch.no_grad(): nothing returned carries a graph
             outputs, state = detach_state(outputs), detach_state(state)
         return outputs, state
+
+    def _teach_forward(
+        self, inputs: dict[str, torch.Tensor], state: dict[str, Any], loss_fn: Any,
+        blocks: list, periods: dict[str, int],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+        """A call of a learner whose CMS blocks take a teach signal (lowerings.teach): the
+        teach pass with every block fixed, each block's schedule, the pass on the schedule."""
+        T = next(iter(inputs.values())).shape[1]
+        differentiable = torch.is_grad_enabled()
+        mods = {lv.name: self.blocks[_key(lv.name)] for lv in blocks}
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.enable_grad():  # blocks learn at test time too
+            for mod in mods.values():
+                mod.capture = captured
+            try:
+                outs, _ = self._piece(inputs, dict(state))
+            finally:
+                for mod in mods.values():
+                    mod.capture = None
+            ys = [captured[lv.name][1] for lv in blocks]
+            deltas = torch.autograd.grad(loss_fn(outs, 0, T), ys, allow_unused=True)
+            del outs
+            second, final = dict(state), {}
+            for lv, y, delta in zip(blocks, ys, deltas, strict=True):
+                x = captured[lv.name][0].detach()
+                delta = torch.zeros_like(y) if delta is None else delta.detach()
+                st = state[lv.name]
+                origin = list(st["theta"]) if lv.name in self._first_order else None
+                segments, final[lv.name] = teach.schedule(
+                    mods[lv.name].net, lv, st, x, delta, periods[lv.name],
+                    mods[lv.name].rates(), differentiable, origin,
+                    self._block_truncate.get(lv.name),
+                )  # fmt: skip
+                second[lv.name] = {**st, "schedule": segments}
+            del captured, ys, deltas
+            outputs, new = self._piece(inputs, second)
+            new.update(final)
+            outputs["loss"] = loss_fn(outputs, 0, T)
+        if not differentiable:
+            outputs, new = detach_state(outputs), detach_state(new)
+        return outputs, new
 
     def _piece(
         self, inputs: dict[str, torch.Tensor], state: dict[str, Any], writes: bool = True

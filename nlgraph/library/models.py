@@ -65,6 +65,7 @@ def cms(
     reset: str = "sequence",
     activation: str = "silu",
     meta: str = "exact",
+    signal: str = "exact",
 ) -> nl.Graph:
     """Continuum Memory System: MLP blocks, each updated every C_l tokens (Eqs. 70–74).
 
@@ -88,6 +89,11 @@ def cms(
             on each block's own recurrence; first-order MAML): the same forward, each block's
             initial parameters learn from every piece's gradient, the inner gradients are taken
             without a graph.
+        signal: ``"exact"`` (default): each block's chunk gradient is backpropagated through
+            the piece of the sequence between two ticks (one sequential pass per tick);
+            ``"teach"``: from the error at the block's output in one first pass with every block
+            fixed (PAPER.md 5.1's teach signal; an approximation that makes periods of 1 or 4
+            tokens affordable; ``nl.outer(signal="teach")``).
     """
     chunks = (chunks,) if isinstance(chunks, int) else tuple(chunks)  # one level: an int
     lrs = tuple(lrs) if isinstance(lrs, Sequence) else (lrs,) * len(chunks)
@@ -102,6 +108,8 @@ def cms(
     if reset not in ("sequence", "never"):
         raise nl.SpecError(f"cms: reset={reset!r}; expected 'sequence' or 'never'")
     check_meta("cms", meta)
+    if signal not in ("exact", "teach"):
+        raise nl.SpecError(f"cms: signal={signal!r}; expected 'exact' or 'teach'")
     g = nl.Graph(
         "cms",
         doc=cms.__doc__ or "",
@@ -111,6 +119,7 @@ def cms(
         residual=residual,
         reset=reset,
         meta_gradients=meta,
+        signal=signal,
     )
     x = g.input("x", dim=d)
     policy = nl.reset_per_sequence() if reset == "sequence" else nl.reset_never()
@@ -121,7 +130,7 @@ def cms(
             names[i],
             state=nl.mlp(d, d, width=hidden or 4 * d, activation=activation, residual=residual),
             frequency=nl.every(c, "token"),
-            objective=nl.outer(),
+            objective=nl.outer(signal="teach" if signal == "teach" else None),
             optimizer=nl.gd(lr=lr),
             chunk=c,
             init=nl.meta(parent),
@@ -197,6 +206,7 @@ def hope_block(
     adaptive_q: bool = False,
     momentum: float = 0.9,
     meta: str = "exact",
+    cms_signal: str = "exact",
 ) -> nl.Graph:
     """Hope block: self-modifying Titans, then a CMS, both pre-norm residual (Eqs. 94–97).
 
@@ -215,7 +225,8 @@ def hope_block(
         momentum=momentum,
         meta=meta,
     )
-    mem = cms(d=d, chunks=cms_chunks, lrs=cms_lrs, hidden=hidden, variant=cms_variant, meta=meta)
+    mem = cms(d=d, chunks=cms_chunks, lrs=cms_lrs, hidden=hidden, variant=cms_variant, meta=meta,
+              signal=cms_signal)  # fmt: skip
     g = _block("hope_block", hope_block.__doc__ or "", d, ("titans", smt), ("cms", mem))
     g.meta.update(titans=smt.meta, cms=mem.meta)
     return g
@@ -274,6 +285,7 @@ def hope(
     adaptive_q: bool = False,
     momentum: float = 0.9,
     meta: str = "exact",
+    cms_signal: str = "exact",
 ) -> nl.Graph:
     """Hope: a language model of Hope blocks, self-modifying Titans + CMS (Eqs. 94–97).
 
@@ -282,7 +294,8 @@ def hope(
     2 layers, 2 heads; "small": d=768, 12 layers, 12 heads); a size passed explicitly wins.
     ``meta="first_order"`` makes every in-sequence write a constant to the outer gradient
     (see ``self_modifying_titans`` and ``cms``); the default ``"exact"`` differentiates
-    through them.
+    through them. ``cms_signal="teach"``: the CMS blocks' chunk gradients from the teach signal
+    (see ``cms``).
     """
     check_meta("hope", meta)
     s = _sizes("hope", preset, dict(vocab=vocab, d=d, n_layers=n_layers, heads=heads,
@@ -303,6 +316,7 @@ def hope(
             adaptive_q=adaptive_q,
             momentum=momentum,
             meta=meta,
+            cms_signal=cms_signal,
         )
 
     return _lm(
@@ -316,6 +330,7 @@ def hope(
         adaptive_q=adaptive_q,
         momentum=momentum,
         meta_gradients=meta,
+        cms_signal=cms_signal,
     )
 
 
@@ -331,11 +346,12 @@ def hope_attention(
     cms_lrs: float | Sequence[float] = 1e-3,
     cms_variant: str = "sequential",
     meta: str = "exact",
+    cms_signal: str = "exact",
 ) -> nl.Graph:
     """Hope-Attention: global softmax attention followed by a CMS in each block (Eqs. 62, 70–73).
 
     Hope with self-modifying Titans replaced by softmax attention (PAPER.md 6.1): against the
-    ``transformer`` it isolates the CMS. ``preset`` and ``meta`` as in ``hope``.
+    ``transformer`` it isolates the CMS. ``preset``, ``meta`` and ``cms_signal`` as in ``hope``.
     """
     check_meta("hope_attention", meta)
     s = _sizes("hope_attention", preset, dict(vocab=vocab, d=d, n_layers=n_layers, heads=heads,
@@ -345,7 +361,7 @@ def hope_attention(
         attn = softmax_attention(d=s["d"], heads=s["heads"])
         mem = cms(
             d=s["d"], chunks=s["cms_chunks"], lrs=cms_lrs, hidden=s["hidden"],
-            variant=cms_variant, meta=meta,
+            variant=cms_variant, meta=meta, signal=cms_signal,
         )  # fmt: skip
         return _block("hope_attention_block", "", s["d"], ("attn", attn), ("cms", mem))
 
@@ -358,6 +374,7 @@ def hope_attention(
         cms_lrs=cms_lrs,
         cms_variant=cms_variant,
         meta_gradients=meta,
+        cms_signal=cms_signal,
     )
 
 

@@ -272,6 +272,8 @@ class Block(nn.Module):
         self.scalars = nn.ParameterDict(
             {k: nn.Parameter(torch.tensor(v)) for k, v in scalars.items()}
         )
+        # The teach pass (lowerings.teach) records each block's input and output here.
+        self.capture: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def initial_state(self, batch: int) -> dict[str, Any]:
         """Fresh per-sample state (:func:`initial`) with a buffer per momentum rule."""
@@ -279,8 +281,16 @@ class Block(nn.Module):
         return initial(self.net, batch, detach=self.cut, buffers=buffers)
 
     def forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        """The block on ``x: [B, T, D]`` with its per-sample parameters in ``state``."""
-        return apply(self.net, state[self.name]["theta"], x)
+        """The block on ``x: [B, T, D]`` with its per-sample parameters in ``state``, or, on a
+        teach signal's second pass, each token's chunk at its parameters (``"schedule"``:
+        ``(start, end, theta)`` per chunk)."""
+        st = state[self.name]
+        if "schedule" in st:
+            return torch.cat([apply(self.net, th, x[:, s:e]) for s, e, th in st["schedule"]], 1)
+        y = apply(self.net, st["theta"], x)
+        if self.capture is not None:
+            self.capture[self.name] = (x, y)
+        return y
 
     def rates(self) -> tuple[tuple[ir.Rule, ...], dict[str, torch.Tensor]]:
         """The rule chain and the values of its learned scalars, by field."""

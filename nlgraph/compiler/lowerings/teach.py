@@ -1,0 +1,104 @@
+"""CMS blocks on a teach signal: ``objective=nl.outer(signal="teach")`` (PAPER.md 5.1).
+
+The exact rule (:mod:`.boundary`) cuts the sequence at every tick of the CMS clock and takes one
+backward per piece, so a block updated every token or every 4 tokens costs a sequential pass of
+the whole model per token or per 4 tokens. The teach signal is the approximation that the paper
+mentions and community implementations use: a block's error signal is ``delta_t = dL/dy_t`` at
+its output, from one pass over the call. A learner whose blocks all take it runs each call as
+
+1. **the teach pass**: the program over the whole call with every block holding the parameters
+   it starts the call with (no cut, no update); ``delta_t`` for every block and token is one
+   backward of its loss to the blocks' outputs, and each block's input ``x_t`` is recorded.
+   Both are constants: nothing of this pass reaches the outer gradient;
+2. **the schedule**: per block, chunk by chunk (its own ticks, from its phase), the inner
+   gradient ``sum_{t in chunk} grad_theta <delta_t, f(theta_j; x_t)>`` at the chunk-start
+   parameters ``theta_j`` goes through the block's rule chain at the boundary
+   (:func:`.boundary.accumulate_and_update`): a small function of the block alone, differentiated
+   (``create_graph``) when the outer gradient follows the updates;
+3. **the pass**: the program again, each token read by its block at the parameters of its
+   chunk in the schedule; its outputs and loss are the call's, its backward the outer gradient.
+
+What it approximates: ``delta_t`` and ``x_t`` come from the pass with every block fixed, not
+from the pass with the updates in force; for the first chunk of a call the two agree, later ones
+drift with the updates (measured against the exact rule in ``tests/test_teach_signal.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nlgraph._errors import CompileError
+from nlgraph.compiler import ir
+from nlgraph.compiler.lowerings import boundary
+from nlgraph.level import Level
+
+__all__ = ["check", "schedule"]
+
+
+def check(levels: list[Level], rules: dict[str, tuple[ir.Rule, ...]]) -> None:
+    """Refuse what the teach lowering does not run: a learner mixing teach and exact blocks,
+    a nested block (reset with its parent), or a rule with a per-token scalar."""
+    teach = [lv.name for lv in levels if lv.objective.signal == "teach"]
+    if not teach:
+        return
+    exact = [lv.name for lv in levels if lv.objective.signal != "teach"]
+    if exact:
+        raise CompileError(
+            f"blocks {teach} take a teach signal and {exact} the exact one; a learner runs one "
+            "of the two (the teach signal needs a first pass with every block fixed): declare "
+            "the same objective on all of them"
+        )
+    for lv in levels:
+        if lv.effective_reset().kind == "with":
+            raise CompileError(
+                f"level {lv.name!r}: a nested CMS block (reset with {lv.effective_reset().level!r})"
+                " on a teach signal is not lowered; use nl.outer() or the sequential variant"
+            )
+        for r in rules[lv.name]:
+            if any(isinstance(v, ir.PerToken) for v in vars(r).values()):
+                raise CompileError(
+                    f"level {lv.name!r}: a per-token scalar in its rules with a teach signal is "
+                    "not lowered (the scalars would come from the teach pass); use a constant "
+                    "or learned scalar, or nl.outer()"
+                )
+
+
+def schedule(
+    net: torch.nn.Module,
+    lv: Level,
+    st: dict[str, Any],
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    period: int,
+    rates: tuple,
+    differentiable: bool,
+    origin: list[torch.Tensor] | None,
+    truncate: int | None,
+) -> tuple[list[tuple[int, int, list[torch.Tensor]]], dict[str, Any]]:
+    """The block's parameters chunk by chunk over a call of ``x.shape[1]`` tokens: a list of
+    ``(start, end, theta)`` and the state after the call. ``x``, ``delta``: the block's input
+    and teach signal ``[B, T, .]`` from the teach pass; ``origin``: the call-start parameters of
+    a first-order block (each update a constant increment on them), else None."""
+    T = x.shape[1]
+    segments, start = [], 0
+    origins = {} if origin is None else {lv.name: origin}
+    while start < T:
+        end = start + boundary.cut_points(T - start, {"b": period}, {"b": st["phase"]}, False)[0]
+        theta = [t.view_as(t) for t in st["theta"]]  # fresh aliases: the partial derivative
+        st = {**st, "theta": theta}
+        segments.append((start, end, theta))
+        local = (delta[:, start:end] * boundary.apply(net, theta, x[:, start:end])).sum()
+        grads = torch.autograd.grad(local, theta, allow_unused=True,
+                                    create_graph=differentiable and origin is None)  # fmt: skip
+        states = {lv.name: st}
+        updated = boundary.accumulate_and_update(
+            local, [lv], states, {lv.name: period}, {lv.name: rates}, end - start,
+            differentiable, list(grads), origins,
+        )  # fmt: skip
+        st = states[lv.name]
+        if truncate is not None and updated and st["updates"] % truncate == 0:
+            st = boundary.truncate(st)
+        start = end
+    return segments, st
