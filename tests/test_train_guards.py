@@ -362,3 +362,14 @@ def test_train_sizes_and_devices_past_their_limits_are_one_line(flag, value, nee
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].count("error:") == 1 and needle in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [("--model", "nope", "unknown library name 'nope'"),
+     ("--optimizer", "nope", "unknown optimizer 'nope'")],
+)  # fmt: skip
+def test_a_mistyped_name_is_refused_before_anything_is_printed(docs, tmp_path, capsys, flag,
+                                                               value, needle):  # fmt: skip
+    out = tmp_path / "run"
+    refused(capsys, argv(docs, out, flag, value), out, needle, quiet=True)  # the last flag wins

@@ -12,7 +12,10 @@ from nlgraph._errors import NLGraphError
 from nlgraph.train.data import VOCAB
 from nlgraph.train.errors import TrainConfigError
 
-__all__ = ["load_graph", "build_learner", "build_optimizer", "count_params", "match_hidden"]
+__all__ = [
+    "load_graph", "build_learner", "build_optimizer", "check_optimizer", "count_params",
+    "match_hidden",
+]  # fmt: skip
 
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
 
@@ -93,6 +96,14 @@ def optimizer_names() -> list[str]:
     return ["adamw", *[n for n in library.names("optimizer") if n != "adamw"]]
 
 
+def check_optimizer(name: str) -> None:
+    """Refuse an optimizer name that :func:`build_optimizer` does not know (nothing is built)."""
+    if name not in optimizer_names():
+        raise TrainConfigError(
+            f"unknown optimizer {name!r}; expected one of {', '.join(optimizer_names())}"
+        )
+
+
 def build_optimizer(
     name: str, params: Any, lr: float, weight_decay: float = 0.01
 ) -> torch.optim.Optimizer:
@@ -102,10 +113,7 @@ def build_optimizer(
     from nlgraph import library
     from nlgraph.optim import compile_optimizer
 
-    if name not in library.names("optimizer"):
-        raise TrainConfigError(
-            f"unknown optimizer {name!r}; expected one of {', '.join(optimizer_names())}"
-        )
+    check_optimizer(name)
     cls = compile_optimizer(library.builder(name))
     defaults = inspect.signature(library.builder(name)).parameters
     kwargs: dict[str, Any] = {"lr": lr} if "lr" in defaults else {}

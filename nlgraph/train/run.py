@@ -27,7 +27,14 @@ from nlgraph.train.cli import DEFAULT_STEPS
 from nlgraph.train.data import Corpus, load_corpus
 from nlgraph.train.errors import CheckpointError, OutputError, TrainConfigError
 from nlgraph.train.metrics import MEMORY_METHOD, plot, table, write_csv, write_json
-from nlgraph.train.models import build_learner, build_optimizer, count_params, match_hidden
+from nlgraph.train.models import (
+    build_learner,
+    build_optimizer,
+    check_optimizer,
+    count_params,
+    load_graph,
+    match_hidden,
+)
 from nlgraph.train.progress import format_duration
 from nlgraph.train.trainer import COMPARED, TrainConfig, Trainer, check_checkpoint
 
@@ -97,6 +104,9 @@ def _check(opts: RunOptions, world: D.World) -> None:
         raise TrainConfigError(f"--device {cfg.device!r}; expected cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainConfigError(f"--device {cfg.device}: CUDA is not available here; use cpu")
+    # names are checked before anything is printed: a typo is the one line of a refusal
+    load_graph(cfg.model, cfg.preset, cfg.sizes)
+    check_optimizer(cfg.optimizer)
 
 
 def _plan(opts: RunOptions, log: RunLog) -> list[TrainConfig]:
