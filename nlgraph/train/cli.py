@@ -128,7 +128,12 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
         help="a NaN/inf loss, gradient or state: stop (default) or skip the step",
     )
     a("--resume", action="store_true", help="continue from the checkpoints in --out")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no status line (phases, validations and final lines are still printed)",
+    )
     return p  # fmt: skip
 
 

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from nlgraph.train import distributed as D
 from nlgraph.train.checkpoint import check_schema, load, write_checkpoint
 from nlgraph.train.cli import DEFAULT_STEPS
+from nlgraph.train.console import Console
 from nlgraph.train.data import Corpus, load_corpus
 from nlgraph.train.errors import CheckpointError, OutputError, TrainConfigError
 from nlgraph.train.metrics import MEMORY_METHOD, plot, table, write_csv, write_json
@@ -35,7 +35,7 @@ from nlgraph.train.models import (
     load_graph,
     match_hidden,
 )
-from nlgraph.train.progress import format_duration
+from nlgraph.train.progress import Planned, Progress, format_duration
 from nlgraph.train.trainer import COMPARED, TrainConfig, Trainer, check_checkpoint
 
 __all__ = ["RunOptions", "RunLog", "train_run", "BASELINES"]
@@ -64,10 +64,12 @@ class RunOptions:
 
 
 class RunLog:
-    """Messages to stderr (first process only) and to ``OUT/train.log``."""
+    """Messages to stderr (first process only) and to ``OUT/train.log``; ``begin``/``end`` frame
+    a phase that may be silent for a while (one line: what, then how it went and how long)."""
 
-    def __init__(self, path: Path, world: D.World) -> None:
+    def __init__(self, path: Path, world: D.World, console: Console | None = None) -> None:
         self.path, self.world = path, world
+        self.console = console or Console(enabled=world.main)
         if world.main:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +80,26 @@ class RunLog:
     def __call__(self, msg: str, echo: bool = True) -> None:
         if self.world.main:
             if echo:
-                print(msg, file=sys.stderr, flush=True)
+                self.console.line(msg)
+            self.record(msg)
+
+    def record(self, msg: str) -> None:
+        """``msg`` to ``train.log`` only (the console has shown it)."""
+        if self.world.main:
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
             self.file.flush()
+
+    def begin(self, what: str) -> None:
+        self.console.begin(what)
+
+    def end(self, outcome: str) -> None:
+        self.record(self.console.end(outcome))
+
+    def abort(self) -> None:
+        """An error ends the run: close an open phase's line, clear the status line."""
+        if self.console.phase is not None:
+            self.end("stopped")
+        self.console.clear()
 
     def close(self) -> None:
         if self.world.main:
@@ -112,27 +131,30 @@ def _check(opts: RunOptions, world: D.World) -> None:
 def _plan(opts: RunOptions, log: RunLog) -> list[TrainConfig]:
     """The main model's config, then each baseline's with a matched ``hidden``."""
     cfg = opts.config
+    log.begin(f"{cfg.model}: building it to count its parameters")
     main = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
     target = count_params(main)
     build_optimizer(cfg.optimizer, main.parameters(), cfg.lr, cfg.weight_decay)  # fail early
     configs = [cfg]
-    log(f"{cfg.model}: {target:,} trainable parameters")
+    log.end(f"{target:,} trainable parameters")
     if opts.baselines:
         for name in BASELINES:
             if name == cfg.model:
                 continue
             shared = {k: v for k, v in cfg.sizes.items() if k in SHARED_SIZES}
+            log.begin(f"{name}: matching its MLP width to {cfg.model}")
             sizes, n = match_hidden(name, target, cfg.preset, shared, cfg.seed)
-            log(f"{name}: hidden={sizes['hidden']} gives {n:,} parameters "
-                f"({100 * (n - target) / target:+.1f}% of {cfg.model})")  # fmt: skip
+            log.end(f"hidden={sizes['hidden']} gives {n:,} parameters "
+                    f"({100 * (n - target) / target:+.1f}% of {cfg.model})")  # fmt: skip
             configs.append(replace(cfg, model=name, sizes=sizes))
     return configs
 
 
 def _calibrate(
     configs: list[TrainConfig], corpus: Corpus, budget_s: float, log: RunLog
-) -> tuple[int, list[float]]:
-    """Steps that fit ``budget_s`` for all models, and each model's share of the budget.
+) -> tuple[int, list[float], list[float], list[float]]:
+    """Steps that fit ``budget_s`` for all models, each model's share of the budget, and each
+    model's seconds per step and per validation pass (the ETA's first estimates).
 
     Times 4 real trainer steps (after a first, slower call) and one validation pass of each
     model on a throwaway copy; nothing is written.
@@ -142,6 +164,7 @@ def _calibrate(
     torch.use_deterministic_algorithms(True, warn_only=True)  # as in training
     try:
         for cfg in configs:
+            log.begin(f"{cfg.model}: calibrating (5 steps and a validation on a throwaway copy)")
             learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
             opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
             t = Trainer(cfg, learner, opt, corpus, Path("."), log=log, progress=False)
@@ -155,37 +178,70 @@ def _calibrate(
             t.evaluate()
             per_eval.append(time.perf_counter() - t0)
             per_step.append(sorted(times[1:])[2])  # the upper median after the first call
-            log(f"{cfg.model}: {per_step[-1]:.2f} s/step, {per_eval[-1]:.2f} s/validation "
-                "(calibration)")  # fmt: skip
+            log.end(f"{per_step[-1]:.2f} s/step, {per_eval[-1]:.2f} s/validation")
     finally:
         torch.use_deterministic_algorithms(prev)
     # 0.7: CPUs shared with other work make later steps slower than the calibration's
     evals = 10 * sum(per_eval)
     steps = max(MIN_STEPS, min(MAX_STEPS, int((0.7 * budget_s - evals) / sum(per_step))))
     cost = [steps * s + 10 * e for s, e in zip(per_step, per_eval, strict=True)]
-    return steps, [c / sum(cost) for c in cost]
+    return steps, [c / sum(cost) for c in cost], per_step, per_eval
 
 
 def _train_one(
-    cfg: TrainConfig, corpus: Corpus, out: Path, opts: RunOptions, log: RunLog, world: D.World
-) -> tuple[dict[str, Any], dict[str, list]]:
-    run_dir = out / cfg.model.replace(":", "_").replace("/", "_")
+    cfg: TrainConfig, corpus: Corpus, out: Path, opts: RunOptions, log: RunLog, world: D.World,
+    progress: Progress, which: str,
+) -> tuple[dict[str, Any], dict[str, list]]:  # fmt: skip
+    run_dir = _run_dir(out, cfg.model)
+    path = run_dir / "checkpoint.pt"
+    payload = load(path) if opts.resume and path.is_file() else None
+    if payload is not None and payload["status"] == "done" and "summary" in payload:
+        log(_reused(payload["summary"]))  # checked with every checkpoint before training
+        return payload["summary"], payload["history"]
+    log.begin(f"{cfg.model} ({which}): building")
     learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
     opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
     trainer = Trainer(cfg, learner, opt, corpus, run_dir, log=log, world=world,
-                      progress=opts.progress)  # fmt: skip
-    if opts.resume and trainer.checkpoint_path.is_file():
-        payload = load(trainer.checkpoint_path)
+                      progress=progress)  # fmt: skip
+    if payload is not None:
         trainer.resume(payload)
-        if payload["status"] == "done" and "summary" in payload:
-            log(f"{cfg.model}: finished earlier (step {trainer.step}); reusing its results")
-            return payload["summary"], trainer.history
-        log(f"{cfg.model}: resuming at step {trainer.step}/{cfg.steps}")
+        log.end(f"resuming at step {trainer.step}/{cfg.steps}")
+    else:
+        log.end("done")
     result = trainer.run()
     if world.main and trainer.status == "done":  # keep the final numbers with the weights
         payload = {**trainer.state(), "summary": result}
         write_checkpoint(payload, trainer.checkpoint_path, trainer.kept())
     return result, trainer.history
+
+
+def _reused(summary: dict[str, Any]) -> str:
+    """The final line of a model that had finished in an earlier run."""
+    parts = [f"{summary['model']}: finished earlier, reusing its results: {summary['steps']} "
+             f"steps, {summary['tokens']:,} tokens"]  # fmt: skip
+    if summary.get("train_loss") is not None:
+        parts.append(f"train {summary['train_loss'] / math.log(2):.3f} bits/byte (last step)")
+    if summary.get("val_bpb") is not None:
+        parts.append(f"val {summary['val_bpb']:.4f} bits/byte")
+    parts.append(f"{format_duration(summary.get('train_seconds') or 0)} in training steps")
+    return "  ".join(parts)
+
+
+def _progress(
+    configs: list[TrainConfig], log: RunLog, found: dict[str, tuple[int, bool]],
+    timed: tuple[list[float], list[float]] | None,
+) -> Progress:  # fmt: skip
+    """The run's reporter, planned over every model (``found``: step and finished flag of each
+    checkpoint being resumed; ``timed``: calibrated seconds per step and per validation)."""
+    plan = []
+    for i, cfg in enumerate(configs):
+        step, done = found.get(cfg.model, (0, False))
+        p = Planned(cfg.model, cfg.steps, cfg.eval_period(), step, done,
+                    val_cost=math.ceil(cfg.val_windows / cfg.batch))  # fmt: skip
+        if timed is not None:
+            p.step_s, p.val_s = timed[0][i], timed[1][i]
+        plan.append(p)
+    return Progress(log.console, plan, record=log.record)
 
 
 # ------------------------------------------------------------------ the output folder
@@ -274,8 +330,10 @@ def _check_resumable(opts: RunOptions, out: Path) -> dict[str, Any]:
     return ident
 
 
-def _check_checkpoints(configs: list[TrainConfig], out: Path) -> None:
-    """Refuse a damaged or foreign checkpoint of any model before any model trains."""
+def _check_checkpoints(configs: list[TrainConfig], out: Path) -> dict[str, tuple[int, bool]]:
+    """Refuse a damaged or foreign checkpoint of any model before any model trains. Returns
+    each found checkpoint's step and whether that model had finished."""
+    found = {}
     for cfg in configs:
         path = _run_dir(out, cfg.model) / "checkpoint.pt"
         if not path.is_file():
@@ -284,6 +342,9 @@ def _check_checkpoints(configs: list[TrainConfig], out: Path) -> None:
         learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
         opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
         check_checkpoint(cfg, payload, path, learner, opt)
+        done = payload["status"] == "done" and "summary" in payload
+        found[cfg.model] = (payload["step"], done)
+    return found
 
 
 def _make_out(out: Path) -> None:
@@ -336,7 +397,8 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
         lock = _lock(out)
     try:
         ident = _check_resumable(opts, out) if opts.resume else None
-        log = RunLog(out / "train.log", world)
+        console = Console(enabled=world.main, live=opts.progress)
+        log = RunLog(out / "train.log", world, console)
     except BaseException:
         if lock is not None:
             os.close(lock)
@@ -344,19 +406,20 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
     created = False
     try:
         _check(opts, world)
-        corpus = load_corpus(opts.data, opts.config.seq)
-        log(f"data: {corpus.describe()}")
+        corpus = load_corpus(opts.data, opts.config.seq)  # seconds at most: no phase line, so
+        log(f"data: {corpus.describe()}")  # that bad data is refused in one line
         started = time.perf_counter()  # the budget covers planning and calibration too
         created = D.setup(world, opts.config.device)
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world.size)))
         configs = _plan(opts, log)
         budget = opts.budget_minutes
         shares = [1.0 / len(configs)] * len(configs)
+        timed = None
         if opts.auto_steps:
             budget = DEFAULT_BUDGET_MIN if budget is None else budget
             steps = ident["steps"] if ident is not None else None
             if steps is None:
-                steps, shares = _calibrate(configs, corpus, budget * 60, log)
+                steps, shares, *timed = _calibrate(configs, corpus, budget * 60, log)
             configs = [replace(c, steps=steps) for c in configs]
             log(f"token budget: {steps} steps x {configs[0].batch} x {configs[0].seq} = "
                 f"{steps * configs[0].batch * configs[0].seq:,} tokens per model "
@@ -368,11 +431,15 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
             log(f"token budget: {c0.steps} steps x {c0.batch} x {c0.seq} = "
                 f"{c0.steps * c0.batch * c0.seq:,} tokens per model (fixed: the same on any "
                 f"machine{when})")  # fmt: skip
+        found = {}
         if opts.resume:  # every model's checkpoint, before any model trains
-            _check_checkpoints(configs, out)
+            log.begin("checking the checkpoints to resume from")
+            found = _check_checkpoints(configs, out)
+            log.end(f"{len(found)} found")
         if world.main and not (opts.resume and (out / RUN_FILE).is_file()):
             _write_identity(out, configs[0])  # a new run (or one from before run.json)
         results, histories = [], {}
+        progress = _progress(configs, log, found, timed)
         for i, cfg in enumerate(configs):
             if budget is not None:  # what is left, shared by expected time over those to train
                 # Calibrated steps are the contract (the same tokens for every model): the
@@ -381,7 +448,8 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
                 left = budget * 60 * slack - (time.perf_counter() - started)
                 share = shares[i] / sum(shares[i:])
                 cfg = replace(cfg, budget_seconds=max(left * share, 1.0))
-            result, hist = _train_one(cfg, corpus, out, opts, log, world)
+            which = f"model {i + 1}/{len(configs)}"
+            result, hist = _train_one(cfg, corpus, out, opts, log, world, progress, which)
             results.append(result)
             histories[cfg.model] = hist
             if result["status"] == "interrupted":
@@ -397,6 +465,7 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
         return report
     except Exception as err:
         # the command line prints the error as its one line; the log keeps it too
+        log.abort()
         log(f"error: {type(err).__name__}: {err}", echo=False)
         raise
     finally:
@@ -415,6 +484,7 @@ def _machine() -> dict[str, Any]:
 
 
 def _write(out: Path, report: dict[str, Any], log: RunLog) -> None:
+    log.begin(f"writing metrics.json, metrics.csv, loss.png and results.md to {out}")
     try:
         write_json(out / "metrics.json", report)
         write_csv(out / "metrics.csv", report["histories"])
@@ -423,7 +493,6 @@ def _write(out: Path, report: dict[str, Any], log: RunLog) -> None:
         (out / "results.md").write_text(text + "\n")
     except OSError as err:
         raise OutputError.from_os(err, out) from None
+    log.end("done" if png else "done, no loss.png (matplotlib is not installed)")
+    log(f"the run took {format_duration(report['wall_seconds'])}")
     print(text)
-    log(f"wrote {out / 'metrics.json'}, {out / 'metrics.csv'}, "
-        f"{png or '(no matplotlib: no plot)'}, {out / 'results.md'} "
-        f"in {format_duration(report['wall_seconds'])}")  # fmt: skip

@@ -24,10 +24,11 @@ from torch.nn import functional as F
 from nlgraph._errors import NumericalFaultError
 from nlgraph.train import checkpoint as ckpt
 from nlgraph.train import distributed as D
+from nlgraph.train.console import Console
 from nlgraph.train.data import Corpus, batch_at, val_windows
 from nlgraph.train.faults import bad_state_levels, describe, first_nonfinite, nonfinite_in_state
 from nlgraph.train.metrics import PeakMemory
-from nlgraph.train.progress import Progress
+from nlgraph.train.progress import Planned, Progress
 
 __all__ = ["TrainConfig", "Trainer", "check_checkpoint", "lm_loss", "next_token_loss"]
 
@@ -56,6 +57,10 @@ class TrainConfig:
     on_nan: str = "stop"
     budget_seconds: float | None = None
     deterministic: bool = True
+
+    def eval_period(self) -> int:
+        """Steps between validations (``eval_every``, else a tenth of the steps)."""
+        return self.eval_every or max(1, self.steps // 10)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10% of ``lr``."""
@@ -145,7 +150,7 @@ class Trainer:
         label: str | None = None,
         log: Callable[[str], None] = print,
         world: D.World | None = None,
-        progress: bool = True,
+        progress: bool | Progress = True,
         on_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         self.cfg, self.learner, self.opt, self.corpus = config, learner, optimizer, corpus
@@ -159,7 +164,8 @@ class Trainer:
         self.train_seconds, self.tokens = 0.0, 0
         self.status = "running"
         self.saved_step: int | None = None  # the step of the checkpoint on disk from this run
-        self.show_progress, self.on_step = progress and self.world.main, on_step
+        # True: a reporter of its own on stderr; False: silent; a Progress: the run's (run.py)
+        self.progress, self.on_step = progress, on_step
         self.val = val_windows(corpus.val, config.seq, config.val_windows)
 
     # ------------------------------------------------------------------ checkpoints
@@ -316,6 +322,13 @@ class Trainer:
         self.stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is immediate
 
+    def _reporter(self) -> Progress:
+        if isinstance(self.progress, Progress):
+            return self.progress
+        console = Console(enabled=bool(self.progress) and self.world.main)
+        plan = Planned(self.label, self.cfg.steps, self.cfg.eval_period(), self.step)
+        return Progress(console, [plan])
+
     def run(self) -> dict[str, Any]:
         """Train to ``config.steps`` (or the budget, or Ctrl-C); save; return the metrics."""
         cfg = self.cfg
@@ -324,9 +337,11 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         main_thread = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, self._sigint) if main_thread else None
-        every = cfg.eval_every or max(1, cfg.steps // 10)
+        every = cfg.eval_period()
         save_every = cfg.checkpoint_every or every
-        bar = Progress(self.label, cfg.steps, self.step, enabled=self.show_progress)
+        bar = self._reporter()
+        vals = self.history["val"]
+        bar.start(self.label, self.step, (vals[-1]["step"], vals[-1]["bpb"]) if vals else None)
         memory = PeakMemory()
         started = time.perf_counter()
         step_tokens = cfg.batch * cfg.seq
@@ -350,7 +365,7 @@ class Trainer:
                     {"step": self.step, "tokens": self.tokens, "loss": loss,
                      "lr": cfg.lr_at(self.step - 1), "seconds": round(self.train_seconds, 4)}
                 )  # fmt: skip
-                bar.update(self.step, loss, self.tokens / max(self.train_seconds, 1e-9))
+                bar.step(self.step, loss, self.tokens / max(self.train_seconds, 1e-9))
                 if self.step % every == 0 or self.step == cfg.steps:
                     self._validate(bar)
                 if self.step % save_every == 0 and self.step < cfg.steps:
@@ -362,22 +377,25 @@ class Trainer:
             last_val = self.history["val"][-1]["step"] if self.history["val"] else None
             if self.status != "interrupted" and last_val != self.step:  # Ctrl-C: exit fast
                 self._validate(bar)
-            bar.update(self.step, self._last_loss(), self._rate(), force=True)
             self.save()
+        except BaseException:
+            bar.abort()
+            raise
         finally:
-            bar.close()
             if main_thread and old is not None:
                 signal.signal(signal.SIGINT, old)
             torch.use_deterministic_algorithms(prev_det)
+        note = ""
         if self.status == "interrupted":
-            self.log(f"{self.label}: interrupted at step {self.step}; saved {self.checkpoint_path}")
+            note = f"saved {self.checkpoint_path} (--resume continues)"
+        bar.finish(self.status, self.step, self.tokens, self._rate(), note)
         return {**self.summary(memory.peak_mb()), "rss_at_start_mb": memory.start_mb}
 
     def _validate(self, bar: Progress) -> None:
+        bar.validating(self.step, len(self.val))
         bpb = self.evaluate()
-        bar.val = bpb
         self.history["val"].append({"step": self.step, "tokens": self.tokens, "bpb": bpb})
-        bar.message(f"{self.label}: step {self.step}/{self.cfg.steps}  val {bpb:.4f} bits/byte")
+        bar.validated(self.step, bpb)
 
     def _last_loss(self) -> float | None:
         return self.history["train"][-1]["loss"] if self.history["train"] else None
