@@ -314,3 +314,26 @@ def test_no_progress_keeps_results_and_drops_status_lines(docs, tmp_path, capsys
     assert len([line for line in quiet.splitlines() if VALIDATION.match(line)]) == 2
     assert main([*args[:-1], str(tmp_path / "again")]) == 0
     assert "ETA" in capsys.readouterr().err  # the same run with status lines
+
+
+def test_a_warning_is_a_line_of_its_own(docs, tmp_path, monkeypatch):
+    real = Trainer._one_step
+
+    def warn_first(self):
+        if self.step == 0:
+            import warnings
+
+            warnings.warn("a warning from inside the first step", UserWarning, stacklevel=1)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_one_step", warn_first)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        train_run(RunOptions(config=config(), data=str(docs), out=str(tmp_path / "run"),
+                             baselines=False, auto_steps=False))  # fmt: skip
+    lines = err.getvalue().splitlines()
+    hit = lines.index("warning: UserWarning: a warning from inside the first step")
+    assert lines[hit - 1] == "transformer: first step (warm-up) ..."  # cut there, then repeated
+    assert re.fullmatch(r"transformer: first step \(warm-up\) \.\.\. train .*", lines[hit + 1])
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "warning: UserWarning: a warning from inside the first step" in log

@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -404,6 +405,9 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
             os.close(lock)
         raise
     created = False
+    # a warning (torch's, say) is a line of its own, never glued to a phase or status line
+    show = warnings.showwarning
+    warnings.showwarning = lambda msg, kind, *_: log(f"warning: {kind.__name__}: {msg}")
     try:
         _check(opts, world)
         corpus = load_corpus(opts.data, opts.config.seq)  # seconds at most: no phase line, so
@@ -469,6 +473,7 @@ def train_run(opts: RunOptions) -> dict[str, Any]:
         log(f"error: {type(err).__name__}: {err}", echo=False)
         raise
     finally:
+        warnings.showwarning = show
         D.teardown(created)
         log.close()
         if lock is not None:
