@@ -77,7 +77,11 @@ def momentum_memory_chunk(
             + torch.where(strict, q[..., :-1, 1:] * gram, 0.0) @ dh
         )
         eye = torch.eye(C, dtype=gram.dtype, device=gram.device)
-        wt = torch.linalg.solve_triangular(eye + low, rhs, upper=False, unitriangular=True)
+        # A contiguous right-hand side: CPU's batched solve is ~25x slower on the strided view
+        # the transposed error terms leave (3.5 ms against 0.14 ms at B=2, 16 heads, C=8).
+        wt = torch.linalg.solve_triangular(
+            eye + low, rhs.contiguous(), upper=False, unitriangular=True
+        )
         coef = fa[..., -1, 1:, None] * wt + q[..., -1, 1:, None] * dh
     w_new = (
         fa[..., -1, 0, None, None] * w0
