@@ -144,3 +144,33 @@ def test_what_the_teach_lowering_refuses():
         get("cms", signal="sometimes")
     with pytest.raises(nl.SpecError):
         nl.outer(signal="backprop")
+
+
+def test_the_second_pass_reuses_what_precedes_the_first_block(monkeypatch):
+    """Hope's first self-modifying Titans layer sees the same inputs in both passes: it runs
+    once per call, and reusing it changes neither values nor gradients."""
+    from nlgraph.compiler.lowerings import teach
+    from nlgraph.compiler.lowerings.cluster import Cluster
+
+    _, learner = pair("hope", d=8, n_layers=2, heads=2, vocab=11, chunk=2, chunk_mem=4,
+                      cms_chunks=(2, 4), cms_lrs=0.1)  # fmt: skip
+    tokens = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def loss_fn(out, s, e):
+        return out["logits"].square().sum()
+
+    runs = []
+    real = Cluster._forward
+    monkeypatch.setattr(Cluster, "_forward", lambda self, *a: runs.append(self) or real(self, *a))
+    out, state = learner(tokens, loss_fn=loss_fn)
+    first = grads(learner, out["loss"])
+    n_clusters = len(learner.clusters)
+    # Each layer has two clusters (M_mem apart); layer 0's run once, layer 1's twice.
+    assert len(runs) == n_clusters + n_clusters // 2
+    monkeypatch.setattr(teach.Replay, "__call__", lambda self, m, n, a, s, ns, compute: compute())
+    again, state2 = learner(tokens, loss_fn=loss_fn)
+    assert torch.equal(out["logits"], again["logits"])
+    second = grads(learner, again["loss"])
+    assert first.keys() == second.keys()
+    for n in first:
+        assert torch.allclose(first[n], second[n], atol=1e-12, rtol=1e-12), n

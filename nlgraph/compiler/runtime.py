@@ -279,18 +279,33 @@ class CompiledLearner(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
         """A call of a learner whose CMS blocks take a teach signal (lowerings.teach): the
         teach pass with every block fixed, each block's schedule, the pass on the schedule."""
+        mods = {lv.name: self.blocks[_key(lv.name)] for lv in blocks}
+        fast = [*self.memories.values(), *self.clusters.values()]
+        replay = teach.Replay()
+        try:
+            for mod in fast:
+                mod.replay = replay
+            return self._teach_passes(inputs, state, loss_fn, blocks, periods, mods, replay)
+        finally:
+            for mod in fast:
+                mod.replay = None
+            for mod in mods.values():
+                mod.capture = None
+
+    def _teach_passes(
+        self, inputs: dict[str, torch.Tensor], state: dict[str, Any], loss_fn: Any,
+        blocks: list, periods: dict[str, int], mods: dict[str, Block], replay: teach.Replay,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
         T = next(iter(inputs.values())).shape[1]
         differentiable = torch.is_grad_enabled()
-        mods = {lv.name: self.blocks[_key(lv.name)] for lv in blocks}
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.enable_grad():  # blocks learn at test time too
             for mod in mods.values():
                 mod.capture = captured
-            try:
-                outs, _ = self._piece(inputs, dict(state))
-            finally:
-                for mod in mods.values():
-                    mod.capture = None
+            outs, _ = self._piece(inputs, dict(state))
+            for mod in mods.values():
+                mod.capture = None
+            replay.recording = False
             ys = [captured[lv.name][1] for lv in blocks]
             deltas = torch.autograd.grad(loss_fn(outs, 0, T), ys, allow_unused=True)
             del outs

@@ -53,6 +53,7 @@ class MemoryOwner(nn.Module):
         self.scalars = nn.ParameterDict(
             {k: nn.Parameter(torch.tensor(v)) for k, v in scalars.items()}
         )
+        self.replay: Any = None  # set during a teach-signal call (lowerings.teach.Replay)
 
     def initial_weight(self, name: str) -> torch.Tensor:
         """The initial tensor ``name`` (detached along a stop_grad edge into the init)."""
@@ -68,6 +69,12 @@ class MemoryOwner(nn.Module):
         gradients reach back at most that far; the state then carries its token count
         (``{"state": ..., "tokens": n}``), and a sequence run in segments detaches at the same
         tokens as one pass."""
+        if self.replay is not None:
+            return self.replay(self, (self.cfg.name,), args, state, new_state,
+                               lambda: self._forward(args, state, new_state, writes))  # fmt: skip
+        return self._forward(args, state, new_state, writes)
+
+    def _forward(self, args: tuple, state: dict, new_state: dict, writes: bool) -> tuple:
         cfg, prev = self.cfg, state.get(self.cfg.name)
         if cfg.truncate is None:
             outs, new_state[cfg.name] = self.run(args, prev, writes)

@@ -369,6 +369,7 @@ class Cluster(nn.Module):
         self.c = c
         self.backend = "auto"
         self.members = nn.ModuleDict({key(n): m for n, m in members.items()})
+        self.replay: Any = None  # set during a teach-signal call (lowerings.teach.Replay)
 
     def forward(self, inputs: tuple, state: dict, new_state: dict, writes: bool, slow: Any) -> dict:
         """Each member's read-outs over the sequence (``inputs``: the window program's inputs
@@ -378,6 +379,14 @@ class Cluster(nn.Module):
         chunks counted from the start of the sequence (its state carries the token count,
         ``"tokens"``): the sequence runs as segments cut there, which equal one pass, and a
         sequence run in segments detaches at the same tokens."""
+        if self.replay is not None:
+            run = lambda: self._forward(inputs, state, new_state, writes, slow)  # noqa: E731
+            return self.replay(self, self.c.names, inputs, state, new_state, run)
+        return self._forward(inputs, state, new_state, writes, slow)
+
+    def _forward(
+        self, inputs: tuple, state: dict, new_state: dict, writes: bool, slow: Any
+    ) -> dict:
         c = self.c
         owners = {n: self.members[key(n)] for n in c.names}
         every = {n: m.truncate for n, m in c.members.items() if m.truncate is not None}

@@ -17,6 +17,9 @@ its output, from one pass over the call. A learner whose blocks all take it runs
    (``create_graph``) when the outer gradient follows the updates;
 3. **the pass**: the program again, each token read by its block at the parameters of its
    chunk in the schedule; its outputs and loss are the call's, its backward the outer gradient.
+   A fast lowering that receives in it the very inputs and state it received in the teach pass
+   (everything before the first block: a whole self-modifying Titans layer in Hope's first
+   block) returns what it computed there (:class:`Replay`), graph included.
 
 What it approximates: ``delta_t`` and ``x_t`` come from the pass with every block fixed, not
 from the pass with the updates in force; for the first chunk of a call the two agree, later ones
@@ -34,7 +37,7 @@ from nlgraph.compiler import ir
 from nlgraph.compiler.lowerings import boundary
 from nlgraph.level import Level
 
-__all__ = ["check", "schedule"]
+__all__ = ["check", "schedule", "Replay"]
 
 
 def check(levels: list[Level], rules: dict[str, tuple[ir.Rule, ...]]) -> None:
@@ -102,3 +105,42 @@ def schedule(
             st = boundary.truncate(st)
         start = end
     return segments, st
+
+
+class Replay:
+    """The teach pass's calls of the fast lowerings (memories, clusters), for the second pass:
+    a call whose tensor arguments equal the teach pass's (``torch.equal``) and whose incoming
+    states are the same objects returns the teach pass's read-outs and final states instead of
+    running again. The read-outs keep their autograd graph: the teach pass's backward ran only
+    from the loss down to the blocks' outputs, which lie after these calls."""
+
+    def __init__(self) -> None:
+        self.recording = True
+        self._calls: dict[int, tuple] = {}
+
+    def __call__(
+        self, module: Any, names: tuple[str, ...], args: Any, state: dict, new_state: dict,
+        compute: Any,
+    ) -> Any:  # fmt: skip
+        tensors = [a for a in torch.utils._pytree.tree_leaves(args) if torch.is_tensor(a)]
+        incoming = [state.get(n) for n in names]
+        if self.recording:
+            out = compute()
+            self._calls[id(module)] = (tensors, incoming, out, {n: new_state[n] for n in names})
+            return out
+        rec = self._calls.get(id(module))
+        if (
+            rec is not None
+            and _same(rec[0], tensors)
+            and all(a is b for a, b in zip(rec[1], incoming, strict=True))
+        ):
+            new_state.update(rec[3])
+            return rec[2]
+        return compute()
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+        for x, y in zip(a, b, strict=True)
+    )
