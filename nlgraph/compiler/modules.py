@@ -60,7 +60,7 @@ class MLPBlock(nn.Module):
         super().__init__()
         sizes = [d_in] + [width] * (depth - 1) + [d_out]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:], strict=False))
-        self.act = ACT[act]
+        self.act, self.act_name = ACT[act], act
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -141,7 +141,7 @@ def cut_points(
 
 
 def accumulate_and_update(
-    loss: torch.Tensor,
+    loss: torch.Tensor | None,
     levels: list[Level],
     states: dict[str, dict[str, Any]],
     periods: dict[str, int],
@@ -201,7 +201,8 @@ def accumulate_and_update(
             eta = _value(lv, rule.beta if ema else rule.lr, signals, learned)
             eta = 1 - eta if ema else eta
             g = [shaped(eta, x) * x for x in g]
-        acc = [a + b for a, b in zip(st["acc"], g, strict=True)]
+        # phase 0: nothing accumulated since the last update (the sum is zero)
+        acc = g if st["phase"] == 0 else [a + b for a, b in zip(st["acc"], g, strict=True)]
         phase = st["phase"] + n_tokens
         if phase % periods[lv.name] == 0:
             keys = buffer_keys(rules)

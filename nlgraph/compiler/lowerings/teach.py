@@ -35,9 +35,11 @@ import torch
 from nlgraph._errors import CompileError
 from nlgraph.compiler import ir
 from nlgraph.compiler.lowerings import boundary
+from nlgraph.compiler.lowerings.mlp import act_grad
+from nlgraph.compiler.modules import MLPBlock
 from nlgraph.level import Level
 
-__all__ = ["check", "schedule", "Replay"]
+__all__ = ["check", "schedule", "local_grads", "Replay"]
 
 
 def check(levels: list[Level], rules: dict[str, tuple[ir.Rule, ...]]) -> None:
@@ -92,19 +94,49 @@ def schedule(
         theta = [t.view_as(t) for t in st["theta"]]  # fresh aliases: the partial derivative
         st = {**st, "theta": theta}
         segments.append((start, end, theta))
-        local = (delta[:, start:end] * boundary.apply(net, theta, x[:, start:end])).sum()
-        grads = torch.autograd.grad(local, theta, allow_unused=True,
-                                    create_graph=differentiable and origin is None)  # fmt: skip
+        graph = differentiable and origin is None
+        with torch.enable_grad() if graph else torch.no_grad():
+            grads = local_grads(net, theta, x[:, start:end], delta[:, start:end])
         states = {lv.name: st}
         updated = boundary.accumulate_and_update(
-            local, [lv], states, {lv.name: period}, {lv.name: rates}, end - start,
-            differentiable, list(grads), origins,
+            None, [lv], states, {lv.name: period}, {lv.name: rates}, end - start,
+            differentiable, grads, origins,
         )  # fmt: skip
         st = states[lv.name]
         if truncate is not None and updated and st["updates"] % truncate == 0:
             st = boundary.truncate(st)
         start = end
     return segments, st
+
+
+def local_grads(
+    net: torch.nn.Module, theta: list[torch.Tensor], x: torch.Tensor, delta: torch.Tensor
+) -> list[torch.Tensor]:
+    """``grad_theta sum_t <delta_t, f(theta; x_t)>`` for a block's per-sample parameters
+    (``[B, ...]``), by hand for an MLP block or a linear layer (each layer's error times its
+    input; differentiable where grad mode is on), else by autograd."""
+    if isinstance(net, MLPBlock):
+        n = len(net.layers)
+        hs, pres, h = [x], [], x
+        for i in range(n):
+            w, b = theta[2 * i], theta[2 * i + 1]
+            z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            pres.append(z)
+            h = net.act(z) if i < n - 1 else z
+            hs.append(h)
+        grads: list[torch.Tensor] = []
+        d = delta
+        for i in reversed(range(n)):
+            grads = [torch.bmm(d.transpose(1, 2), hs[i]), d.sum(1), *grads]
+            if i:
+                d = torch.bmm(d, theta[2 * i]) * act_grad(net.act_name, pres[i - 1])
+        return grads
+    if isinstance(net, torch.nn.Linear):
+        gw = torch.bmm(delta.transpose(1, 2), x)
+        return [gw, delta.sum(1)] if net.bias is not None else [gw]
+    with torch.enable_grad():  # pragma: no cover - every block module is one of the above
+        local = (delta * boundary.apply(net, theta, x)).sum()
+        return list(torch.autograd.grad(local, theta, create_graph=torch.is_grad_enabled()))
 
 
 class Replay:
