@@ -226,6 +226,46 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
             yield f"{at}: context width {got} does not match the state's input width {want}"
 
 
+def is_optimizer_graph(spec: GraphSpec) -> bool:
+    """A graph over the gradient stream: no inputs, a ``params`` level, every level per step."""
+    return (
+        not spec.inputs
+        and any(lv.state.kind == "params" for lv in spec.levels)
+        and all(lv.frequency.unit == "step" for lv in spec.levels)
+    )
+
+
+def _check_optimizer_scalars(spec: GraphSpec) -> Iterator[str]:
+    """The scalars an optimizer step can compute (docs/optimizers.md, "Learned rates"): a
+    constant, or a signal of the step's flows, one value per parameter entry."""
+    for lv in spec.levels:
+        slow = lv.frequency.every > 1 or lv.frequency.offset > 0
+        for i, rule in enumerate(lv.optimizer):
+            for name, value in scalar_fields(rule).items():
+                at = f"level {lv.name!r}, optimizer[{i}] {rule.rule} {name}"
+                if isinstance(value, Learned):
+                    yield (
+                        f"{at}: {value} in an optimizer graph, where no loss is differentiated "
+                        "through a step, so nothing would train it; let a slower level learn it "
+                        f"by its own objective and read it: {name}=nl.signal(nl.state('slow', "
+                        "at='prev'))"
+                    )
+                elif not isinstance(value, Signal):
+                    continue
+                elif rule.rule == "dgd" or lv.state.kind == "mlp":
+                    what = "a dgd step" if rule.rule == "dgd" else "an MLP memory"
+                    yield (
+                        f"{at}: a signal is one value per parameter entry, but {what} takes one "
+                        "number per tensor; use a constant"
+                    )
+                elif slow and name in ("lr", "beta"):
+                    yield (
+                        f"{at}: {lv.name!r} updates {lv.frequency}, summing its directions over "
+                        "the period, and which step's rate would weight them is not defined; "
+                        "use a constant (a signal may set retain or momentum)"
+                    )
+
+
 def _check_reads(spec: GraphSpec, names: set[str]) -> Iterator[str]:
     """Reads of a memory must feed it an input of the width it takes."""
     for lv in spec.levels:
@@ -299,6 +339,8 @@ def errors(spec: GraphSpec) -> list[str]:
     if out:  # the checks below assume references resolve
         return out
     out.extend(_check_reads(spec, names))
+    if is_optimizer_graph(spec):
+        out.extend(_check_optimizer_scalars(spec))
     # like() chains must end in a real state
     for lv in spec.levels:
         hops, cur = 0, lv

@@ -30,6 +30,7 @@ ROWS = {  # library name -> (values that shape the graph, shapes); every option 
     "adagrad_momentum": ({}, MIXED),
     "preconditioned_momentum": ({}, MIXED),
     "delta_momentum": ({"decay": 1e-2, "normalize": True}, MIXED),
+    "meta_momentum": ({"every": 3}, MIXED),
     "dmgd": ({"width": 4}, MIXED),
     "muon": ({"nesterov": True, "wd": 0.01}, MATRICES),
     "muon_adamw": ({"variant": "cubic"}, MIXED),

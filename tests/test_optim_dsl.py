@@ -60,7 +60,6 @@ def _graph(**level) -> nl.Graph:
     "make,match",
     [
         (lambda: _graph(frequency=nl.per_token()), "update per step"),
-        (lambda: _graph(optimizer=nl.gd(lr=nl.learned(0.1))), "must be a constant"),
         (
             lambda: _graph(
                 objective=nl.lp(3), context=nl.kv(key=nl.grad_of("w"), value=nl.grad_of("w"))
@@ -77,7 +76,7 @@ def _graph(**level) -> nl.Graph:
         ),  # fmt: skip
         (lambda: _graph(state=nl.tensor(3)), "belongs to no parameters"),
     ],
-    ids=["per-token", "learned-lr", "lp", "wide-mlp", "tensor-state"],
+    ids=["per-token", "lp", "wide-mlp", "tensor-state"],
 )
 def test_what_has_no_lowering_is_refused(make, match):
     with pytest.raises(nl.CompileError, match=match):

@@ -51,6 +51,7 @@ ROWS = {  # library name -> (builder kwargs, shapes, kwargs that cut the loss by
     "adagrad_momentum": ({"lr": 0.05}, MIXED, {}),
     "preconditioned_momentum": ({"lr": 0.01}, MIXED, {}),
     "delta_momentum": ({"lr": 0.002, "decay": 1e-4}, MIXED, {}),
+    "meta_momentum": ({"lr": 0.01, "meta_lr": 0.1, "every": 3}, MIXED, {}),
     "dmgd": ({"lr": 0.005, "inner_lr": 0.1, "width": 4}, MIXED, {}),
     "muon": ({"lr": 0.05, "nesterov": True, "wd": 0.01}, MATRICES, {"lr": 0.5}),
     "muon_adamw": ({"lr": 0.05, "variant": "cubic", "adamw_lr": 0.05}, MIXED, {"lr": 0.5}),

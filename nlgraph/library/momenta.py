@@ -84,6 +84,47 @@ def delta_momentum(
     return g
 
 
+@register("meta_momentum", "optimizer")
+def meta_momentum(
+    lr: float = 1e-2, beta: float = 0.9, meta_lr: float = 0.01, every: int = 10
+) -> nl.Graph:
+    """Momentum whose retention a slower level learns: three levels (PAPER.md 1.2, 2.2).
+
+    ``m <- sigmoid(a + logit(beta)) m - lr g`` (Eq. 33 with a data-dependent ``alpha``, one per
+    parameter entry), ``W <- W + m``; every ``every`` steps the slower level takes
+    ``a <- a + meta_lr sum_period sign(-g_t m_t)`` (a dot memory of that stream, summed over its
+    period at the state it holds, Eq. 71), read at ``prev`` by ``m``. ``-g_t m_t`` is minus the
+    one-step hypergradient of the loss w.r.t. a scale ``c`` on the last step
+    (``W_t = W_(t-1) + c m_t``, at ``c = 1``): the retention rises where the new gradient still
+    points along the momentum and falls where it flips (oscillation). Our choice [I]: the sign
+    makes the meta step scale-free, and ``m_t`` stands in for ``m_(t-1)`` (the exact one-step
+    hypergradient of the retention, which no level holds).
+    """
+    g = nl.Graph("meta_momentum", doc=meta_momentum.__doc__ or "")
+    w = _weights(g, nl.state("m", at="new"))
+    logit = (nl.const(beta) / (1 - beta)).apply("log")
+    g.level(
+        "m",
+        state=nl.like("w"),
+        frequency=nl.per_step(),
+        context=-w.grad(),
+        objective=nl.dot(),
+        optimizer=nl.gd(lr=lr, retain=nl.signal(nl.state("a", at="prev") + logit)),
+        group="momentum",
+        doc="m <- sigmoid(a + logit(beta)) m - lr g",
+    )
+    g.level(
+        "a",
+        state=nl.like("w"),
+        frequency=nl.every(every, "step"),
+        context=(-w.grad() * nl.state("m", at="prev")).sign(),
+        objective=nl.dot(),
+        optimizer=nl.gd(lr=meta_lr),
+        doc="the retention's logit: a <- a + meta_lr sum sign(-g m)",
+    )
+    return g
+
+
 @register("dmgd", "optimizer")
 def dmgd(lr: float = 1e-2, inner_lr: float = 1e-2, decay: float = 1.0, width: int = 16) -> nl.Graph:
     """Deep momentum GD: the momentum is an MLP memory of gradients (Eq. 50, PAPER.md 2.7).

@@ -36,7 +36,7 @@ from nlgraph.compiler.optimizer import ops
 from nlgraph.compiler.optimizer.skeleton import scan
 from nlgraph.flows import KV, FlowBase, Grad, Read, State, Ticks, references, walk
 from nlgraph.level import GraphSpec, Level
-from nlgraph.optimizers import Learned, Signal, scalar_fields
+from nlgraph.optimizers import Signal
 from nlgraph.topology import tiers
 from nlgraph.validation import level_flows, validate
 
@@ -188,10 +188,7 @@ class OptimizerProgram:
             self._check_mlp(lv, where)
         elif st.kind == "like" and lv.init.kind not in ("default", "zeros", "normal"):
             raise CompileError(f"{where}: init {lv.init} is not supported; use zeros or normal")
-        for rule in lv.optimizer:
-            for name, value in scalar_fields(rule).items():
-                if isinstance(value, Learned | Signal):
-                    raise CompileError(f"{where}: {name} must be a constant in an optimizer graph")
+        for rule in lv.optimizer:  # learned and signal scalars: checked by validate()
             if rule.rule == "dgd":
                 if lv is not weights or rule.retain is not None or rule.momentum is not None:
                     raise CompileError(
@@ -440,10 +437,12 @@ class OptimizerProgram:
             torch._foreach_zero_(acc)
         elif not updating:
             return
+        if isinstance(d, tuple) and any(r.rule in ("weight_decay", "follow") for r in lv.optimizer):
+            d = self._explicit(d, s)  # S - t at the state the step starts from, before S moves
         for rule in lv.optimizer:
             kind = rule.rule
             if kind == "weight_decay":
-                torch._foreach_mul_(s, 1.0 - self._c(rule, "rate", env))
+                _scale_(s, _one_minus(self._scalar(rule, "rate", env, lv)))
             elif kind == "follow":
                 ops.add_to(s, self._eval(rule.update, env, lv))
             elif kind == "precondition":
@@ -459,11 +458,34 @@ class OptimizerProgram:
             else:
                 self._gd(lv, rule, s, d, env)
 
+    def _scalar(self, rule: Any, name: str, env: _Env, lv: Level) -> float | Tensors:
+        """A rule's scalar at this update: its number, or a signal's ``scale * act(flow)`` as
+        one tensor per parameter (a fresh list the caller only reads). A signal is evaluated
+        when its rule applies, after the rules before it in the chain."""
+        value = getattr(rule, name)
+        if not isinstance(value, Signal):
+            return self._c(rule, name, env)
+        x = self._eval(value.flow, env, lv)
+        if value.act != "identity":
+            x = ops.unary(value.act, x)
+        x = ops.mul(x, self._c(value, "scale", env))
+        if isinstance(x, float):
+            return x
+        t, sc, owned = ops.plain(x)  # a list of its own: never a state's tensors
+        return list(torch._foreach_mul(t, sc)) if sc != 1.0 or not owned else list(t)
+
     def _gd(self, lv: Level, rule: Any, s: Tensors, d: Any, env: _Env) -> None:
         ema = rule.rule == "ema"
-        lr = 1.0 - self._c(rule, "beta", env) if ema else self._c(rule, "lr", env)
-        retain = None if ema or rule.retain is None else self._c(rule, "retain", env)
-        if ema or rule.momentum is None:
+        if ema:
+            lr, retain = _one_minus(self._scalar(rule, "beta", env, lv)), None
+        else:
+            lr = self._scalar(rule, "lr", env, lv)
+            retain = None if rule.retain is None else self._scalar(rule, "retain", env, lv)
+        mu = None if ema or rule.momentum is None else self._scalar(rule, "momentum", env, lv)
+        if any(isinstance(x, list) for x in (lr, retain, mu)):
+            self._gd_entrywise(lv, rule, s, d, env, (lr, retain, mu))
+            return
+        if mu is None:
             if isinstance(d, tuple):  # retain S - lr (S - t) = (retain - lr) S + lr t
                 if retain is None or retain == 1.0:
                     ops.lerp_to(s, d[1], lr)
@@ -475,7 +497,6 @@ class OptimizerProgram:
                 torch._foreach_mul_(s, retain)
             ops.add_to(s, d, -lr)
             return
-        mu = self._c(rule, "momentum", env)
         d = self._explicit(d, s)
         buf = env.tensors(self.key(f"{lv.name}.momentum"))
         torch._foreach_mul_(buf, mu)
@@ -487,6 +508,27 @@ class OptimizerProgram:
             ops.add_to(s, d, -lr)
         else:
             ops.add_to(s, ops.lazy(buf))
+
+    def _gd_entrywise(self, lv: Level, rule: Any, s: Tensors, d: Any, env: _Env,
+                      scalars: tuple) -> None:  # fmt: skip
+        """``_gd`` with a rate per parameter entry (a signal): ``B <- mu B - lr d``,
+        ``S <- retain S + B`` (nesterov: ``+ mu B - lr d``), or ``S <- retain S - lr d``."""
+        lr, retain, mu = scalars
+        d = ops.materialize(self._explicit(d, s))  # S - t is formed before S changes
+        step = _times(lr, d)
+        if mu is None:
+            _scale_(s, retain)
+            torch._foreach_sub_(s, step)
+            return
+        buf = env.tensors(self.key(f"{lv.name}.momentum"))
+        _scale_(buf, mu)
+        torch._foreach_sub_(buf, step)
+        _scale_(s, retain)
+        if rule.nesterov:
+            torch._foreach_add_(s, _times(mu, buf))
+            torch._foreach_sub_(s, step)
+        else:
+            torch._foreach_add_(s, buf)
 
     def _dgd(self, rule: Any, s: Tensors, d: ops.Value, env: _Env) -> None:
         lr = self._c(rule, "lr", env)
@@ -529,3 +571,22 @@ class OptimizerProgram:
         new = ops.mlp_gd_step(layers, k, v, lv.state.activation, lv.state.residual, lr, retain)
         for key, w in zip(env.part.keys[lv.name], new, strict=True):
             torch._foreach_copy_(env.tensors(key), list(w.unbind(0)))
+
+
+def _one_minus(x: float | Tensors) -> float | Tensors:
+    if isinstance(x, float):
+        return 1.0 - x
+    out = list(torch._foreach_neg(x))
+    torch._foreach_add_(out, 1.0)
+    return out
+
+
+def _scale_(s: Tensors, x: float | Tensors | None) -> None:
+    """``S <- x S`` in place (``x`` a number, one tensor per parameter, or ``None``: 1)."""
+    if isinstance(x, list) or (x is not None and x != 1.0):
+        torch._foreach_mul_(s, x)
+
+
+def _times(x: float | Tensors, t: Tensors) -> Tensors:
+    """``x * t`` as a fresh list."""
+    return list(torch._foreach_mul(t, x))

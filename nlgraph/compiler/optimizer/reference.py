@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from nlgraph._errors import CompileError
 from nlgraph.clock import Frequency
 from nlgraph.compiler.newton_schulz import newton_schulz_reference
 from nlgraph.flows import FlowBase, Grad, State, walk
 from nlgraph.level import GraphSpec, Level
+from nlgraph.optimizers import Signal
 from nlgraph.topology import tiers
 
 __all__ = ["reference_step"]
@@ -130,7 +132,7 @@ class _Ref:
         for rule in lv.optimizer:
             kind = rule.rule
             if kind == "weight_decay":
-                s = (1 - rule.rate) * s
+                s = (1 - self.scalar(lv, rule, "rate", env)) * s
             elif kind == "follow":
                 s = s + self.eval(rule.update, env, lv)
             elif kind == "precondition":
@@ -143,13 +145,30 @@ class _Ref:
                 s = self.gd(lv, rule, s, d, env)
             self.store(name, s, env)
 
+    def scalar(self, lv: Level, rule: Any, name: str, env: dict[str, Any]) -> Any:
+        """A rule's scalar now: its number, or a signal's ``scale * act(flow)`` with the flow
+        evaluated as the rule applies (per parameter entry when the flow is a tensor)."""
+        value = getattr(rule, name)
+        if value is None or isinstance(value, float | int):
+            return value
+        if not isinstance(value, Signal):
+            raise CompileError(
+                f"level {lv.name!r}, {rule.rule} {name}: {value} has no value in an optimizer "
+                "step (validate() says why)"
+            )
+        x = torch.as_tensor(self.eval(value.flow, env, lv), dtype=env["p"].dtype)
+        act = {"identity": lambda t: t, "sigmoid": torch.sigmoid, "exp": torch.exp,
+               "softplus": torch.nn.functional.softplus}[value.act]  # fmt: skip
+        return value.scale * act(x)
+
     def gd(self, lv: Level, rule: Any, s: Any, d: Any, env: dict[str, Any]) -> Any:
-        lr = 1 - rule.beta if rule.rule == "ema" else rule.lr
-        retain = getattr(rule, "retain", None)
+        if rule.rule == "ema":
+            lr, retain, mu = 1 - self.scalar(lv, rule, "beta", env), None, None
+        else:
+            lr, retain, mu = (self.scalar(lv, rule, n, env) for n in ("lr", "retain", "momentum"))
         retain = 1.0 if retain is None else retain
         if isinstance(s, list):
             return [retain * w - lr * dw for w, dw in zip(s, d, strict=True)]
-        mu = getattr(rule, "momentum", None)
         if mu is None:
             return retain * s - lr * d
         buf = self.key(f"{lv.name}.momentum")
