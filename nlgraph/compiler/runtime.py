@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from nlgraph._errors import CompileError
+from nlgraph.compiler import inert, streaming
 from nlgraph.compiler.build import build_levels
 from nlgraph.compiler.lowerings import boundary, teach
 from nlgraph.compiler.lowerings._state import detach_state
@@ -373,6 +374,36 @@ class CompiledLearner(nn.Module):
         leaves = [next(it) if x is None else x for x in static["leaves"]]
         outs, new = tree_unflatten(leaves, static["spec"])
         return outs, new, loss, [g for per_block in grads for g in per_block]
+
+    # ------------------------------------------------------------------------------ streams
+    def inert_parameters(
+        self, seq_len: int, batch: int = 1, outputs: Any = None, state: Any = None
+    ) -> dict[str, list[str]]:
+        """The parameters a ``seq_len``-token call (from ``state``, default the initial state)
+        gives no gradient, ``{level: [parameter name, ...]}`` (e.g. Hope's write path for
+        ``T <= chunk_mem``): one probe forward and backward on ``batch`` random sequences
+        (:mod:`.inert`)."""
+        return inert.inert_parameters(self, seq_len, batch, outputs, state)
+
+    @staticmethod
+    def detach_state(state: Any) -> Any:
+        """``state`` with every tensor detached: carry it into the next call to continue the
+        sequence without backpropagating into the calls before (truncated BPTT)."""
+        return streaming.detach_state(state)
+
+    @staticmethod
+    def state_to(state: Any, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+        """``state`` on ``device``, floating tensors cast to ``dtype`` (ints stay ints)."""
+        return streaming.state_to(state, device, dtype)
+
+    def save_state(self, state: Any, path: Any) -> Any:
+        """Write a fast state (detached, on the CPU, with this learner's spec) to ``path``."""
+        return streaming.save_state(self, state, path)
+
+    def load_state(self, path: Any, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+        """A fast state written by :meth:`save_state`, on this learner's device and dtype unless
+        given; a state from another spec or other widths is refused (``CompileError``)."""
+        return streaming.load_state(self, path, device, dtype)
 
     # Called by the generated program ------------------------------------------------------
     def _conv(self, level: str, x: torch.Tensor, state: dict, new_state: dict) -> torch.Tensor:
