@@ -367,10 +367,24 @@ def walk(
             seen.add(flow.name)
             yield from walk(named[flow.name], named, seen)
         return
-    for name in ("arg", "x", "a", "b", "key", "value", "query"):
-        child = getattr(flow, name, None)
+    for name in _child_fields(type(flow)):
+        child = getattr(flow, name)
         if isinstance(child, FlowBase):
             yield from walk(child, named, _seen if _seen is not None else set())
+
+
+_CHILDREN: dict[type, tuple[str, ...]] = {}
+
+
+def _child_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a flow class that may hold sub-flows (asking a pydantic model for a field
+    it lacks is slow, and walks visit millions of nodes in a deep model)."""
+    fields = _CHILDREN.get(cls)
+    if fields is None:
+        declared = getattr(cls, "model_fields", {})
+        names = ("arg", "x", "a", "b", "key", "value", "query")
+        fields = _CHILDREN[cls] = tuple(n for n in names if n in declared)
+    return fields
 
 
 def references(

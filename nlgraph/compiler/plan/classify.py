@@ -240,11 +240,28 @@ def level_reads(lv: Level, named: dict) -> tuple[str, ...]:
 
 
 def memory_reads(spec: GraphSpec, name: str) -> list[Read]:
-    """Every distinct read-out of memory ``name`` in the graph's outputs and flows."""
-    found: dict[Any, Read] = {}
+    """Every distinct read-out of memory ``name`` in the graph's outputs and flows, in the
+    order a walk of the outputs, then of every level's flows, first meets them."""
+    return list(_all_reads(spec).get(name, ()))
+
+
+_READS: list[tuple[GraphSpec, dict[str, tuple[Read, ...]]]] = []  # the last few specs walked
+
+
+def _all_reads(spec: GraphSpec) -> dict[str, tuple[Read, ...]]:
+    """The read-outs of every level at once: one walk in which each named flow (a residual
+    stream read by every later block) is followed once, not once per flow and per memory
+    (which made planning grow with the cube of the layer count)."""
+    for cached, reads in _READS:
+        if cached is spec:
+            return reads
+    found: dict[str, dict[Any, Read]] = {}
+    seen: set[str] = set()
     flows = list(spec.outputs.values()) + [f for lv in spec.levels for _, f in level_flows(lv)]
     for flow in flows:
-        for node in walk(flow, spec.flows):
-            if isinstance(node, Read) and node.level == name:
-                found.setdefault(node, node)
-    return list(found.values())
+        for node in walk(flow, spec.flows, seen):
+            if isinstance(node, Read):
+                found.setdefault(node.level, {}).setdefault(node, node)
+    reads = {n: tuple(r.values()) for n, r in found.items()}
+    _READS[:] = [(spec, reads), *_READS[:3]]
+    return reads
