@@ -129,6 +129,12 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
     )
     a("--resume", action="store_true", help="continue from the checkpoints in --out")
     a(
+        "--carry-state",
+        action="store_true",
+        help="continual learning: each row of a batch continues the text and the fast state of "
+        "the same row of the step before (detached between steps; saved in checkpoints)",
+    )
+    a(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -150,6 +156,7 @@ def options_from_args(args: argparse.Namespace):
         seq=args.seq, optimizer=args.optimizer, lr=args.lr, device=args.device,
         seed=args.seed, eval_every=args.eval_every or 0,
         checkpoint_every=args.checkpoint_every or 0, on_nan=args.on_nan,
+        carry_state=args.carry_state,
     )  # fmt: skip
     return RunOptions(
         config=cfg, data=args.data, out=args.out, baselines=args.baselines,

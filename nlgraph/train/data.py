@@ -18,7 +18,10 @@ import torch
 
 from nlgraph.train.errors import DataError
 
-__all__ = ["Document", "Corpus", "load_corpus", "batch_at", "val_windows", "HOLDOUT", "VOCAB"]
+__all__ = [
+    "Document", "Corpus", "load_corpus", "batch_at", "stream_batch_at", "val_windows", "HOLDOUT",
+    "VOCAB",
+]  # fmt: skip
 
 VOCAB = 256
 HOLDOUT = 10  # every 10th document (sorted by name) is validation
@@ -201,6 +204,27 @@ def batch_at(
     per = batch // world
     mine = starts[rank * per : (rank + 1) * per]
     idx = mine[:, None] + torch.arange(seq + 1)[None, :]
+    return stream[idx].long()
+
+
+def stream_batch_at(
+    stream: torch.Tensor, step: int, batch: int, seq: int, seed: int, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """Like :func:`batch_at`, but row ``r`` of step ``i + 1`` continues the text where row ``r``
+    of step ``i`` ended (its inputs start at the byte after step ``i``'s last input byte): the
+    batch of ``--carry-state``, whose fast state runs on across steps.
+
+    Row ``r`` reads the stream from ``offset + r * len / batch``, ``offset`` drawn from ``seed``,
+    so the rows start evenly spread; at the end of the stream a row wraps to its start (a join
+    like the one between two documents). The position is still a function of the step alone.
+    """
+    n = len(stream)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 - 1)
+    offset = int(torch.randint(0, n, (1,), generator=gen))
+    per = batch // world
+    lanes = torch.arange(rank * per, (rank + 1) * per)
+    starts = (offset + lanes * n // batch + step * seq) % n
+    idx = (starts[:, None] + torch.arange(seq + 1)[None, :]) % n
     return stream[idx].long()
 
 

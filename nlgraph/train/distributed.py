@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from nlgraph.compiler.streaming import detach_state
 from nlgraph.train.errors import TrainConfigError
 
-__all__ = ["World", "world_from_env", "setup", "wrap", "any_flag", "mean", "teardown"]
+__all__ = [
+    "World", "world_from_env", "setup", "wrap", "any_flag", "mean", "teardown", "gather_rows",
+    "rows",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,36 @@ def setup(world: World, device: str = "cpu") -> bool:
     return True
 
 
-def wrap(learner: nn.Module, world: World, device: str = "cpu") -> nn.Module:
-    """The module the training step calls: ``DDP(learner)`` under several processes."""
+class _Returned(nn.Module):
+    """The learner as DDP sees it: the outputs, and the fast state detached, so that DDP's
+    search for unused parameters starts from what the loss is computed from (the logits and
+    the loss) and not from the graph of the returned state, which reaches parameters (the
+    writes of a level never read within the call) that the backward never reaches."""
+
+    def __init__(self, learner: nn.Module) -> None:
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        outputs, state = self.learner(*args, **kwargs)
+        return outputs, detach_state(state)
+
+
+def wrap(
+    learner: nn.Module, world: World, device: str = "cpu", find_unused: bool = False
+) -> nn.Module:
+    """The module the training step calls: ``DDP(learner)`` under several processes.
+
+    ``find_unused``: some parameters get no gradient in some steps (inert parameters, or a
+    carried fast state that replaces the initial one); DDP then marks, every step, the
+    parameters the outputs do not reach as ready, and leaves their gradient ``None`` where no
+    process used them (as one process would). Every rank must pass the same value."""
     if not world.parallel:
         return learner
     ids = [torch.device(device).index] if str(device).startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(learner, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(
+        _Returned(learner), device_ids=ids, find_unused_parameters=find_unused
+    )
 
 
 def any_flag(flags: list[bool], world: World) -> list[bool]:
@@ -83,6 +112,34 @@ def mean(value: torch.Tensor, world: World) -> float:
         dist.all_reduce(t)
         t /= world.size
     return float(t.item())
+
+
+def rows(state: Any, index: torch.Tensor | slice) -> Any:
+    """The rows ``index`` of a per-sample fast state (every tensor's leading axis is the batch;
+    ints, such as chunk phases, are shared by the rows)."""
+    if isinstance(state, torch.Tensor):
+        return state[index]
+    if isinstance(state, dict):
+        return {k: rows(v, index) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(rows(v, index) for v in state)
+    return state
+
+
+def gather_rows(state: Any, world: World) -> Any:
+    """The global batch's fast state from each process's rows (rank order, as the global batch
+    is split): every tensor gathered along its leading axis. A collective call."""
+    if not world.parallel:
+        return state
+    if isinstance(state, torch.Tensor):
+        parts = [torch.empty_like(state) for _ in range(world.size)]
+        dist.all_gather(parts, state.contiguous())
+        return torch.cat(parts)
+    if isinstance(state, dict):
+        return {k: gather_rows(v, world) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(gather_rows(v, world) for v in state)
+    return state
 
 
 def barrier(world: World) -> None:

@@ -37,7 +37,8 @@ from nlgraph.train.models import (
     match_hidden,
 )
 from nlgraph.train.progress import Planned, Progress, format_duration
-from nlgraph.train.trainer import COMPARED, TrainConfig, Trainer, check_checkpoint
+from nlgraph.train.streams import check_carry
+from nlgraph.train.trainer import COMPARED, COMPARED_LATER, TrainConfig, Trainer, check_checkpoint
 
 __all__ = ["RunOptions", "RunLog", "train_run", "BASELINES"]
 
@@ -138,6 +139,8 @@ def _plan(opts: RunOptions, log: RunLog) -> list[TrainConfig]:
     build_optimizer(cfg.optimizer, main.parameters(), cfg.lr, cfg.weight_decay)  # fail early
     configs = [cfg]
     log.end(f"{target:,} trainable parameters")
+    if cfg.carry_state:
+        check_carry(main, cfg.model, cfg.seq)
     if opts.baselines:
         for name in BASELINES:
             if name == cfg.model:
@@ -147,6 +150,9 @@ def _plan(opts: RunOptions, log: RunLog) -> list[TrainConfig]:
             sizes, n = match_hidden(name, target, cfg.preset, shared, cfg.seed)
             log.end(f"hidden={sizes['hidden']} gives {n:,} parameters "
                     f"({100 * (n - target) / target:+.1f}% of {cfg.model})")  # fmt: skip
+            if cfg.carry_state:
+                baseline = build_learner(name, cfg.preset, sizes, cfg.seed, cfg.device)
+                check_carry(baseline, name, cfg.seq)
             configs.append(replace(cfg, model=name, sizes=sizes))
     return configs
 
@@ -210,9 +216,10 @@ def _train_one(
     else:
         log.end("done")
     result = trainer.run()
-    if world.main and trainer.status == "done":  # keep the final numbers with the weights
-        payload = {**trainer.state(), "summary": result}
-        write_checkpoint(payload, trainer.checkpoint_path, trainer.kept())
+    if trainer.status == "done":  # keep the final numbers with the weights
+        payload = {**trainer.state(), "summary": result}  # every rank: gathers the fast state
+        if world.main:
+            write_checkpoint(payload, trainer.checkpoint_path, trainer.kept())
     return result, trainer.history
 
 
@@ -252,7 +259,8 @@ def _run_dir(out: Path, model: str) -> Path:
 
 def _identity(cfg: TrainConfig) -> dict[str, Any]:
     """What defines a run (the main model's compared settings), as JSON would return it."""
-    ident = {"format": RUN_FORMAT, "version": 1, **{k: getattr(cfg, k) for k in COMPARED}}
+    keys = (*COMPARED, *COMPARED_LATER)
+    ident = {"format": RUN_FORMAT, "version": 1, **{k: getattr(cfg, k) for k in keys}}
     return json.loads(json.dumps(ident))
 
 
@@ -313,11 +321,12 @@ def _check_resumable(opts: RunOptions, out: Path) -> dict[str, Any]:
     mine = _identity(cfg)
     if opts.auto_steps:
         mine["steps"] = ident.get("steps")
-    for key in COMPARED:
-        if ident.get(key) != mine[key]:
+    for key in (*COMPARED, *COMPARED_LATER):
+        there = ident.get(key, COMPARED_LATER.get(key))
+        if there != mine[key]:
             raise CheckpointError(
                 f"--resume: {str(out)!r} holds a run of {_describe(ident)}, not of "
-                f"{_describe(mine)} ({key} {ident.get(key)!r} there, {mine[key]!r} here); "
+                f"{_describe(mine)} ({key} {there!r} there, {mine[key]!r} here); "
                 "resume with that run's settings, or start a new run in another --out"
             )
     if not found:

@@ -4,7 +4,13 @@ Each step draws the step-indexed batch (:func:`~nlgraph.train.data.batch_at`), r
 with the next-byte loss as ``loss_fn`` (blocks updated every C tokens learn inside the forward
 from it, PAPER.md 5.1), takes one outer optimizer step, and checks loss, gradients and parameters
 for NaN/inf. Every sequence starts from the initial fast state (the per-sequence reset), so no fast
-state outlives a step and a checkpoint's ``fast_state`` is empty for the library's models.
+state outlives a step and a checkpoint's ``fast_state`` is empty for the library's models; with
+``carry_state`` (``--carry-state``) each row of a batch continues the text and the fast state of
+the same row of the step before (:func:`~nlgraph.train.data.stream_batch_at`), detached between
+steps (truncated backprop through time), and the checkpoint holds that state.
+
+Before training, a probe (:func:`~nlgraph.train.streams.inert_report`) finds the parameters a
+step gives no gradient; they are reported, and DDP is told to expect them.
 """
 
 from __future__ import annotations
@@ -22,18 +28,22 @@ import torch
 from torch.nn import functional as F
 
 from nlgraph._errors import NumericalFaultError
+from nlgraph.compiler.streaming import detach_state, state_to
 from nlgraph.train import checkpoint as ckpt
 from nlgraph.train import distributed as D
 from nlgraph.train.console import Console
-from nlgraph.train.data import Corpus, batch_at, val_windows
+from nlgraph.train.data import Corpus, batch_at, stream_batch_at, val_windows
 from nlgraph.train.faults import bad_state_levels, describe, first_nonfinite, nonfinite_in_state
 from nlgraph.train.metrics import PeakMemory
 from nlgraph.train.progress import Planned, Progress
+from nlgraph.train.streams import check_fast_state, inert_report
 
 __all__ = ["TrainConfig", "Trainer", "check_checkpoint", "lm_loss", "next_token_loss"]
 
 MAX_SKIPS = 10  # consecutive non-finite steps --on-nan skip tolerates before stopping
 COMPARED = ("model", "preset", "sizes", "steps", "batch", "seq", "optimizer", "lr", "seed")
+# Compared too, with the value a checkpoint or run.json written before the setting existed has.
+COMPARED_LATER = {"carry_state": False}
 
 
 @dataclass
@@ -57,6 +67,7 @@ class TrainConfig:
     on_nan: str = "stop"
     budget_seconds: float | None = None
     deterministic: bool = True
+    carry_state: bool = False  # rows continue their text and fast state across steps
 
     def eval_period(self) -> int:
         """Steps between validations (``eval_every``, else a tenth of the steps)."""
@@ -102,10 +113,13 @@ def next_token_loss(tokens: torch.Tensor) -> Any:
     return loss_fn
 
 
-def lm_loss(module: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean next-byte cross-entropy of ``tokens[B, T+1]`` (nats), and the final fast state."""
+def lm_loss(
+    module: torch.nn.Module, tokens: torch.Tensor, state: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean next-byte cross-entropy of ``tokens[B, T+1]`` (nats) from fast state ``state``
+    (``None``: the initial one), and the final fast state."""
     inputs, B, T = tokens[:, :-1], tokens.shape[0], tokens.shape[1] - 1
-    outputs, state = module({"tokens": inputs}, None, loss_fn=next_token_loss(tokens))
+    outputs, state = module({"tokens": inputs}, state, loss_fn=next_token_loss(tokens))
     return outputs["loss"] / (B * T), state
 
 
@@ -128,13 +142,15 @@ def check_checkpoint(
         levels = [lv.name for lv in spec.levels] if spec is not None else []
     ckpt.check_schema(payload, path, COMPARED)
     saved = payload["config"]
-    for key in COMPARED:
-        if saved.get(key) != getattr(cfg, key):
+    for key in (*COMPARED, *COMPARED_LATER):
+        if saved.get(key, COMPARED_LATER.get(key)) != getattr(cfg, key):
             raise CheckpointError(
-                f"{path} was written with {key}={saved.get(key)!r}, "
+                f"{path} was written with {key}={saved.get(key, COMPARED_LATER.get(key))!r}, "
                 f"not {getattr(cfg, key)!r}; resume with the same settings"
             )
     ckpt.check_resume(payload, path, cfg.steps, learner, optimizer, levels)
+    if cfg.carry_state and payload["step"] > 0 and payload["status"] != "done":
+        check_fast_state(payload.get("fast_state"), path, learner, cfg.batch, cfg.seq)
 
 
 class Trainer:
@@ -156,7 +172,12 @@ class Trainer:
         self.cfg, self.learner, self.opt, self.corpus = config, learner, optimizer, corpus
         self.run_dir, self.label, self.log = Path(run_dir), label or config.model, log
         self.world = world or D.World()
-        self.module = D.wrap(learner, self.world, config.device)
+        # Parameters a step gives no gradient (probe: one sequence, forward and backward).
+        # DDP must then not wait for their gradients; every rank decides alike.
+        self.inert = inert_report(learner, config.seq, config.carry_state)
+        (find_unused,) = D.any_flag([self.inert.any or config.carry_state], self.world)
+        self.module = D.wrap(learner, self.world, config.device, find_unused)
+        self.fast: dict[str, Any] | None = None  # this process's rows' carried fast state
         spec = getattr(learner, "spec", None)  # declaration order is dataflow order
         self.levels = [lv.name for lv in spec.levels] if spec is not None else []
         self.step, self.skipped, self.streak, self.stop_requested = 0, 0, 0, False
@@ -179,8 +200,16 @@ class Trainer:
             "config": asdict(self.cfg), "step": self.step, "tokens": self.tokens,
             "train_seconds": self.train_seconds, "skipped": self.skipped, "status": self.status,
             "model": self.learner.state_dict(), "optimizer": self.opt.state_dict(),
-            "rng": ckpt.capture_rng(), "history": self.history, "fast_state": None,
+            "rng": ckpt.capture_rng(), "history": self.history,
+            "fast_state": self._global_fast(),
         }  # fmt: skip
+
+    def _global_fast(self) -> dict[str, Any] | None:
+        """The carried fast state of the whole global batch, on the CPU (a collective call
+        under several processes); ``None`` before the first step or without carry_state."""
+        if self.fast is None:
+            return None
+        return state_to(D.gather_rows(self.fast, self.world), "cpu")
 
     def kept(self) -> str:
         """What the checkpoint file holds for this run, for messages."""
@@ -201,6 +230,11 @@ class Trainer:
         if not hit:
             hit = _nonfinite_optimizer_state(self.learner, self.opt, self.levels)
             what = "optimizer state"
+        if not hit and self.cfg.carry_state:  # every rank decides alike
+            mine = nonfinite_in_state(self.fast, self.levels)
+            (bad,) = D.any_flag([mine is not None], self.world)
+            hit = mine or (("a level on another process", "", "nan") if bad else None)
+            what = "fast state"
         if hit:
             self.status = "nan"
             kept = self.kept()
@@ -208,6 +242,7 @@ class Trainer:
                 f"{self.label}: step {self.step}: {describe(hit, what)}; not saved, "
                 + (f"{kept} is kept" if kept else "no checkpoint was written by this run")
             )
+        payload = self.state()  # every rank: the fast state is gathered from all of them
         if self.world.main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -215,7 +250,7 @@ class Trainer:
                 from nlgraph.train.errors import OutputError
 
                 raise OutputError.from_os(err, self.run_dir) from None
-            ckpt.write_checkpoint(self.state(), self.checkpoint_path, self.kept())
+            ckpt.write_checkpoint(payload, self.checkpoint_path, self.kept())
         self.saved_step = self.step
         D.barrier(self.world)
 
@@ -237,6 +272,11 @@ class Trainer:
                 "without --resume"
             ) from None
         self.step, self.tokens = payload["step"], payload["tokens"]
+        fast = payload.get("fast_state") if self.cfg.carry_state else None
+        if fast is not None:  # the global batch's rows; this process continues its own
+            per = self.cfg.batch // self.world.size
+            mine = slice(self.world.rank * per, (self.world.rank + 1) * per)
+            self.fast = state_to(D.rows(fast, mine), self.cfg.device)
         self.train_seconds, self.skipped = float(payload["train_seconds"]), payload["skipped"]
         self.history = payload["history"]
         self.status = payload["status"]
@@ -245,12 +285,24 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Validation loss in bits per byte over the fixed held-out windows."""
+        """Validation loss in bits per byte over the fixed held-out windows.
+
+        With ``carry_state`` window ``j`` starts from the carried fast state of row ``j mod
+        batch`` of the global batch (what the model has become in the stream; its initial state
+        is trained only by the first step), else from the initial state. Nothing carried
+        changes."""
         self.learner.eval()
+        start = self._global_fast() if self.cfg.carry_state else None
+        if start is not None:
+            start = state_to(start, self.cfg.device)
         total, count = 0.0, 0
         for i in range(0, len(self.val), self.cfg.batch):
             chunk = self.val[i : i + self.cfg.batch].to(self.cfg.device)
-            loss, _ = lm_loss(self.learner, chunk)
+            args: tuple = (chunk,)
+            if start is not None:
+                which = torch.arange(i, i + chunk.shape[0], device=chunk.device) % self.cfg.batch
+                args = (chunk, D.rows(start, which))
+            loss, _ = lm_loss(self.learner, *args)
             total += float(loss) * chunk.shape[0] * (chunk.shape[1] - 1)
             count += chunk.shape[0] * (chunk.shape[1] - 1)
         self.learner.train()
@@ -286,12 +338,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _one_step(self) -> float | None:
         cfg = self.cfg
-        tokens = batch_at(
+        draw = stream_batch_at if cfg.carry_state else batch_at
+        tokens = draw(
             self.corpus.train, self.step, cfg.batch, cfg.seq, cfg.seed, *self._rank_world()
         ).to(cfg.device)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
-        loss, state = lm_loss(self.module, tokens)
+        if cfg.carry_state:
+            loss, state = lm_loss(self.module, tokens, self.fast)
+        else:
+            loss, state = lm_loss(self.module, tokens)
         bad = not bool(torch.isfinite(loss.detach()))
         (bad_any,) = D.any_flag([bad], self.world)
         if bad_any:
@@ -313,6 +369,8 @@ class Trainer:
         if hit:
             self._fault(describe(hit, "parameters") + " after the update", can_skip=False)
         self.streak = 0
+        if cfg.carry_state:  # truncated BPTT: the next step continues it, without its graph
+            self.fast = detach_state(state)
         return D.mean(loss, self.world)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -340,6 +398,8 @@ class Trainer:
         every = cfg.eval_period()
         save_every = cfg.checkpoint_every or every
         bar = self._reporter()
+        for line in self.inert.lines(self.label, cfg.seq):
+            self.log(line)
         vals = self.history["val"]
         bar.start(self.label, self.step, (vals[-1]["step"], vals[-1]["bpb"]) if vals else None)
         memory = PeakMemory()
