@@ -47,8 +47,8 @@ class Inert:
         if self.first:
             out.append(
                 f"warning: {label}: {_count(self.first)} get no gradient in a step of --seq {seq} "
-                "(no write of theirs is read within a sequence) and stay at their initial "
-                f"values: {_names(self.first)}"
+                "(the loss reaches them only through writes no token reads, or first-order "
+                f"writes) and stay at their initial values: {_names(self.first)}"
             )
         if self.later:
             out.append(
