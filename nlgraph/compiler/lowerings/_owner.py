@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from nlgraph.compiler import ir
-from nlgraph.compiler.lowerings._state import at_cut, detach_state, truncation_segments
+from nlgraph.compiler.lowerings._state import (
+    at_cut,
+    detach_state,
+    in_state_dtype,
+    truncation_segments,
+)
 
 __all__ = ["MemoryOwner"]
 
@@ -69,10 +74,21 @@ class MemoryOwner(nn.Module):
         gradients reach back at most that far; the state then carries its token count
         (``{"state": ..., "tokens": n}``), and a sequence run in segments detaches at the same
         tokens as one pass."""
-        if self.replay is not None:
-            return self.replay(self, (self.cfg.name,), args, state, new_state,
-                               lambda: self._forward(args, state, new_state, writes))  # fmt: skip
-        return self._forward(args, state, new_state, writes)
+
+        def run(args: tuple) -> tuple:
+            go = lambda: self._forward(args, state, new_state, writes)  # noqa: E731
+            if self.replay is not None:
+                return self.replay(self, (self.cfg.name,), args, state, new_state, go)
+            return go()
+
+        return in_state_dtype(args, self.state_dtype(), run)
+
+    def state_dtype(self) -> torch.dtype | None:
+        """The dtype of the memory's initial state (None for a memory without one)."""
+        tensors = self.initial.values() if isinstance(self.initial, nn.ParameterDict) else (
+            self.initial.buffers()
+        )  # fmt: skip
+        return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
     def _forward(self, args: tuple, state: dict, new_state: dict, writes: bool) -> tuple:
         cfg, prev = self.cfg, state.get(self.cfg.name)

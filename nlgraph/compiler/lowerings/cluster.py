@@ -54,7 +54,13 @@ from nlgraph.compiler import ir
 from nlgraph.compiler.lowerings._backend import backend_for
 from nlgraph.compiler.lowerings._owner import MemoryOwner
 from nlgraph.compiler.lowerings._scalars import gate
-from nlgraph.compiler.lowerings._state import at_cut, detach_state, heads, truncation_segments
+from nlgraph.compiler.lowerings._state import (
+    at_cut,
+    detach_state,
+    heads,
+    in_state_dtype,
+    truncation_segments,
+)
 from nlgraph.compiler.lowerings.boundary import cut_points
 from nlgraph.compiler.lowerings.mlp import act_grad, mlp_forward
 from nlgraph.compiler.lowerings.reference_loop import accumulate, rule_scalars
@@ -379,10 +385,15 @@ class Cluster(nn.Module):
         chunks counted from the start of the sequence (its state carries the token count,
         ``"tokens"``): the sequence runs as segments cut there, which equal one pass, and a
         sequence run in segments detaches at the same tokens."""
-        if self.replay is not None:
-            run = lambda: self._forward(inputs, state, new_state, writes, slow)  # noqa: E731
-            return self.replay(self, self.c.names, inputs, state, new_state, run)
-        return self._forward(inputs, state, new_state, writes, slow)
+
+        def run(inputs: tuple) -> dict:
+            if self.replay is not None:
+                go = lambda: self._forward(inputs, state, new_state, writes, slow)  # noqa: E731
+                return self.replay(self, self.c.names, inputs, state, new_state, go)
+            return self._forward(inputs, state, new_state, writes, slow)
+
+        dtype = next((m.state_dtype() for m in self.members.values()), None)
+        return in_state_dtype(inputs, dtype, run)
 
     def _forward(
         self, inputs: tuple, state: dict, new_state: dict, writes: bool, slow: Any

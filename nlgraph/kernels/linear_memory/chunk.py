@@ -141,7 +141,11 @@ def linear_memory_chunk(
         rhs = torch.cat([U, bg * K], dim=-1)
         # unitriangular=True reads the diagonal as ones: (I + L) X = rhs without forming I + L.
         # One solve for both right-hand sides; X = [U | Wk], [B, H, N, C, Dv + Dk].
-        X = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
+        # In float32 at least: CPU has no 16-bit triangular solve.
+        solve_dtype = torch.promote_types(rhs.dtype, torch.float32)
+        X = torch.linalg.solve_triangular(
+            L.to(solve_dtype), rhs.to(solve_dtype), upper=False, unitriangular=True
+        ).to(rhs.dtype)
 
     if read == "after":
         mask, P_read, g_read = incl, P_cur, g_cur

@@ -79,9 +79,13 @@ def momentum_memory_chunk(
         eye = torch.eye(C, dtype=gram.dtype, device=gram.device)
         # A contiguous right-hand side: CPU's batched solve is ~25x slower on the strided view
         # the transposed error terms leave (3.5 ms against 0.14 ms at B=2, 16 heads, C=8).
+        # The solve in float32 at least (CPU has no 16-bit triangular solve; the C x C system
+        # is small, its precision is the window's).
+        solve_dtype = torch.promote_types(rhs.dtype, torch.float32)
         wt = torch.linalg.solve_triangular(
-            eye + low, rhs.contiguous(), upper=False, unitriangular=True
-        )
+            (eye + low).to(solve_dtype), rhs.to(solve_dtype).contiguous(), upper=False,
+            unitriangular=True,
+        ).to(rhs.dtype)  # fmt: skip
         coef = fa[..., -1, 1:, None] * wt + q[..., -1, 1:, None] * dh
     w_new = (
         fa[..., -1, 0, None, None] * w0
