@@ -12,11 +12,15 @@ import torch
 from nlgraph._errors import CompileError
 from nlgraph.compiler.plan import Plan, make_plan
 from nlgraph.compiler.runtime import CompiledLearner
+from nlgraph.compiler.system import SystemSplit, optimizer_levels, split_system
 from nlgraph.graph import Graph
 from nlgraph.level import GraphSpec
 from nlgraph.validation import validate
 
-__all__ = ["compile", "CompiledLearner", "Plan", "symbolic_widths", "MAX_WIDTH"]
+__all__ = [
+    "compile", "CompiledLearner", "Plan", "symbolic_widths", "MAX_WIDTH", "SystemSplit",
+    "optimizer_levels", "split_system",
+]  # fmt: skip
 
 
 MAX_WIDTH = 1 << 16  # the largest value a symbolic width may take (docs/cli.md, "Limits")
@@ -57,6 +61,13 @@ def compile(  # noqa: A001 - mirrors torch.compile
     """
     spec = graph.spec if isinstance(graph, Graph) else graph
     validate(spec)
+    held = optimizer_levels(spec)
+    if held and spec.inputs:
+        raise CompileError(
+            f"graph {spec.name!r} holds optimizer levels ({', '.join(map(repr, held))}) beside "
+            "its learner; compile the whole system with nlgraph.optim.compile_system (or drop "
+            "them and choose a torch.optim optimizer)"
+        )
     if backend not in ("auto", "reference", "chunk", "triton"):
         raise CompileError(
             f"unknown backend {backend!r}; expected auto, reference, chunk or triton"

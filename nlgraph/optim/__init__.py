@@ -8,6 +8,9 @@ optimizer class (:mod:`nlgraph.optim._optimizer`); the drop-ins ``SGD``, ``Adam`
 
     opt = nlgraph.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), amsgrad=True)
 
+``compile_system(graph)`` compiles a graph that holds a learner and its optimizer levels into a
+:class:`System` (the learner, this optimizer bound to its parameters, one ``step``).
+
 The compiler underneath is :mod:`nlgraph.compiler.optimizer`.
 """
 
@@ -29,10 +32,14 @@ from nlgraph.optim._dropins import (
     RMSprop,
 )
 from nlgraph.optim._optimizer import GraphOptimizer, compile_optimizer
+from nlgraph.optim._system import StepOutput, System, compile_system
 
 __all__ = [
     "GraphOptimizer",
     "compile_optimizer",
+    "compile_system",
+    "System",
+    "StepOutput",
     "SGD",
     "Adam",
     "AdamW",

@@ -164,7 +164,7 @@ class GraphOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients or complex "
                         f"parameters (got a {'sparse gradient' if p.grad.is_sparse else p.dtype})"
                     )
-                part = prog.part_of(p)
+                part = prog.part_of(p, group.get("level"))
                 state = self.state[p]
                 if fresh or "step" not in state:
                     prog.init_state(part, p, state)
@@ -251,7 +251,8 @@ class GraphOptimizer(torch.optim.Optimizer):
         key = (i, p0.device, p0.dtype)
         members = [
             p for p in group["params"]
-            if p.device == p0.device and p.dtype == p0.dtype and prog.part_of(p) is part
+            if p.device == p0.device and p.dtype == p0.dtype
+            and prog.part_of(p, group.get("level")) is part
         ]  # fmt: skip
         owner, flat = self._flat.get(key, (None, None))
         if owner is not part or flat is None or not flat.holds(members):

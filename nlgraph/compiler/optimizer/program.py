@@ -106,6 +106,12 @@ class OptimizerProgram:
 
     def __init__(self, spec: GraphSpec, state_names: Mapping[str, str] | None = None) -> None:
         validate(spec)
+        if spec.inputs:  # a learner with its optimizer levels: split by the system compiler
+            raise CompileError(
+                f"graph {spec.name!r} has inputs ({', '.join(i.name for i in spec.inputs)}): "
+                "it is a learner, not an optimizer graph; compile a learner with its optimizer "
+                "levels with nlgraph.optim.compile_system"
+            )
         self.spec = spec
         self.names = dict(state_names or {})
         self.skeleton, self.consts, sites = scan(spec)
@@ -267,8 +273,18 @@ class OptimizerProgram:
         return True
 
     # ----------------------------------------------------------------------------- binding
-    def part_of(self, p: torch.Tensor) -> Part:
-        """The part whose params level selects ``p`` (by its number of dimensions)."""
+    def part_of(self, p: torch.Tensor, level: str | None = None) -> Part:
+        """The part whose params level selects ``p`` (by its number of dimensions), or the part
+        of params level ``level`` when a param group names it (``{"level": "w"}``)."""
+        if level is not None:
+            for part in self.parts:
+                if part.weights.name == level:
+                    return part
+            have = ", ".join(pt.weights.name for pt in self.parts)
+            raise CompileError(
+                f"optimizer graph {self.spec.name!r}: a param group names params level "
+                f"{level!r}, but its params levels are {have}"
+            )
         part = self._by_ndim.get(p.ndim)
         if part is None:
             hits = [pt for pt in self.parts if pt.weights.state.selects_ndim(p.ndim)]
