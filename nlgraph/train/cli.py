@@ -75,8 +75,9 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
       help="sequence length in bytes (default 32)")  # fmt: skip
     a(
         "--optimizer",
-        default="adamw",
-        help="adamw (torch.optim.AdamW, default) or any `nlgraph list --kind optimizer` name",
+        default=None,
+        help="adamw (torch.optim.AdamW, default) or any `nlgraph list --kind optimizer` name; "
+        "a model whose graph declares its own optimizer levels trains with those",
     )
     a("--lr", type=_positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
     a("--device", default="cpu", help="cpu (default) or cuda[:N]")
@@ -144,6 +145,7 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
 
 
 def options_from_args(args: argparse.Namespace):
+    from nlgraph.train.models import SPEC_OPTIMIZER, spec_optimizer_levels
     from nlgraph.train.run import RunOptions
     from nlgraph.train.trainer import TrainConfig
 
@@ -151,9 +153,18 @@ def options_from_args(args: argparse.Namespace):
     preset = args.size or ("tiny" if library_model else None)
     if args.model.endswith((".json", ".yaml", ".yml")) and args.size:
         raise TrainConfigError("--size applies to library models, not to spec files")
+    optimizer = args.optimizer or "adamw"
+    held = spec_optimizer_levels(args.model, preset)
+    if held and args.optimizer is not None:
+        raise TrainConfigError(
+            f"--optimizer {args.optimizer}: model {args.model!r} declares its own optimizer "
+            f"levels ({', '.join(held)}); drop --optimizer to train with them"
+        )
+    if held:
+        optimizer = SPEC_OPTIMIZER
     cfg = TrainConfig(
         model=args.model, preset=preset, steps=args.steps or DEFAULT_STEPS, batch=args.batch,
-        seq=args.seq, optimizer=args.optimizer, lr=args.lr, device=args.device,
+        seq=args.seq, optimizer=optimizer, lr=args.lr, device=args.device,
         seed=args.seed, eval_every=args.eval_every or 0,
         checkpoint_every=args.checkpoint_every or 0, on_nan=args.on_nan,
         carry_state=args.carry_state,

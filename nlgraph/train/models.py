@@ -13,11 +13,12 @@ from nlgraph.train.data import VOCAB
 from nlgraph.train.errors import TrainConfigError
 
 __all__ = [
-    "load_graph", "build_learner", "build_optimizer", "check_optimizer", "count_params",
-    "match_hidden",
+    "load_graph", "build_learner", "build_optimizer", "build_trainable", "check_optimizer",
+    "count_params", "match_hidden", "spec_optimizer_levels", "SPEC_OPTIMIZER",
 ]  # fmt: skip
 
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
+SPEC_OPTIMIZER = "spec"  # the optimizer levels the model's own graph declares
 
 
 def load_graph(model: str, preset: str | None = None, sizes: dict[str, Any] | None = None):
@@ -62,19 +63,29 @@ def load_graph(model: str, preset: str | None = None, sizes: dict[str, Any] | No
     return graph
 
 
-def build_learner(
-    model: str,
-    preset: str | None = None,
-    sizes: dict[str, Any] | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-):
-    """Compile ``model`` with parameters drawn from ``seed`` (the same seed, the same init)."""
+def spec_optimizer_levels(model: str, preset: str | None = None, sizes: dict | None = None):
+    """The optimizer levels ``model``'s graph declares beside its learner (empty: none; then
+    ``--optimizer`` chooses one)."""
+    from nlgraph.compiler import optimizer_levels
+    from nlgraph.graph import Graph
+
+    graph = load_graph(model, preset, sizes)
+    return optimizer_levels(graph.spec if isinstance(graph, Graph) else graph)
+
+
+def _build(model: str, preset: str | None, sizes: dict | None, seed: int, device: str):
+    """The compiled learner, or the :class:`~nlgraph.optim.System` of a graph that declares
+    its optimizer levels; parameters drawn from ``seed``."""
     from nlgraph.compiler import compile
+    from nlgraph.optim import compile_system
 
     graph = load_graph(model, preset, sizes)
     torch.manual_seed(seed)
-    learner = compile(graph, device=device)
+    if spec_optimizer_levels(model, preset, sizes):
+        system = compile_system(graph, device=device)
+        learner = system.learner
+    else:
+        system = learner = compile(graph, device=device)
     with torch.no_grad():  # the head must produce byte logits
         probe = torch.zeros(1, 1, dtype=torch.long, device=device)
         width = learner({"tokens": probe})[0]["logits"].shape[-1]
@@ -82,7 +93,38 @@ def build_learner(
         raise TrainConfigError(
             f"model {model!r} gives {width} logits per token; byte-level training needs {VOCAB}"
         )
-    return learner
+    return system
+
+
+def build_learner(
+    model: str,
+    preset: str | None = None,
+    sizes: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+):
+    """Compile ``model`` with parameters drawn from ``seed`` (the same seed, the same init);
+    of a graph with optimizer levels, its learner part."""
+    built = _build(model, preset, sizes, seed, device)
+    return getattr(built, "learner", built)
+
+
+def build_trainable(cfg: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The learner and optimizer a :class:`~nlgraph.train.trainer.TrainConfig` names: with
+    ``optimizer="spec"`` the optimizer levels of the model's graph, compiled with it
+    (:func:`nlgraph.optim.compile_system`), else :func:`build_optimizer`."""
+    built = _build(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
+    if cfg.optimizer == SPEC_OPTIMIZER:
+        if not hasattr(built, "optimizer"):
+            raise TrainConfigError(
+                f"model {cfg.model!r} declares no optimizer levels; choose --optimizer"
+            )
+        return built.learner, built.optimizer
+    if hasattr(built, "optimizer"):
+        raise TrainConfigError(
+            f"model {cfg.model!r} declares its own optimizer levels; drop --optimizer"
+        )
+    return built, build_optimizer(cfg.optimizer, built.parameters(), cfg.lr, cfg.weight_decay)
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -98,7 +140,7 @@ def optimizer_names() -> list[str]:
 
 def check_optimizer(name: str) -> None:
     """Refuse an optimizer name that :func:`build_optimizer` does not know (nothing is built)."""
-    if name not in optimizer_names():
+    if name not in optimizer_names() and name != SPEC_OPTIMIZER:
         raise TrainConfigError(
             f"unknown optimizer {name!r}; expected one of {', '.join(optimizer_names())}"
         )

@@ -29,8 +29,9 @@ from nlgraph.train.data import Corpus, load_corpus
 from nlgraph.train.errors import CheckpointError, OutputError, TrainConfigError
 from nlgraph.train.metrics import MEMORY_METHOD, plot, table, write_csv, write_json
 from nlgraph.train.models import (
+    SPEC_OPTIMIZER,
     build_learner,
-    build_optimizer,
+    build_trainable,
     check_optimizer,
     count_params,
     load_graph,
@@ -134,9 +135,8 @@ def _plan(opts: RunOptions, log: RunLog) -> list[TrainConfig]:
     """The main model's config, then each baseline's with a matched ``hidden``."""
     cfg = opts.config
     log.begin(f"{cfg.model}: building it to count its parameters")
-    main = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
+    main, _ = build_trainable(cfg)  # the optimizer too: a bad one fails here
     target = count_params(main)
-    build_optimizer(cfg.optimizer, main.parameters(), cfg.lr, cfg.weight_decay)  # fail early
     configs = [cfg]
     log.end(f"{target:,} trainable parameters")
     if cfg.carry_state:
@@ -153,7 +153,9 @@ def _plan(opts: RunOptions, log: RunLog) -> list[TrainConfig]:
             if cfg.carry_state:
                 baseline = build_learner(name, cfg.preset, sizes, cfg.seed, cfg.device)
                 check_carry(baseline, name, cfg.seq)
-            configs.append(replace(cfg, model=name, sizes=sizes))
+            # a model's own optimizer levels are its own: baselines keep the default AdamW
+            opt = "adamw" if cfg.optimizer == SPEC_OPTIMIZER else cfg.optimizer
+            configs.append(replace(cfg, model=name, sizes=sizes, optimizer=opt))
     return configs
 
 
@@ -172,8 +174,7 @@ def _calibrate(
     try:
         for cfg in configs:
             log.begin(f"{cfg.model}: calibrating (5 steps and a validation on a throwaway copy)")
-            learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
-            opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
+            learner, opt = build_trainable(cfg)
             t = Trainer(cfg, learner, opt, corpus, Path("."), log=log, progress=False)
             times = []
             for _ in range(5):
@@ -206,8 +207,7 @@ def _train_one(
         log(_reused(payload["summary"]))  # checked with every checkpoint before training
         return payload["summary"], payload["history"]
     log.begin(f"{cfg.model} ({which}): building")
-    learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
-    opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
+    learner, opt = build_trainable(cfg)
     trainer = Trainer(cfg, learner, opt, corpus, run_dir, log=log, world=world,
                       progress=progress)  # fmt: skip
     if payload is not None:
@@ -349,8 +349,7 @@ def _check_checkpoints(configs: list[TrainConfig], out: Path) -> dict[str, tuple
         if not path.is_file():
             continue
         payload = load(path)
-        learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed, cfg.device)
-        opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr, cfg.weight_decay)
+        learner, opt = build_trainable(cfg)
         check_checkpoint(cfg, payload, path, learner, opt)
         done = payload["status"] == "done" and "summary" in payload
         found[cfg.model] = (payload["step"], done)
