@@ -300,3 +300,47 @@ def test_the_example_trains_end_to_end(capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step")]
     first, last = (float(ln.split("loss")[1]) for ln in (lines[0], lines[-1]))
     assert last < 0.7 * first
+
+
+def test_the_cli_compiles_and_draws_the_whole_system(tmp_path, capsys):
+    from nlgraph.cli import main
+
+    path = nl.save(declared(), tmp_path / "system.yaml")
+    assert main(["compile", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "4 parameter" in out and "with its optimizer levels: System(" in out
+    assert main(["viz", str(path), "-o", str(tmp_path / "s.dot")]) == 0
+    dot = (tmp_path / "s.dot").read_text()
+    assert all(f"<B>{n}</B>" in dot for n in ("w", "m", "M"))
+
+
+def test_a_traced_system_keeps_its_optimizer_hyperparameters():
+    """nl.trace of a system builder: the optimizer part takes its ``lr``, which a param group
+    (an LR schedule) then drives."""
+
+    def fit(lr=0.05):
+        g = nl.Graph("fit")
+        x = g.input("x", dim=3)
+        W = g.level("W", state=nl.linear(3, 3), frequency=nl.per_step(), objective=nl.outer())
+        g.output("y", W(x))
+        _momentum(g, lr=lr)
+        return g
+
+    traced = nl.trace(fit)
+    split = split_system(traced.spec)
+    assert [p.name for p in split.optimizer.hyperparameters.params] == ["lr"]
+    system = compile_system(traced)
+    assert system.optimizer.defaults["lr"] == 0.05
+    inputs = {"x": torch.randn(2, 4, 3)}
+
+    def loss_fn(outputs, start, end):
+        return outputs["y"].square().sum()
+
+    (weight,) = system.learner.parameters()
+    before = weight.detach().clone()
+    system.optimizer.param_groups[0]["lr"] = 0.0
+    system.step(inputs, loss_fn)
+    assert torch.equal(weight, before)
+    system.optimizer.param_groups[0]["lr"] = 0.05
+    system.step(inputs, loss_fn)
+    assert not torch.equal(weight, before)

@@ -18,7 +18,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.verify:
         check_tokens(args.batch, args.seq)
 
-    from nlgraph.compiler import compile
+    from nlgraph.compiler import compile, optimizer_levels
+    from nlgraph.optim import compile_system
 
     dims = dict(args.dim)
     # Triton kernels compute in float32 (they refuse float64)
@@ -27,9 +28,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     dtype = getattr(torch, dtype_name)
     backend = args.backend or ("chunk" if args.verify else "auto")
     graph = load_spec(args.spec)
+    spec = getattr(graph, "spec", graph)
+    system = bool(spec.inputs and optimizer_levels(spec))  # a learner with its optimizer
+    systems = []
 
     def build(b: str):
         torch.manual_seed(args.seed)
+        if system:  # the learner part is what runs (and is verified); the optimizer binds to it
+            systems.append(compile_system(graph, backend=b, dtype=dtype,
+                                          **width_bindings(graph, dims)))  # fmt: skip
+            return systems[-1].learner
         return compile(graph, backend=b, dtype=dtype, **width_bindings(graph, dims))
 
     forced = forced_backend()
@@ -47,6 +55,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         f"compiled {plan.spec.name!r}: {len(lowerings)} levels ({counts}), "
         f"{n_params:,} parameters, backend {backend}, {dtype_name}"
     )
+    if systems:
+        print(f"  with its optimizer levels: {systems[0]!r}")
     if args.print_plan:
         print(plan)
     if not args.verify:
