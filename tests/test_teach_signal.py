@@ -174,3 +174,14 @@ def test_the_second_pass_reuses_what_precedes_the_first_block(monkeypatch):
     assert first.keys() == second.keys()
     for n in first:
         assert torch.allclose(first[n], second[n], atol=1e-12, rtol=1e-12), n
+
+
+def test_a_call_shorter_than_every_period_trains():
+    """No block updates inside the call, so the second pass's later layers see the teach
+    pass's inputs again; only what ran before the first block may be reused (the teach pass's
+    backward consumed the graph after it)."""
+    _, learner = pair("hope", d=8, n_layers=2, heads=2, vocab=11, chunk=2, chunk_mem=4,
+                      cms_chunks=(4, 8), cms_lrs=0.1)  # fmt: skip
+    tokens = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(2))
+    out, _ = learner(tokens, loss_fn=lambda out, s, e: out["logits"].square().sum())
+    assert grads(learner, out["loss"])

@@ -282,11 +282,13 @@ class CompiledLearner(nn.Module):
         teach pass with every block fixed, each block's schedule, the pass on the schedule."""
         mods = {lv.name: self.blocks[_key(lv.name)] for lv in blocks}
         fast = [*self.memories.values(), *self.clusters.values()]
-        replay = teach.Replay()
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        replay = teach.Replay(captured)
         try:
             for mod in fast:
                 mod.replay = replay
-            return self._teach_passes(inputs, state, loss_fn, blocks, periods, mods, replay)
+            return self._teach_passes(inputs, state, loss_fn, blocks, periods, mods, replay,
+                                      captured)  # fmt: skip
         finally:
             for mod in fast:
                 mod.replay = None
@@ -296,10 +298,10 @@ class CompiledLearner(nn.Module):
     def _teach_passes(
         self, inputs: dict[str, torch.Tensor], state: dict[str, Any], loss_fn: Any,
         blocks: list, periods: dict[str, int], mods: dict[str, Block], replay: teach.Replay,
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
         T = next(iter(inputs.values())).shape[1]
         differentiable = torch.is_grad_enabled()
-        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.enable_grad():  # blocks learn at test time too
             for mod in mods.values():
                 mod.capture = captured

@@ -140,14 +140,19 @@ def local_grads(
 
 
 class Replay:
-    """The teach pass's calls of the fast lowerings (memories, clusters), for the second pass:
-    a call whose tensor arguments equal the teach pass's (``torch.equal``) and whose incoming
-    states are the same objects returns the teach pass's read-outs and final states instead of
-    running again. The read-outs keep their autograd graph: the teach pass's backward ran only
-    from the loss down to the blocks' outputs, which lie after these calls."""
+    """The teach pass's calls of the fast lowerings (memories, clusters) made before its first
+    block ran, for the second pass: a call whose tensor arguments equal the teach pass's
+    (``torch.equal``) and whose incoming states are the same objects returns the teach pass's
+    read-outs and final states instead of running again. Their autograd graph is intact: the
+    teach pass's backward ran from the loss down to the blocks' outputs only, through what came
+    after the first block (a later call, even with equal inputs, had its graph consumed there).
 
-    def __init__(self) -> None:
+    ``captured``: the blocks' records of the teach pass (:class:`.boundary.Block`); recording
+    stops at the first."""
+
+    def __init__(self, captured: dict) -> None:
         self.recording = True
+        self._captured = captured
         self._calls: dict[int, tuple] = {}
 
     def __call__(
@@ -157,6 +162,8 @@ class Replay:
         tensors = [a for a in torch.utils._pytree.tree_leaves(args) if torch.is_tensor(a)]
         incoming = [state.get(n) for n in names]
         if self.recording:
+            if self._captured:  # a block ran: what follows may lie on the teach backward
+                return compute()
             out = compute()
             self._calls[id(module)] = (tensors, incoming, out, {n: new_state[n] for n in names})
             return out
