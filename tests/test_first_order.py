@@ -216,3 +216,27 @@ def test_bad_declarations_are_refused():
     for name in ("hope", "hope_block", "self_modifying_titans", "cms", "hope_attention"):
         with pytest.raises(nl.SpecError, match="meta='second'"):
             get(name, meta="second")
+
+
+def test_a_cluster_feeding_only_first_order_writes_runs_without_a_graph():
+    """M_k, M_v, M_eta and M_alpha feed only M_mem's first-order writes: their cluster runs
+    under no_grad, with the same values and gradients as with a graph."""
+    import dataclasses
+
+    _, learner = first_order_smt(2, 4)
+    free = {tuple(c.c.names): c.c.grad_free for c in learner.clusters.values()}
+    assert free == {tuple(sorted(f"M_{n}" for n in ("k", "v", "eta", "alpha"))): True,
+                    ("M_mem",): False}  # fmt: skip
+    assert not any(c.c.grad_free for c in smt(2, 4).clusters.values())
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    cot = torch.randn(2, 9, D, dtype=torch.float64)
+    y = learner(x)[0]["y"]
+    fast = grads_of(learner, y, cot)
+    for c in learner.clusters.values():
+        c.c = dataclasses.replace(c.c, grad_free=False)
+    y2 = learner(x)[0]["y"]
+    assert torch.equal(y, y2)
+    slow = grads_of(learner, y2, cot)
+    assert fast.keys() == {n for n, g in slow.items() if g.any()}
+    for n in fast:
+        assert torch.allclose(fast[n], slow[n], atol=1e-12, rtol=1e-12), n

@@ -9,6 +9,7 @@ no spec objects are touched while running, so ``torch.compile`` traces plain ten
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,9 @@ class ClusterCfg:
     # whose keys, values or rates read another at="new" updates in a later stage (Def. 2).
     read_new: tuple[str, ...] = ()
     stages: list[list[str]] = field(default_factory=list)
+    # Nothing the cluster computes can reach the outer gradient (its members' writes are
+    # first-order and its read-outs feed only first-order writes): it runs without a graph.
+    grad_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -483,6 +487,58 @@ def node_expr(n: Node, var) -> str:
     raise CompileError(f"no code for node op {op!r}")  # pragma: no cover
 
 
+def _grad_free_clusters(
+    nodes: list[Node], outputs: dict[str, int], clusters: dict[int, ClusterCfg]
+) -> set[int]:
+    """The clusters whose work cannot reach the outer gradient: every member first-order and
+    no read-out on a path to an output or a CMS block's signals that gradients follow.
+
+    A backward liveness pass over the program from its outputs and ``blocksignals`` nodes:
+    ``detach`` nodes stop it, a cluster is entered through the read-outs used (``clusterout``)
+    and, inside its window program, from those read-outs and from the write inputs of its exact
+    (not first-order) members; a window input leads back to the program node it slices."""
+    by_id = {n.id: n for n in nodes}
+    live: set[int] = set()
+    exports: dict[int, set[tuple[str, int]]] = {}
+    entered: dict[int, set[int]] = {}  # cluster id -> live window nodes
+    stack = [*outputs.values(), *(a for n in nodes if n.op == "blocksignals" for a in n.args)]
+
+    def window(cid: int, roots: list[int]) -> None:
+        c, seen = clusters[cid], entered.setdefault(cid, set())
+        while roots:
+            j = roots.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            wn = c.nodes[j]
+            if wn.op == "window_input":
+                stack.append(c.inputs[wn.attrs[0]])
+            elif wn.op != "detach":
+                roots.extend(wn.args)
+
+    for cid, c in clusters.items():  # exact members' writes carry gradient into their state
+        exact = [a for m in c.names if not c.members[m].first_order for a in c.member_args[m]]
+        if exact:
+            window(cid, list(exact))
+    while stack:
+        i = stack.pop()
+        if i in live:
+            continue
+        live.add(i)
+        n = by_id[i]
+        if n.op == "detach":
+            continue
+        if n.op == "clusterout":
+            cid = by_id[n.args[0]].attrs[0]
+            exports.setdefault(cid, set()).add((n.attrs[0], n.attrs[1]))
+            window(cid, [clusters[cid].reads[n.attrs[0]][n.attrs[1]]])
+            continue
+        if n.op == "cluster":
+            continue  # entered through its read-outs (above)
+        stack.extend(n.args)
+    return {cid for cid in clusters if cid not in entered}
+
+
 def _block_rules(b: _Builder, name: str) -> tuple[ir.Rule, ...]:
     """A CMS block's rule chain; the per-token flows its rules read (signals,
     preconditioners) become one ``blocksignals`` node, which hands them to the runtime."""
@@ -503,7 +559,10 @@ def build_program(plan: Plan, slow_kinds: dict[str, str]) -> Program:
     outputs = {name: b.flow(flow) for name, flow in plan.spec.outputs.items()}
     block_rules = {n: _block_rules(b, n) for n in plan.order
                    if plan.levels[n].lowering == "boundary"}  # fmt: skip
-    clusters = tuple(b.clusters[i] for i in sorted(b.clusters))
+    free = _grad_free_clusters(b.nodes, outputs, b.clusters)
+    clusters = tuple(
+        dataclasses.replace(b.clusters[i], grad_free=i in free) for i in sorted(b.clusters)
+    )
     lines = [
         f"def forward_program(self, inputs, state, new_state, writes):  # graph {plan.spec.name!r}"
     ]

@@ -393,6 +393,9 @@ class Cluster(nn.Module):
             return self._forward(inputs, state, new_state, writes, slow)
 
         dtype = next((m.state_dtype() for m in self.members.values()), None)
+        if self.c.grad_free:  # nothing here reaches the outer gradient (ClusterCfg.grad_free)
+            with torch.no_grad():
+                return in_state_dtype(inputs, dtype, run)
         return in_state_dtype(inputs, dtype, run)
 
     def _forward(
