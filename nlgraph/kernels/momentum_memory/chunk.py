@@ -61,7 +61,9 @@ def momentum_memory_chunk(
     q = fa @ fm - fa
     xh, dh = x.transpose(1, 2), delta.transpose(1, 2)  # [B, H, C, I], [B, H, C, O]
     # matrix products throughout (no einsum): this runs once per window and layer
-    s_new = fm[..., -1, 0, None, None] * s0 + (fm[..., -1, 1:, None] * dh).transpose(-1, -2) @ xh
+    # addcmul: the state-sized terms in as few passes over [B, H, O, I] as autograd allows
+    s_new = torch.addcmul((fm[..., -1, 1:, None] * dh).transpose(-1, -2) @ xh,
+                          fm[..., -1, 0, None, None], s0)  # fmt: skip
     if b is None:
         coef = (fa[..., -1, 1:] + q[..., -1, 1:]).unsqueeze(-1) * dh
     else:
@@ -87,9 +89,8 @@ def momentum_memory_chunk(
             unitriangular=True,
         ).to(rhs.dtype)  # fmt: skip
         coef = fa[..., -1, 1:, None] * wt + q[..., -1, 1:, None] * dh
-    w_new = (
-        fa[..., -1, 0, None, None] * w0
-        + q[..., -1, 0, None, None] * s0
-        + coef.transpose(-1, -2) @ xh
-    )
+    w_new = torch.addcmul(
+        torch.addcmul(coef.transpose(-1, -2) @ xh, fa[..., -1, 0, None, None], w0),
+        q[..., -1, 0, None, None], s0,
+    )  # fmt: skip
     return w_new, s_new
