@@ -30,7 +30,18 @@ ALLOWED = {
     "optim": {"compiler", "kernels", "library"},
     "train": {"optim", "compiler", "kernels", "library", "visualize"},
     "evals": {"train", "optim", "compiler", "kernels", "library", "visualize"},
-    "cli": {"train", "evals", "optim", "compiler", "kernels", "library", "visualize"},
+    # The optimizer benchmark trains with the optimizers on the trainer's corpus.
+    "bench_optim": {"train", "optim", "compiler", "kernels", "library"},
+    "cli": {
+        "train",
+        "evals",
+        "bench_optim",
+        "optim",
+        "compiler",
+        "kernels",
+        "library",
+        "visualize",
+    },
 }
 
 
