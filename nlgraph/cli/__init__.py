@@ -17,6 +17,8 @@ from nlgraph._argtypes import dim as _dim
 from nlgraph._argtypes import seed as _seed
 from nlgraph._errors import NLGraphError
 from nlgraph.cli._bench import _cmd_bench
+from nlgraph.cli._bench_optim import EXAMPLES as BENCH_OPTIM_EXAMPLES
+from nlgraph.cli._bench_optim import add_bench_optim_parser, cmd_bench_optim
 from nlgraph.cli._common import UsageError, _Parser, load_spec
 from nlgraph.cli._compile import _cmd_compile
 from nlgraph.cli._env import _cmd_env
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     EXAMPLES["eval"] = EVAL_EXAMPLES
     add_eval_parser(sub, lambda name, help: verb(name, help, cmd_eval))
+    EXAMPLES["bench-optim"] = BENCH_OPTIM_EXAMPLES
+    add_bench_optim_parser(lambda name, help: verb(name, help, cmd_bench_optim))
     return parser
 
 
