@@ -164,6 +164,20 @@ def test_a_traced_file_gets_a_grid_and_an_untraced_one_runs_at_its_numbers(user)
     assert a == pytest.approx([x.test for x in b])  # the file's numbers are the defaults
 
 
+def test_a_diverging_optimizer_is_never_picked_and_ranks_last(user):
+    r = bench([torch.optim.SGD, "adam"], baselines=[], problems=["least_squares"], quick=True,
+              factors=[1.0, 1e9], out="res")  # fmt: skip
+    sgd = r.cells["least_squares", "SGD"]
+    assert sgd.best_lr == 1e-3 and sgd.val_mean(1e6) == math.inf  # lr 1e6 diverged
+    assert all(x.diverged for x in sgd.at(1e6)) and not any(x.diverged for x in sgd.at(1e-3))
+    r2 = bench([torch.optim.SGD, "adam"], baselines=[], problems=["least_squares"], quick=True,
+               factors=[1e9], out="res2")  # fmt: skip
+    assert not r2.cells["least_squares", "SGD"].picked
+    assert r2.ranks("least_squares") == {"adam": 1, "SGD": 2}
+    _, rows = results_table((user / "res2" / "table.md").read_text())
+    assert rows[0][:2] == ["SGD", "diverged at every lr"]
+
+
 BAD = [
     (["nope"], "unknown library name 'nope'"),
     (["titans"], "'titans' is a library memory, not an optimizer"),

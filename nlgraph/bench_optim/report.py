@@ -39,14 +39,20 @@ def progress_line(task: Any, c: Any, cell: Cell, seconds: float) -> str:
         return f"{task.problem.name:14s} {c.label:24s} diverged at every lr ({seconds:.1f} s)"
     return (
         f"{task.problem.name:14s} {c.label:24s} lr {_lr(cell.best_lr):>8s}  "
-        f"{task.problem.metric} {cell.test_mean:.4g} ± {cell.test_std:.2g} ({seconds:.1f} s)"
+        f"{task.problem.metric} {_score(cell)} ({seconds:.1f} s)"
     )
+
+
+def _score(cell: Cell) -> str:
+    """``mean ± std`` of the test metric at the picked lr (the mean alone for one seed)."""
+    spread = f" ± {cell.test_std:.2g}" if len(cell.tests) > 1 else ""
+    return f"{cell.test_mean:.4g}{spread}"
 
 
 def _cell_text(cell: Cell) -> str:
     if not cell.picked:
         return "diverged at every lr"
-    return f"{cell.test_mean:.4g} ± {cell.test_std:.2g} (lr {_lr(cell.best_lr)})"
+    return f"{_score(cell)} (lr {_lr(cell.best_lr)})"
 
 
 def machine() -> str:
