@@ -28,7 +28,17 @@ Before timing, each shape's chunked learner is checked against the reference loo
 B=2, T=17: outputs, final states and every gradient, ``nlgraph.compiler.verify``); a mismatch
 above 1e-10 stops the run with no figures.
 
-Run: python benchmarks/bench_hope.py [--quick] [--out benchmarks/results/hope_cpu.md]
+``--peer PYTHON`` (optional) also times the community package ``nested-learning`` (0.2.0) at
+``d256``, in the same run, after nlgraph's kinds and with the same B, T and repeats: PYTHON is
+the interpreter of its own environment (``bash benchmarks/peer_env.sh`` builds
+``benchmarks/.peer-venv``), which runs ``benchmarks/peer_nested_learning.py`` (how its config
+maps to the shape, and what its steps do, is written there). It adds the rows "peer read path",
+"peer full" (its two-pass step: read, backward, AdamW, then a no-grad write pass) and "peer
+full, CMS 1/4/32/128" (the package's own CMS periods) to the d256 table, and lines with the
+tokens/s ratios. Its writes go token by token (a d×d preconditioner each), so at T=512 the peer
+part of the run takes minutes.
+
+Run: python benchmarks/bench_hope.py [--quick] [--peer PYTHON] [--out benchmarks/results/...]
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -203,6 +214,59 @@ def _sub(args: list[str], cap_gb: float | None = None) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# The peer's runs at d256 (see --peer): row label, its CMS periods, its step kinds.
+PEER_RUNS = (("peer", "8,32,128,512", "read,full"), ("peer, CMS 1/4/32/128", "1,4,32,128", "full"))
+
+
+def _peer(python: str, r: dict, reps: int) -> list[tuple[str, dict]]:
+    """The peer's kinds at ``r``'s B and T, each run in its own process: ``[(label, kind)]``."""
+    script = str(Path(__file__).with_name("peer_nested_learning.py"))
+    rows = []
+    for label, cms, kinds in PEER_RUNS:
+        cmd = [python, script, "--seq", str(r["T"]), "--batch", str(r["B"]), "--reps", str(reps),
+               "--cms", cms, "--kinds", kinds]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+            rows.append((label, {"error": f"exit {res.returncode}: {tail[:200]}"}))
+            continue
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        for kind, k in out["kinds"].items():
+            name = f"{label} {'read path' if kind == 'read' else kind}"
+            rows.append((name, {**k, "package": out["package"], "torch": out["torch"]}))
+    return rows
+
+
+def _peer_lines(r: dict) -> list[str]:
+    """The peer's rows of the d256 table, then the tokens/s ratios."""
+    ro, lines = r["kinds"].get("read_only", {}), []
+    for name, k in r["peer"]:
+        if "error" in k:
+            lines.append(f"| {name} | failed: {k['error']} |||||||||")
+            continue
+        vs_ro = f"{k['median_s'] / ro['median_s']:.1f}x" if ro.get("available") else ""
+        lines.append(
+            f"| {name} | {k['params']:,} | {k['median_s']:.3f} | {k['min_s']:.3f}–{k['max_s']:.3f}"
+            f" | {r['B'] * r['T'] / k['median_s']:.0f} | | | | {vs_ro} | {k['peak_rss_mb']:.0f} |"
+        )
+    peer = dict(r["peer"])
+    ok = [k for k in peer.values() if "error" not in k]
+    if not ok:
+        return lines
+    lines += [
+        "",
+        f"Against the peer ({ok[0]['package']}, torch {ok[0]['torch']}; its writes "
+        "are stop-gradient, the nearest nlgraph kind is first_order_teach), tokens/s:",
+    ]
+    for ref in ("peer full", "peer read path"):
+        if "error" in peer.get(ref, {"error": ""}):
+            continue
+        ratios = [f"{kind} / {ref} {peer[ref]['median_s'] / k['median_s']:.2f}x"
+                  for kind, k in r["kinds"].items() if k.get("available")]  # fmt: skip
+        lines.append(f"- {'; '.join(ratios)}")
+    return lines
+
+
 def _table(r: dict) -> list[str]:
     lines = [
         f"### {r['shape']}: B={r['B']}, T={r['T']} "
@@ -227,7 +291,7 @@ def _table(r: dict) -> list[str]:
             f"{rate / ro_rate:.2f}x | {k['median_s'] / ro['median_s']:.1f}x | "
             f"{k['peak_rss_mb']:.0f} |"
         )
-    return lines
+    return lines + (_peer_lines(r) if r.get("peer") else [])
 
 
 def main() -> None:
@@ -238,12 +302,21 @@ def main() -> None:
     ap.add_argument("--mem-seqs", default="512,1024,2048", help="T of the memory sweep ('' skips)")
     ap.add_argument("--mem-cap", type=float, default=20.0, help="GB of address space per run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--peer",
+        default=None,
+        metavar="PYTHON",
+        help="also time nested-learning at d256 with this interpreter (its own "
+        "environment: bash benchmarks/peer_env.sh); minutes at T=512",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--check", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="full", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peer and not shutil.which(args.peer):
+        raise SystemExit(f"--peer {args.peer}: no such interpreter (bash benchmarks/peer_env.sh)")
     if args.one:
         print(json.dumps(run_shape(args.one, args.reps, args.seq)))
         return
@@ -264,6 +337,8 @@ def main() -> None:
         r = _sub(["--one", shape, "--reps", str(reps), *seq])
         if "error" in r:
             raise SystemExit(f"{shape}: {r['error']}")
+        if args.peer and shape == "d256":  # after nlgraph's kinds, same B, T and repeats
+            r["peer"] = _peer(args.peer, r, reps)
         results.append({**r, **check})
     sweep = [] if args.quick or not args.mem_seqs else [int(t) for t in args.mem_seqs.split(",")]
     memory = [(kind, T, _sub(["--memory", str(T), "--kind", kind], args.mem_cap))
