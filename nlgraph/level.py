@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from nlgraph._base import Spec
 from nlgraph.clock import Default, Frequency, Init, Reset
-from nlgraph.flows import Flow
+from nlgraph.flows import Flow, FlowBase
 from nlgraph.hyper import Hyperparameters, check
 from nlgraph.objectives import Objective
-from nlgraph.optimizers import Rule
+from nlgraph.optimizers import Rule, Signal, scalar_fields
 from nlgraph.states import Dim, StateKind
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "unrolled",
     "EdgeDiff",
     "GraphSpec",
+    "level_flows",
 ]
 
 # 2: a spec may carry its symbolic hyperparameters (nlgraph.hyper). Version 1 files load as is.
@@ -161,3 +163,21 @@ class GraphSpec(Spec):
 
     def chunk_of(self, level: Level) -> int:
         return level.chunk if level.chunk is not None else self.chunk
+
+
+def level_flows(level: Level) -> Iterator[tuple[str, FlowBase]]:
+    """Every flow a level reads, as ``(where, flow)``: its context, its objective's target, its
+    rules' signals and ``by``/``update`` flows (``where`` names the field, for messages)."""
+    if level.context is not None:
+        yield "context", level.context
+    target = getattr(level.objective, "target", None)
+    if isinstance(target, FlowBase):
+        yield "objective target", target
+    for i, rule in enumerate(level.optimizer):
+        for name, value in scalar_fields(rule).items():
+            if isinstance(value, Signal):
+                yield f"optimizer[{i}].{name}", value.flow
+        for attr in ("by", "update"):
+            v = getattr(rule, attr, None)
+            if isinstance(v, FlowBase):
+                yield f"optimizer[{i}].{attr}", v

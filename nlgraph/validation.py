@@ -17,8 +17,9 @@ import networkx as nx
 from nlgraph._base import IMPORT_PATH_RE, NAME_RE, format_validation_error
 from nlgraph._errors import SpecError
 from nlgraph.flows import KV, FlowBase, Input, Read, references, walk
-from nlgraph.level import EdgeDiff, GraphSpec, Level
+from nlgraph.level import EdgeDiff, GraphSpec, Level, level_flows
 from nlgraph.objectives import NEEDS_VALUE
+from nlgraph.optimizer_graph import is_optimizer_graph, lowering_errors
 from nlgraph.optimizers import Follow, Learned, Signal, scalar_fields
 from nlgraph.topology import edges, frequency_key, same_tick_graph
 
@@ -31,24 +32,6 @@ _KEYED = ("linear", "mlp", "module", "nonparametric")
 
 
 # ----------------------------------------------------------------------------------- checks
-
-
-def level_flows(level: Level) -> Iterator[tuple[str, FlowBase]]:
-    """Every flow a level reads, as ``(where, flow)``: its context, its objective's target, its
-    rules' signals and ``by``/``update`` flows (``where`` names the field, for messages)."""
-    if level.context is not None:
-        yield "context", level.context
-    target = getattr(level.objective, "target", None)
-    if isinstance(target, FlowBase):
-        yield "objective target", target
-    for i, rule in enumerate(level.optimizer):
-        for name, value in scalar_fields(rule).items():
-            if isinstance(value, Signal):
-                yield f"optimizer[{i}].{name}", value.flow
-        for attr in ("by", "update"):
-            v = getattr(rule, attr, None)
-            if isinstance(v, FlowBase):
-                yield f"optimizer[{i}].{attr}", v
 
 
 def _dim_of(spec: GraphSpec, flow: FlowBase) -> int | str | None:
@@ -226,15 +209,6 @@ def _check_level(spec: GraphSpec, lv: Level, names: set[str], inputs: set[str]) 
             yield f"{at}: context width {got} does not match the state's input width {want}"
 
 
-def is_optimizer_graph(spec: GraphSpec) -> bool:
-    """A graph over the gradient stream: no inputs, a ``params`` level, every level per step."""
-    return (
-        not spec.inputs
-        and any(lv.state.kind == "params" for lv in spec.levels)
-        and all(lv.frequency.unit == "step" for lv in spec.levels)
-    )
-
-
 def _check_optimizer_scalars(spec: GraphSpec) -> Iterator[str]:
     """The scalars an optimizer step can compute (docs/optimizers.md, "Learned rates"): a
     constant, or a signal of the step's flows, one value per parameter entry."""
@@ -339,8 +313,9 @@ def errors(spec: GraphSpec) -> list[str]:
     if out:  # the checks below assume references resolve
         return out
     out.extend(_check_reads(spec, names))
-    if is_optimizer_graph(spec):
+    if is_optimizer_graph(spec):  # what the optimizer compiler runs, checked here
         out.extend(_check_optimizer_scalars(spec))
+        out.extend(lowering_errors(spec))
     # like() chains must end in a real state
     for lv in spec.levels:
         hops, cur = 0, lv

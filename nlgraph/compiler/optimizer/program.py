@@ -34,8 +34,10 @@ from nlgraph._errors import CompileError
 from nlgraph.clock import Frequency
 from nlgraph.compiler.optimizer import ops
 from nlgraph.compiler.optimizer.skeleton import scan
-from nlgraph.flows import KV, FlowBase, Grad, Read, State, Ticks, references, walk
+from nlgraph.flows import FlowBase, Read, State, Ticks, references, walk
 from nlgraph.level import GraphSpec, Level
+from nlgraph.optimizer_graph import lowering_errors
+from nlgraph.optimizer_graph import owner as graph_owner
 from nlgraph.optimizers import Signal
 from nlgraph.topology import tiers
 from nlgraph.validation import level_flows, validate
@@ -43,7 +45,6 @@ from nlgraph.validation import level_flows, validate
 __all__ = ["OptimizerProgram", "Part"]
 
 Tensors = list[torch.Tensor]
-_ELEMENTWISE_RULES = ("gd", "ema", "precondition", "newton_schulz", "weight_decay", "follow")
 
 
 def _count(freq: Frequency, step: int) -> int:
@@ -123,12 +124,21 @@ class OptimizerProgram:
                 f"optimizer graph {spec.name!r} has no params level; add "
                 "g.level('w', state=nl.params(), ...) for the parameters it trains"
             )
-        owner = {lv.name: self._owner(lv) for lv in order}
+        # What compiles is decided in one place (validate reports it for optimizer graphs).
+        errors = lowering_errors(spec)
+        if errors:
+            raise CompileError(errors[0])
+        owner = {lv.name: graph_owner(spec, lv) for lv in order}
         self.parts = []
         for w in weights:
             levels = [lv for lv in order if owner[lv.name] == w.name]
-            for lv in levels:
-                self._check(lv, w, owner)
+            if w.state.select:
+                raise CompileError(
+                    f"optimizer graph {spec.name!r}, level {w.name!r}: params(select="
+                    f"{w.state.select!r}) filters by name, but an optimizer sees tensors without "
+                    "names; select by shape (min_ndim/max_ndim), pass the parameters as their "
+                    "own param group, or compile the learner with it (compile_system)"
+                )
             part = Part(w, levels, {lv.name: self._keys_of(lv) for lv in levels})
             part.needs_inputs = any(r.rule == "dgd" for lv in levels for r in lv.optimizer)
             part.snapshot = self._snapshots(part)
@@ -141,24 +151,6 @@ class OptimizerProgram:
     # ---------------------------------------------------------------------------- planning
     def key(self, name: str) -> str:
         return self.names.get(name, name)
-
-    def _owner(self, lv: Level) -> str:
-        """The params level whose parameters ``lv`` belongs to."""
-        spec, st, hops = self.spec, lv.state, 0
-        while st.kind == "like" and hops <= len(spec.levels):
-            owner = spec.level(st.level)
-            st, hops = owner.state, hops + 1
-        if st.kind == "params":
-            return lv.name if hops == 0 else owner.name
-        where = f"optimizer graph {spec.name!r}, level {lv.name!r}"
-        if st.kind == "mlp" and isinstance(lv.context, KV):
-            wrt = {n.wrt for n in walk(lv.context, spec.flows) if isinstance(n, Grad)}
-            if len(wrt) == 1:
-                return wrt.pop()
-        raise CompileError(
-            f"{where}: state {st} belongs to no parameters; an optimizer memory is "
-            "like('w') (one tensor per parameter) or an MLP fed by exactly one grad_of('w')"
-        )
 
     def _keys_of(self, lv: Level) -> list[str]:
         if lv.state.kind == "params":
@@ -175,80 +167,6 @@ class OptimizerProgram:
     @staticmethod
     def _slow(lv: Level) -> bool:
         return lv.frequency.every > 1 or lv.frequency.offset > 0
-
-    def _check(self, lv: Level, weights: Level, owner: dict[str, str]) -> None:
-        where = f"optimizer graph {self.spec.name!r}, level {lv.name!r}"
-        st, f = lv.state, lv.frequency
-        if f.unit != "step":
-            raise CompileError(f"{where}: optimizer levels update per step, got {f}")
-        if lv is weights:
-            if f.every != 1 or f.offset:
-                raise CompileError(f"{where}: the weights update every step, got {f}")
-            if st.select:
-                raise CompileError(
-                    f"{where}: params(select={st.select!r}) filters by name, but an optimizer "
-                    "sees tensors without names; select by shape (min_ndim/max_ndim) or pass "
-                    "the parameters as their own param group"
-                )
-        if st.kind == "mlp":
-            self._check_mlp(lv, where)
-        elif st.kind == "like" and lv.init.kind not in ("default", "zeros", "normal"):
-            raise CompileError(f"{where}: init {lv.init} is not supported; use zeros or normal")
-        for rule in lv.optimizer:  # learned and signal scalars: checked by validate()
-            if rule.rule == "dgd":
-                if lv is not weights or rule.retain is not None or rule.momentum is not None:
-                    raise CompileError(
-                        f"{where}: dgd updates the weights of linear layers, without retain or "
-                        "momentum, in an optimizer graph"
-                    )
-            elif rule.rule not in _ELEMENTWISE_RULES:
-                raise CompileError(f"{where}: rule {rule.rule!r} has no optimizer lowering")
-        obj = lv.objective
-        if obj is not None and obj.kind not in ("outer", "dot", "l2_to", "l2"):
-            raise CompileError(f"{where}: objective {obj.kind!r} has no optimizer lowering")
-        if obj is not None and obj.kind == "l2" and st.kind == "like":
-            ctx = lv.context
-            if not (isinstance(ctx, KV) and ctx.key is not None and ctx.value is not None):
-                raise CompileError(f"{where}: an l2 memory of gradients needs kv(key, value)")
-        for field_, flow in level_flows(lv):
-            for kind, ref, _ in references(flow, self.spec.flows):
-                if kind == "input":
-                    raise CompileError(f"{where}, {field_}: an optimizer has no input {ref!r}")
-                if kind == "grad" and ref != weights.name:
-                    raise CompileError(
-                        f"{where}, {field_}: the gradient w.r.t. {ref!r}; a level of "
-                        f"{weights.name!r}'s part reads grad_of({weights.name!r}) only"
-                    )
-                if kind in ("state", "read") and owner[ref] != weights.name:
-                    raise CompileError(
-                        f"{where}, {field_}: reads {ref!r}, which trains other parameters "
-                        f"({owner[ref]!r}); parts selected by shape share no state"
-                    )
-            for node in walk(flow, self.spec.flows):
-                if isinstance(node, Read) and self.spec.level(node.level).state.kind != "mlp":
-                    raise CompileError(f"{where}, {field_}: only MLP memories are read with M(x)")
-
-    def _check_mlp(self, lv: Level, where: str) -> None:
-        st, obj, rules = lv.state, lv.objective, lv.optimizer
-        if st.d_in != 1 or st.d_out != 1:
-            raise CompileError(
-                f"{where}: an MLP memory of gradients acts on each gradient entry here; "
-                f"use mlp(1, 1, width=...), got {st}"
-            )
-        if not isinstance(st.width, int):
-            raise CompileError(f"{where}: the MLP width must be an int, got {st.width!r}")
-        if (
-            obj is None
-            or obj.kind != "l2"
-            or len(rules) != 1
-            or rules[0].rule != "gd"
-            or rules[0].momentum is not None
-        ):
-            raise CompileError(f"{where}: an MLP memory here is trained by gd (no momentum) on l2")
-        if self._slow(lv):
-            raise CompileError(f"{where}: an MLP memory updates every step")
-        if lv.init.kind not in ("default", "normal", "zeros"):
-            raise CompileError(f"{where}: init {lv.init} is not supported; use default or normal")
 
     def _snapshots(self, part: Part) -> set[str]:
         """Levels read at ``prev`` by a level that runs after their update (or by themselves
