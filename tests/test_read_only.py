@@ -63,3 +63,29 @@ def test_read_only_first_token_equals_the_write_pass(lowering):
     # and every token of the read-only pass reads that same state
     y_one, _ = learner(x[:, 6:7], state, writes=False)
     torch.testing.assert_close(y_read["y"][:, 2], y_one["y"][:, 0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("writes", [False, True])
+def test_blocks_not_learning_apply_one_shared_weight(writes, monkeypatch):
+    """Without an inner gradient (read-only, or no loss_fn) a CMS block still at its initial
+    parameters runs plain GEMMs with one shared weight: the same outputs and gradients as
+    the per-sample form."""
+    from nlgraph.compiler.lowerings.boundary import Block
+    from nlgraph.library import get
+
+    torch.manual_seed(0)
+    learner = compile(get("cms", d=3, chunks=(2, 4), hidden=5, lrs=0.3), dtype=DT)
+    x = torch.randn(2, 7, 3, dtype=DT)
+    results = []
+    for shared in (True, False):
+        if not shared:
+            off = property(lambda s: False, lambda s, v: None)
+            monkeypatch.setattr(Block, "shared", off, raising=False)
+        learner.zero_grad(set_to_none=True)
+        y = learner(x, writes=writes)[0]["y"]
+        y.square().sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in learner.parameters()]))
+    (y0, g0), (y1, g1) = results
+    assert torch.allclose(y0, y1, atol=1e-13, rtol=0)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)

@@ -199,7 +199,16 @@ class CompiledLearner(nn.Module):
                 st = state[lv.name]
                 state[lv.name] = {**st, "theta": [boundary.live(t) for t in st["theta"]]}
         if not blocks or loss_fn is None or not writes:
-            outputs, state = self._piece(inputs, state, writes)
+            # No inner gradient is taken: a block still at its initial parameters may apply
+            # them as one shared weight (Block.forward), not per sample.
+            held = [self.blocks[_key(lv.name)] for lv in blocks]
+            for mod in held:
+                mod.shared = True
+            try:
+                outputs, state = self._piece(inputs, state, writes)
+            finally:
+                for mod in held:
+                    mod.shared = False
             for lv in blocks:  # signals the program handed over for an update that is not run
                 state[lv.name] = {k: v for k, v in state[lv.name].items() if k != "signals"}
             if loss_fn is not None:

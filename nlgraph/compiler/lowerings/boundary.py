@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from nlgraph._errors import CompileError
 from nlgraph.compiler import ir
@@ -125,6 +126,21 @@ def apply(module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor) -> torc
         y = torch.bmm(x, theta[0].transpose(1, 2))
         return y + theta[1].unsqueeze(1) if module.bias is not None else y
     raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
+
+
+def apply_shared(module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """:func:`apply` with one set of parameters for the whole batch (``theta`` unbatched)."""
+    if isinstance(module, MLPBlock):
+        h = x
+        n = len(module.layers)
+        for i in range(n):
+            h = F.linear(h, theta[2 * i], theta[2 * i + 1])
+            if i < n - 1:
+                h = module.act(h)
+        return x + h if module.residual else h
+    if isinstance(module, nn.Linear):
+        return F.linear(x, theta[0], theta[1] if module.bias is not None else None)
+    raise TypeError(f"no shared forward for {type(module).__name__}")  # pragma: no cover
 
 
 def cut_points(
@@ -275,6 +291,8 @@ class Block(nn.Module):
         )
         # The teach pass (lowerings.teach) records each block's input and output here.
         self.capture: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Set by the learner while no inner gradient is taken (read-only, no loss_fn).
+        self.shared = False
 
     def initial_state(self, batch: int) -> dict[str, Any]:
         """Fresh per-sample state (:func:`initial`) with a buffer per momentum rule."""
@@ -288,7 +306,13 @@ class Block(nn.Module):
         st = state[self.name]
         if "schedule" in st:
             return torch.cat([apply(self.net, th, x[:, s:e]) for s, e, th in st["schedule"]], 1)
-        y = apply(self.net, st["theta"], x)
+        theta = st["theta"]
+        if self.shared and all(t.dim() and t.stride(0) == 0 for t in theta):
+            # Every sample still holds the initial parameters (a broadcast view) and no
+            # per-sample gradient is asked for: one shared weight, plain GEMMs.
+            y = apply_shared(self.net, [t[0] for t in theta], x)
+        else:
+            y = apply(self.net, theta, x)
         if self.capture is not None:
             self.capture[self.name] = (x, y)
         return y
