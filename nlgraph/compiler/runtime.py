@@ -296,13 +296,15 @@ class CompiledLearner(nn.Module):
         try:
             for mod in fast:
                 mod.replay = replay
+            for mod in mods.values():  # the passes take no per-sample parameter gradient
+                mod.shared = True
             return self._teach_passes(inputs, state, loss_fn, blocks, periods, mods, replay,
                                       captured)  # fmt: skip
         finally:
             for mod in fast:
                 mod.replay = None
             for mod in mods.values():
-                mod.capture = None
+                mod.capture, mod.shared = None, False
 
     def _teach_passes(
         self, inputs: dict[str, torch.Tensor], state: dict[str, Any], loss_fn: Any,

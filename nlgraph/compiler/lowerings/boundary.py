@@ -291,7 +291,8 @@ class Block(nn.Module):
         )
         # The teach pass (lowerings.teach) records each block's input and output here.
         self.capture: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        # Set by the learner while no inner gradient is taken (read-only, no loss_fn).
+        # Set by the learner while no per-sample gradient of the parameters is taken (the
+        # read-only pass, no loss_fn, both passes of a teach signal).
         self.shared = False
 
     def initial_state(self, batch: int) -> dict[str, Any]:
@@ -305,17 +306,18 @@ class Block(nn.Module):
         ``(start, end, theta)`` per chunk)."""
         st = state[self.name]
         if "schedule" in st:
-            return torch.cat([apply(self.net, th, x[:, s:e]) for s, e, th in st["schedule"]], 1)
-        theta = st["theta"]
-        if self.shared and all(t.dim() and t.stride(0) == 0 for t in theta):
-            # Every sample still holds the initial parameters (a broadcast view) and no
-            # per-sample gradient is asked for: one shared weight, plain GEMMs.
-            y = apply_shared(self.net, [t[0] for t in theta], x)
-        else:
-            y = apply(self.net, theta, x)
+            return torch.cat([self._forward_with(th, x[:, s:e]) for s, e, th in st["schedule"]], 1)
+        y = self._forward_with(st["theta"], x)
         if self.capture is not None:
             self.capture[self.name] = (x, y)
         return y
+
+    def _forward_with(self, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.shared and all(t.dim() and t.stride(0) == 0 for t in theta):
+            # Every sample still holds the initial parameters (a broadcast view) and no
+            # per-sample gradient is asked for: one shared weight, plain GEMMs.
+            return apply_shared(self.net, [t[0] for t in theta], x)
+        return apply(self.net, theta, x)
 
     def rates(self) -> tuple[tuple[ir.Rule, ...], dict[str, torch.Tensor]]:
         """The rule chain and the values of its learned scalars, by field."""
