@@ -228,7 +228,7 @@ class CompiledLearner(nn.Module):
         differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
         # First-order blocks: every update is a constant increment on the parameters the call
         # starts from (or restarts from, after a nested reset).
-        origins = {lv.name: list(state[lv.name]["theta"]) for lv in blocks
+        origins = {lv.name: boundary.origin_of(state[lv.name]["theta"]) for lv in blocks
                    if lv.name in self._first_order}  # fmt: skip
         with torch.enable_grad():  # blocks learn at test time too
             while start < T:
@@ -273,7 +273,7 @@ class CompiledLearner(nn.Module):
                         # short by the parent's boundary is dropped with the reset.
                         state[lv.name] = self.blocks[_key(lv.name)].initial_state(B)
                         if lv.name in origins:
-                            origins[lv.name] = list(state[lv.name]["theta"])
+                            origins[lv.name] = boundary.origin_of(state[lv.name]["theta"])
                 pieces.append(outs)
                 total = total + loss
                 start = end
@@ -328,7 +328,7 @@ class CompiledLearner(nn.Module):
                 x = captured[lv.name][0].detach()
                 delta = torch.zeros_like(y) if delta is None else delta.detach()
                 st = state[lv.name]
-                origin = list(st["theta"]) if lv.name in self._first_order else None
+                origin = boundary.origin_of(st["theta"]) if lv.name in self._first_order else None
                 segments, final[lv.name] = teach.schedule(
                     mods[lv.name].net, lv, st, x, delta, periods[lv.name],
                     mods[lv.name].rates(), differentiable, origin,

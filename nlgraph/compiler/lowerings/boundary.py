@@ -143,6 +143,12 @@ def apply_shared(module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor) 
     raise TypeError(f"no shared forward for {type(module).__name__}")  # pragma: no cover
 
 
+def origin_of(theta: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``theta - sg(theta)``: zero in value, the gradient of ``theta`` (a first-order block's
+    updates are added to it, once per call instead of once per update)."""
+    return [t - t.detach() for t in theta]
+
+
 def cut_points(
     T: int, periods: dict[str, int], phases: dict[str, int], every_token: bool
 ) -> list[int]:
@@ -176,9 +182,11 @@ def accumulate_and_update(
     ``grads``: the gradients of ``loss`` with respect to every block's parameters (in level
     order), when the caller took them already (the functional piece step); else they are taken
     here with ``torch.autograd.grad``.
-    ``origins``: the parameters each first-order block (stop_grad on its own recurrence)
-    started the call from; its gradients are taken without a graph and its new parameters are
-    ``origin + sg(new - origin)``: the outer gradient takes every update as a constant."""
+    ``origins``: for each first-order block (stop_grad on its own recurrence), ``o - sg(o)``
+    of the parameters ``o`` it started the call from (zero, with the gradient of ``o``; see
+    :func:`origin_of`); its gradients are taken without a graph and its new parameters are
+    ``new + o - sg(o)``, i.e. ``o + sg(new - o)``: the outer gradient takes every update as a
+    constant."""
     origins = origins or {}
     if grads is None:
         grads = [None] * sum(len(states[lv.name]["theta"]) for lv in levels)
@@ -233,8 +241,8 @@ def accumulate_and_update(
             # under torch.no_grad() would otherwise chain every update's graph to the next.
             theta = theta if create_graph else [t.detach() for t in theta]
             if lv.name in origins:  # the value of the update, the gradient of the origin
-                theta = [t.detach() + (o - o.detach()) if create_graph else t.detach()
-                         for t, o in zip(theta, origins[lv.name], strict=True)]  # fmt: skip
+                theta = [t.detach() + z if create_graph else t.detach()
+                         for t, z in zip(theta, origins[lv.name], strict=True)]  # fmt: skip
                 new.update({k: [m.detach() for m in v] for k, v in new.items()
                             if k.startswith("momentum")})  # fmt: skip
             states[lv.name] = {**st, "theta": [live(t) for t in theta], **new}

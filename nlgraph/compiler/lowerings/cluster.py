@@ -89,7 +89,10 @@ class _Member:
         self.state = dict(prev)
         # First-order updates (stop_grad on the member's own recurrence) run without a graph;
         # every state they reach is read as the call's starting state plus a constant.
-        self.origin = list(prev["visible"]) if cfg.first_order else None
+        # (Without grad mode, as in a grad-free cluster, there is no gradient to route.)
+        self.origin = None
+        if cfg.first_order and torch.is_grad_enabled():  # o - sg(o): zero, the gradient of o
+            self.origin = [o - o.detach() for o in prev["visible"]]
 
     def seen(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         """``weights`` as the outer gradient sees them: as they are, or, for a first-order
@@ -97,7 +100,7 @@ class _Member:
         ``origin``)."""
         if self.origin is None:
             return weights
-        return [w + (o - o.detach()) for w, o in zip(weights, self.origin, strict=True)]
+        return [w + z for w, z in zip(weights, self.origin, strict=True)]
 
     @property
     def loop(self) -> bool:

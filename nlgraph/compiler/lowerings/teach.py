@@ -84,8 +84,9 @@ def schedule(
 ) -> tuple[list[tuple[int, int, list[torch.Tensor]]], dict[str, Any]]:
     """The block's parameters chunk by chunk over a call of ``x.shape[1]`` tokens: a list of
     ``(start, end, theta)`` and the state after the call. ``x``, ``delta``: the block's input
-    and teach signal ``[B, T, .]`` from the teach pass; ``origin``: the call-start parameters of
-    a first-order block (each update a constant increment on them), else None."""
+    and teach signal ``[B, T, .]`` from the teach pass; ``origin``: for a first-order block,
+    ``o - sg(o)`` of its call-start parameters (:func:`.boundary.origin_of`; each update a
+    constant increment on them), else None."""
     T = x.shape[1]
     segments, start = [], 0
     origins = {} if origin is None else {lv.name: origin}
