@@ -1,6 +1,7 @@
 """Test-wide settings: Triton's CPU interpreter, one thread, float64-friendly determinism."""
 
 import os
+from pathlib import Path
 
 # Must be set before any @triton.jit function is defined or launched.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -46,3 +47,15 @@ def cms_token_loop(monkeypatch):
             on[0] = False
 
     return token_loop
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    """A folder of three small text documents (pieces of nlgraph's trainer source): a corpus
+    for training runs in tests."""
+    folder = tmp_path_factory.mktemp("docs")
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "nlgraph" / "train" / "trainer.py").read_text()
+    for i in range(3):
+        (folder / f"doc{i}.txt").write_text(text[i * 3000 : (i + 1) * 3000])
+    return folder

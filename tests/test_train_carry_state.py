@@ -21,15 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HOPE = dict(d=16, n_layers=1, heads=1, hidden=32, chunk=4, chunk_mem=8, cms_chunks=(4, 8))
 
 
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("docs")
-    text = (ROOT / "nlgraph" / "train" / "trainer.py").read_text()
-    for i in range(3):
-        (folder / f"doc{i}.txt").write_text(text[i * 3000 : (i + 1) * 3000])
-    return folder
-
-
 def config(**kw) -> TrainConfig:
     base = dict(model="hope", sizes=dict(HOPE), steps=6, batch=2, seq=12, lr=1e-2,
                 val_windows=2, eval_every=3, checkpoint_every=2, carry_state=True)  # fmt: skip

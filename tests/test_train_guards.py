@@ -28,15 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d=16, n_layers=1, heads=1, hidden=32)
 
 
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("docs")
-    text = (ROOT / "nlgraph" / "train" / "trainer.py").read_text()
-    for i in range(3):
-        (folder / f"doc{i}.txt").write_text(text[i * 3000 : (i + 1) * 3000])
-    return folder
-
-
 def argv(docs: Path, out: Path, *extra: str, model: str = "transformer") -> list[str]:
     return ["train", "--model", model, "--steps", "4", "--batch", "2", "--seq", "16",
             "--eval-every", "2", "--no-baselines", "--no-progress", "--data", str(docs),

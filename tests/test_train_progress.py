@@ -39,15 +39,6 @@ def config(**kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def docs(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("docs")
-    text = (ROOT / "nlgraph" / "train" / "trainer.py").read_text()
-    for i in range(3):
-        (folder / f"doc{i}.txt").write_text(text[i * 3000 : (i + 1) * 3000])
-    return folder
-
-
-@pytest.fixture(scope="module")
 def plain(docs, tmp_path_factory):
     """A tiny two-model run (transformer, matched titans_lm) with its stderr sent to a file-like
     object (not a terminal) and a status line after every step."""

@@ -34,15 +34,6 @@ def config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("docs")
-    text = (ROOT / "nlgraph" / "train" / "trainer.py").read_text()
-    for i in range(3):
-        (folder / f"doc{i}.txt").write_text(text[i * 3000 : (i + 1) * 3000])
-    return folder
-
-
 def make(cfg: TrainConfig, docs: Path, run_dir: Path, world: World | None = None, **kw) -> Trainer:
     learner = build_learner(cfg.model, cfg.preset, cfg.sizes, cfg.seed)
     opt = build_optimizer(cfg.optimizer, learner.parameters(), cfg.lr)
