@@ -68,6 +68,7 @@ def train(steps: int = 40, d: int = 16) -> None:
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    out.mkdir(parents=True, exist_ok=True)
     g = build().validate()
     for i, tier in enumerate(g.tiers(), 1):
         print(f"tier {i}: " + ", ".join(f"{n} ({g.get(n).frequency})" for n in tier))

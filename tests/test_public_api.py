@@ -66,14 +66,13 @@ def test_py_typed_ships():
 
 
 def test_declare_example_runs(tmp_path):
+    folder = tmp_path / "not" / "there" / "yet"  # the example makes its output folder
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "declare_a_learner.py"), str(tmp_path)],
+        [sys.executable, str(ROOT / "examples" / "declare_a_learner.py"), str(folder)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     assert "tier 1: M (every token)" in out.stdout
-    assert (
-        nl.load(tmp_path / "delta_memory_with_momentum.yaml").name == "delta_memory_with_momentum"
-    )
+    assert nl.load(folder / "delta_memory_with_momentum.yaml").name == "delta_memory_with_momentum"
 
 
 def test_a_loaded_file_keeps_the_path_to_a_bad_field(tmp_path):
