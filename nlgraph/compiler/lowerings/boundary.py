@@ -111,36 +111,31 @@ def live(t: torch.Tensor) -> torch.Tensor:
     return t if t.requires_grad else t.detach().clone().requires_grad_()
 
 
-def apply(module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The block's forward with per-sample parameters ``theta`` on ``x: [B, T, D]``."""
+def apply(
+    module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor, shared: bool = False
+) -> torch.Tensor:
+    """The block's forward with per-sample parameters ``theta`` (``[B, ...]``) on
+    ``x: [B, T, D]``; ``shared``: one set of parameters for the whole batch (unbatched
+    ``theta``, plain GEMMs)."""
+
+    def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if shared:
+            return F.linear(h, w, b)
+        if b is None:
+            return torch.bmm(h, w.transpose(1, 2))
+        return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+
     if isinstance(module, MLPBlock):
         h = x
         n = len(module.layers)
         for i in range(n):
-            w, b = theta[2 * i], theta[2 * i + 1]
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            h = linear(h, theta[2 * i], theta[2 * i + 1])
             if i < n - 1:
                 h = module.act(h)
         return x + h if module.residual else h
     if isinstance(module, nn.Linear):
-        y = torch.bmm(x, theta[0].transpose(1, 2))
-        return y + theta[1].unsqueeze(1) if module.bias is not None else y
+        return linear(x, theta[0], theta[1] if module.bias is not None else None)
     raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
-
-
-def apply_shared(module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """:func:`apply` with one set of parameters for the whole batch (``theta`` unbatched)."""
-    if isinstance(module, MLPBlock):
-        h = x
-        n = len(module.layers)
-        for i in range(n):
-            h = F.linear(h, theta[2 * i], theta[2 * i + 1])
-            if i < n - 1:
-                h = module.act(h)
-        return x + h if module.residual else h
-    if isinstance(module, nn.Linear):
-        return F.linear(x, theta[0], theta[1] if module.bias is not None else None)
-    raise TypeError(f"no shared forward for {type(module).__name__}")  # pragma: no cover
 
 
 def origin_of(theta: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -188,21 +183,17 @@ def accumulate_and_update(
     ``new + o - sg(o)``, i.e. ``o + sg(new - o)``: the outer gradient takes every update as a
     constant."""
     origins = origins or {}
-    if grads is None:
-        grads = [None] * sum(len(states[lv.name]["theta"]) for lv in levels)
+    if grads is None:  # first-order blocks' gradients without a graph, in a call of their own
+        taken = {}
         for first_order in (False, True):
-            idx, flat, i = [], [], 0
-            for lv in levels:
-                n = len(states[lv.name]["theta"])
-                if (lv.name in origins) == first_order:
-                    idx.extend(range(i, i + n))
-                    flat.extend(states[lv.name]["theta"])
-                i += n
+            flat = [t for lv in levels if (lv.name in origins) == first_order
+                    for t in states[lv.name]["theta"]]  # fmt: skip
             if flat:
-                got = torch.autograd.grad(loss, flat, create_graph=create_graph and not first_order,
-                                          retain_graph=True, allow_unused=True)  # fmt: skip
-                for j, gr in zip(idx, got, strict=True):
-                    grads[j] = gr
+                taken[first_order] = iter(torch.autograd.grad(
+                    loss, flat, create_graph=create_graph and not first_order,
+                    retain_graph=True, allow_unused=True,
+                ))  # fmt: skip
+        grads = [next(taken[lv.name in origins]) for lv in levels for _ in states[lv.name]["theta"]]
     updated, i = [], 0
     for lv in levels:
         st = dict(states[lv.name])
@@ -239,10 +230,11 @@ def accumulate_and_update(
             new.update({k: bufs[r] for r, k in keys.items()})
             # Without meta-gradients the new parameters start a fresh graph: a long stream run
             # under torch.no_grad() would otherwise chain every update's graph to the next.
-            theta = theta if create_graph else [t.detach() for t in theta]
+            if not create_graph or lv.name in origins:
+                theta = [t.detach() for t in theta]
             if lv.name in origins:  # the value of the update, the gradient of the origin
-                theta = [t.detach() + z if create_graph else t.detach()
-                         for t, z in zip(theta, origins[lv.name], strict=True)]  # fmt: skip
+                if create_graph:
+                    theta = [t + z for t, z in zip(theta, origins[lv.name], strict=True)]
                 new.update({k: [m.detach() for m in v] for k, v in new.items()
                             if k.startswith("momentum")})  # fmt: skip
             states[lv.name] = {**st, "theta": [live(t) for t in theta], **new}
@@ -324,7 +316,7 @@ class Block(nn.Module):
         if self.shared and all(t.dim() and t.stride(0) == 0 for t in theta):
             # Every sample still holds the initial parameters (a broadcast view) and no
             # per-sample gradient is asked for: one shared weight, plain GEMMs.
-            return apply_shared(self.net, [t[0] for t in theta], x)
+            return apply(self.net, [t[0] for t in theta], x, shared=True)
         return apply(self.net, theta, x)
 
     def rates(self) -> tuple[tuple[ir.Rule, ...], dict[str, torch.Tensor]]:

@@ -28,6 +28,7 @@ drift with the updates (measured against the exact rule in ``tests/test_teach_si
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -114,8 +115,8 @@ def local_grads(
     net: torch.nn.Module, theta: list[torch.Tensor], x: torch.Tensor, delta: torch.Tensor
 ) -> list[torch.Tensor]:
     """``grad_theta sum_t <delta_t, f(theta; x_t)>`` for a block's per-sample parameters
-    (``[B, ...]``), by hand for an MLP block or a linear layer (each layer's error times its
-    input; differentiable where grad mode is on), else by autograd."""
+    (``[B, ...]``), by hand (each layer's error times its input; differentiable where grad mode
+    is on) for the two block modules :func:`.boundary.apply` runs."""
     if isinstance(net, MLPBlock):
         n = len(net.layers)
         hs, pres, h = [x], [], x
@@ -135,9 +136,7 @@ def local_grads(
     if isinstance(net, torch.nn.Linear):
         gw = torch.bmm(delta.transpose(1, 2), x)
         return [gw, delta.sum(1)] if net.bias is not None else [gw]
-    with torch.enable_grad():  # pragma: no cover - every block module is one of the above
-        local = (delta * boundary.apply(net, theta, x)).sum()
-        return list(torch.autograd.grad(local, theta, create_graph=torch.is_grad_enabled()))
+    raise TypeError(f"no chunk gradient for {type(net).__name__}")  # pragma: no cover
 
 
 class Replay:
@@ -157,7 +156,7 @@ class Replay:
         self._calls: dict[int, tuple] = {}
 
     def __call__(
-        self, module: Any, names: tuple[str, ...], args: Any, state: dict, new_state: dict,
+        self, module: Any, names: Sequence[str], args: Any, state: dict, new_state: dict,
         compute: Any,
     ) -> Any:  # fmt: skip
         tensors = [a for a in torch.utils._pytree.tree_leaves(args) if torch.is_tensor(a)]
