@@ -17,8 +17,8 @@ from torch import nn
 from nlgraph.compiler import ir
 from nlgraph.compiler.lowerings._state import (
     at_cut,
+    call_fast,
     detach_state,
-    in_state_dtype,
     truncation_segments,
 )
 
@@ -74,14 +74,8 @@ class MemoryOwner(nn.Module):
         gradients reach back at most that far; the state then carries its token count
         (``{"state": ..., "tokens": n}``), and a sequence run in segments detaches at the same
         tokens as one pass."""
-
-        def run(args: tuple) -> tuple:
-            go = lambda: self._forward(args, state, new_state, writes)  # noqa: E731
-            if self.replay is not None:
-                return self.replay(self, (self.cfg.name,), args, state, new_state, go)
-            return go()
-
-        return in_state_dtype(args, self.state_dtype(), run)
+        return call_fast(self, (self.cfg.name,), args, state, new_state, self.state_dtype(),
+                         lambda a: self._forward(a, state, new_state, writes))  # fmt: skip
 
     def state_dtype(self) -> torch.dtype | None:
         """The dtype of the memory's initial state (None for a memory without one)."""

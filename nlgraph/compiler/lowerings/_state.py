@@ -3,14 +3,13 @@ state (``truncated(k)`` edges, counted from the start of the sequence)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-__all__ = ["heads", "detach_state", "truncation_segments", "at_cut", "in_state_dtype"]
+__all__ = ["heads", "detach_state", "truncation_segments", "at_cut", "call_fast"]
 
 
 def heads(x: torch.Tensor, H: int, norm: bool) -> torch.Tensor:
@@ -44,22 +43,31 @@ def at_cut(token: int, k: int) -> bool:
     return token > 0 and token % k == 0
 
 
-def in_state_dtype(args: Any, dtype: torch.dtype | None, run: Callable[[Any], Any]) -> Any:
-    """``run(args)`` with autocast off and the floating tensors of ``args`` cast to the fast
-    state's ``dtype``, when autocast is on: a memory's recurrence (its accumulations, its small
-    triangular solves) then runs in the state's precision (float32 parameters under a bfloat16
-    autocast) instead of mixing bfloat16 products into a float32 state; its read-outs come back
-    in that dtype for the autocast region to cast again. Without autocast, or without a state
-    dtype, ``run(args)``."""
+def call_fast(
+    module: Any, names: Sequence[str], args: Any, state: dict, new_state: dict,
+    dtype: torch.dtype | None, run: Callable[[Any], Any],
+) -> Any:  # fmt: skip
+    """One call of a fast lowering (a memory or a cluster of ``names``): ``run(args)``
+
+    - in the fast state's ``dtype`` with autocast off, when autocast is on: the recurrence (its
+      accumulations, its small triangular solves) then runs in the state's precision (float32
+      parameters under a bfloat16 autocast) instead of mixing bfloat16 products into a float32
+      state; its read-outs come back in that dtype for the autocast region to cast again;
+    - replayed from a teach signal's first pass where ``module.replay`` can
+      (:class:`~nlgraph.compiler.lowerings.teach.Replay`)."""
     leaves = [a for a in torch.utils._pytree.tree_leaves(args) if torch.is_tensor(a)]
     device = leaves[0].device.type if leaves else "cpu"
+
+    def call(args: Any) -> Any:
+        if module.replay is None:
+            return run(args)
+        return module.replay(module, names, args, state, new_state, lambda: run(args))
+
     if dtype is None or not torch.is_autocast_enabled(device):
-        return run(args)
+        return call(args)
 
     def cast(t: Any) -> Any:
         return t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t
 
-    with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else (
-        contextlib.nullcontext()
-    ):  # fmt: skip
-        return run(torch.utils._pytree.tree_map(cast, args))
+    with torch.autocast(device, enabled=False):
+        return call(torch.utils._pytree.tree_map(cast, args))

@@ -56,9 +56,9 @@ from nlgraph.compiler.lowerings._owner import MemoryOwner
 from nlgraph.compiler.lowerings._scalars import gate
 from nlgraph.compiler.lowerings._state import (
     at_cut,
+    call_fast,
     detach_state,
     heads,
-    in_state_dtype,
     truncation_segments,
 )
 from nlgraph.compiler.lowerings.boundary import cut_points
@@ -388,18 +388,14 @@ class Cluster(nn.Module):
         chunks counted from the start of the sequence (its state carries the token count,
         ``"tokens"``): the sequence runs as segments cut there, which equal one pass, and a
         sequence run in segments detaches at the same tokens."""
-
-        def run(inputs: tuple) -> dict:
-            if self.replay is not None:
-                go = lambda: self._forward(inputs, state, new_state, writes, slow)  # noqa: E731
-                return self.replay(self, self.c.names, inputs, state, new_state, go)
-            return self._forward(inputs, state, new_state, writes, slow)
-
         dtype = next((m.state_dtype() for m in self.members.values()), None)
-        if self.c.grad_free:  # nothing here reaches the outer gradient (ClusterCfg.grad_free)
-            with torch.no_grad():
-                return in_state_dtype(inputs, dtype, run)
-        return in_state_dtype(inputs, dtype, run)
+
+        # nothing a grad-free cluster computes reaches the outer gradient (ClusterCfg.grad_free)
+        def run(a: tuple) -> dict:
+            return self._forward(a, state, new_state, writes, slow)
+
+        with torch.no_grad() if self.c.grad_free else contextlib.nullcontext():
+            return call_fast(self, self.c.names, inputs, state, new_state, dtype, run)
 
     def _forward(
         self, inputs: tuple, state: dict, new_state: dict, writes: bool, slow: Any
