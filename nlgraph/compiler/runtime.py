@@ -8,6 +8,8 @@ per-sequence reset) and returns the new one, so k segments with carried state eq
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +35,23 @@ __all__ = ["CompiledLearner", "STATE_VERSION"]
 
 STATE_VERSION = 2  # 2: parameters live in their lowerings' modules
 _key = key
+
+
+@contextlib.contextmanager
+def _setting(modules: Iterable[nn.Module], **values: Any) -> Iterator[None]:
+    """Set attributes of ``modules`` for the duration of a block; each goes back to the value
+    it had (``False``/``None`` when a call is not running)."""
+    modules = list(modules)
+    before = [{k: getattr(m, k) for k in values} for m in modules]
+    for m in modules:
+        for k, v in values.items():
+            setattr(m, k, v)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, before, strict=True):
+            for k, v in old.items():
+                setattr(m, k, v)
 
 
 class CompiledLearner(nn.Module):
@@ -68,11 +87,10 @@ class CompiledLearner(nn.Module):
             if d.mode.mode == "stop_grad" and init.kind == "meta" and init.level == d.src:
                 self._init_cut.add(d.dst)
         self._first_order = first_order_levels(self.spec)
-        cut = self._init_cut
 
         def memory(name: str, cfg: Any) -> nn.Module:
             return memory_module(cfg, built.initial.get(name, {}), name in built.meta,
-                                 built.scalars[name], name in cut)  # fmt: skip
+                                 built.scalars[name], name in self._init_cut)  # fmt: skip
 
         # One module per lowering, each owning its parameters and initial state.
         self.memories = nn.ModuleDict(
@@ -83,7 +101,8 @@ class CompiledLearner(nn.Module):
             for c in self.program.clusters
         })  # fmt: skip
         self.blocks = nn.ModuleDict({
-            _key(n): Block(n, net, self.program.block_rules[n], built.scalars[n], n in cut)
+            _key(n): Block(n, net, self.program.block_rules[n], built.scalars[n],
+                           n in self._init_cut)  # fmt: skip
             for n, net in built.blocks.items()
         })  # fmt: skip
         teach.check([self.spec.level(n) for n in self.blocks_in_order()], self.program.block_rules)
@@ -190,8 +209,7 @@ class CompiledLearner(nn.Module):
         state = dict(state or {})
         x0 = next(iter(inputs.values()))
         B, T = x0.shape[0], x0.shape[1]
-        blocks = [self.spec.level(n) for n in self.plan.order
-                  if self.plan.levels[n].lowering == "boundary"]  # fmt: skip
+        blocks = [self.spec.level(n) for n in self.blocks_in_order()]
         for lv in blocks:
             if lv.name not in state:
                 state[lv.name] = self.blocks[_key(lv.name)].initial_state(B)
@@ -201,14 +219,8 @@ class CompiledLearner(nn.Module):
         if not blocks or loss_fn is None or not writes:
             # No inner gradient is taken: a block still at its initial parameters may apply
             # them as one shared weight (Block.forward), not per sample.
-            held = [self.blocks[_key(lv.name)] for lv in blocks]
-            for mod in held:
-                mod.shared = True
-            try:
+            with _setting([self.blocks[_key(lv.name)] for lv in blocks], shared=True):
                 outputs, state = self._piece(inputs, state, writes)
-            finally:
-                for mod in held:
-                    mod.shared = False
             for lv in blocks:  # signals the program handed over for an update that is not run
                 state[lv.name] = {k: v for k, v in state[lv.name].items() if k != "signals"}
             if loss_fn is not None:
@@ -290,21 +302,13 @@ class CompiledLearner(nn.Module):
         """A call of a learner whose CMS blocks take a teach signal (lowerings.teach): the
         teach pass with every block fixed, each block's schedule, the pass on the schedule."""
         mods = {lv.name: self.blocks[_key(lv.name)] for lv in blocks}
-        fast = [*self.memories.values(), *self.clusters.values()]
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         replay = teach.Replay(captured)
-        try:
-            for mod in fast:
-                mod.replay = replay
-            for mod in mods.values():  # the passes take no per-sample parameter gradient
-                mod.shared = True
+        # the passes take no per-sample gradient of the blocks' parameters
+        with _setting([*self.memories.values(), *self.clusters.values()], replay=replay), \
+                _setting(mods.values(), shared=True):  # fmt: skip
             return self._teach_passes(inputs, state, loss_fn, blocks, periods, mods, replay,
                                       captured)  # fmt: skip
-        finally:
-            for mod in fast:
-                mod.replay = None
-            for mod in mods.values():
-                mod.capture, mod.shared = None, False
 
     def _teach_passes(
         self, inputs: dict[str, torch.Tensor], state: dict[str, Any], loss_fn: Any,
@@ -314,11 +318,8 @@ class CompiledLearner(nn.Module):
         T = next(iter(inputs.values())).shape[1]
         differentiable = torch.is_grad_enabled()
         with torch.enable_grad():  # blocks learn at test time too
-            for mod in mods.values():
-                mod.capture = captured
-            outs, _ = self._piece(inputs, dict(state))
-            for mod in mods.values():
-                mod.capture = None
+            with _setting(mods.values(), capture=captured):
+                outs, _ = self._piece(inputs, dict(state))
             replay.recording = False
             ys = [captured[lv.name][1] for lv in blocks]
             deltas = torch.autograd.grad(loss_fn(outs, 0, T), ys, allow_unused=True)
@@ -366,7 +367,7 @@ class CompiledLearner(nn.Module):
         and the outer backward differentiates that graph once. (Taking it after a compiled
         piece needs a double backward through the compiled graph, which AOTAutograd refuses.)
         Outside the grad mode (``torch.no_grad()``) the outer level records nothing."""
-        names = [n for n in self.plan.order if self.plan.levels[n].lowering == "boundary"]
+        names = self.blocks_in_order()
 
         static: dict[str, Any] = {}  # what the piece returns besides tensors (ints, structure)
 
