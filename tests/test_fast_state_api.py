@@ -10,6 +10,7 @@ import torch
 
 from nlgraph._errors import CompileError
 from nlgraph.compiler import compile
+from nlgraph.compiler.verify import flatten
 from nlgraph.library import get
 from nlgraph.train.trainer import next_token_loss
 
@@ -22,11 +23,7 @@ def hope(dtype=torch.float64, **kw):
 
 
 def leaves(x):
-    if isinstance(x, dict):
-        return [v for k in sorted(x) for v in leaves(x[k])]
-    if isinstance(x, list | tuple):
-        return [v for item in x for v in leaves(item)]
-    return [x]
+    return [v for _, v in flatten(x)]
 
 
 def first_half(learner, tokens):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nlgraph.cli import main
+from nlgraph.compiler.verify import flatten
 from nlgraph.train import checkpoint as ckpt
 from nlgraph.train.data import load_corpus, stream_batch_at
 from nlgraph.train.errors import CheckpointError
@@ -35,11 +36,7 @@ def make(cfg: TrainConfig, docs: Path, run_dir: Path, **kw) -> Trainer:
 
 
 def leaves(x):
-    if isinstance(x, dict):
-        return [v for k in sorted(x) for v in leaves(x[k])]
-    if isinstance(x, list | tuple):
-        return [v for item in x for v in leaves(item)]
-    return [x]
+    return [v for _, v in flatten(x)]
 
 
 def test_each_row_continues_its_text_and_the_ranks_split_the_rows():
