@@ -218,7 +218,7 @@ def test_verify_deltanet(capsys):
     assert main(["compile", "deltanet", "--verify", "--batch", "2", "--seq", "9"]) == 0
     out = capsys.readouterr().out
     rows = verify_rows(out)
-    assert {"output y", "state M", "grad slow.W_k.weight"} <= set(rows)
+    assert {"output y", "state M", "grad top.slow.W_k.weight"} <= set(rows)
     assert max(rows.values()) <= 1e-8
     assert "speed ratio" in out and "ok: all" in out and "float64" in out
 
@@ -230,7 +230,7 @@ def test_verify_the_triton_backend_in_float32(capsys):
                  "--seq", "9"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     rows = verify_rows(out)
-    assert {"output y", "state M", "grad slow.W_k.weight"} <= set(rows)
+    assert {"output y", "state M", "grad top.slow.W_k.weight"} <= set(rows)
     assert max(rows.values()) <= 1e-5
     assert "backend triton, float32" in out
 
@@ -239,7 +239,7 @@ def test_verify_cms_blocks_learn(capsys):
     assert main(["compile", "cms", "--verify", "--batch", "2", "--seq", "9"]) == 0
     rows = verify_rows(capsys.readouterr().out)
     assert "output loss" in rows and "state mlp0.theta.0" in rows
-    assert any(k.startswith("grad blocks.mlp0") for k in rows)
+    assert any(k.startswith("grad top.blocks.mlp0") for k in rows)
 
 
 def test_verify_a_spec_file_with_a_cms_rule_chain(tmp_path, capsys):
@@ -258,7 +258,7 @@ def test_verify_a_spec_file_with_a_cms_rule_chain(tmp_path, capsys):
     assert main(["compile", str(path), "--verify", "--batch", "2", "--seq", "10"]) == 0
     out = capsys.readouterr().out
     rows = verify_rows(out)
-    want = {"state B.momentum.0", "grad blocks.B.net.layers.0.weight", "grad slow.W.weight"}
+    want = {"state B.momentum.0", "grad top.blocks.B.net.layers.0.weight", "grad top.slow.W.weight"}
     assert want <= set(rows)
     assert max(rows.values()) <= 1e-8 and "ok: all" in out
 
@@ -376,8 +376,10 @@ HOSTILE_SPECS = {
     # nine levels of nine aliases: 9^9 values if expanded, 400 bytes as written
     "alias bomb": "\n".join(
         ["a: &a [x, x, x, x, x, x, x, x, x]"]
-        + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]"
-           for i in range(9)]
+        + [
+            f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]"
+            for i in range(9)
+        ]
     ),  # fmt: skip
 }
 

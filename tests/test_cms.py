@@ -192,7 +192,7 @@ def test_gradcheck_through_memories_and_a_chunk_updated_block():
     learner = compile(g, dtype=torch.float64)
     xs, target = data(B=1, T=5)
     names = [n for n, _ in learner.named_parameters()]
-    assert any(n.startswith("blocks.block") for n in names)
+    assert any(n.startswith("top.blocks.block") for n in names)
     params = tuple(p.detach().clone().requires_grad_() for _, p in learner.named_parameters())
 
     def fn(*ps):

@@ -160,7 +160,7 @@ def test_state_dict_round_trip_and_version():
     x = torch.randn(1, 9, 6, dtype=torch.float64)
     assert torch.equal(a(x)[0]["y"], b(x)[0]["y"])
     sd = a.state_dict()
-    assert sd["_extra_state"]["version"] == 2 and sd["_extra_state"]["spec"]["name"] == "titans"
+    assert sd["_extra_state"]["version"] == 3 and sd["_extra_state"]["spec"]["name"] == "titans"
     bad = copy.deepcopy(sd)
     bad["_extra_state"]["version"] = 99
     with pytest.raises(nl.CompileError, match="version"):

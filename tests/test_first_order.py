@@ -73,7 +73,7 @@ def test_self_modifying_titans_equals_a_first_order_loop(chunk, chunk_mem):
                 assert torch.allclose(got[name], g, atol=1e-9, rtol=1e-9), (backend, name)
     # The levels that act only through writes get no gradient at all; the read path does.
     assert not any(m in n for n in got for m in (*FIRST_ORDER_WRITES, "W_eta", "W_alpha"))
-    assert {"clusters.1.members.M_mem.initial.W1", "slow.W_q.weight"} <= got.keys()
+    assert {"top.clusters.1.members.M_mem.initial.W1", "top.slow.W_q.weight"} <= got.keys()
 
 
 def test_first_order_writes_record_no_graph():

@@ -51,8 +51,8 @@ def test_the_probe_names_exactly_what_a_step_leaves_without_gradient(T):
     if T <= 8:  # the whole write path of the self-modifying memories, by level
         assert set(found) == WRITE_PATH
         assert found["block0.titans.M_k"] == [
-            "clusters.0.members.block0__titans__M_k.initial.W1",
-            "clusters.0.members.block0__titans__M_k.initial.W2",
+            "layers.block0.clusters.0.members.block0__titans__M_k.initial.W1",
+            "layers.block0.clusters.0.members.block0__titans__M_k.initial.W2",
         ]
     else:
         assert found == {}

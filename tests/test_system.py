@@ -73,8 +73,8 @@ def _groups(graph: nl.Graph, learner) -> list[dict]:
     """By hand: the learner's parameters of each params level, by module name."""
     if graph.spec.name == "memory_block_two_optimizers":
         named = dict(learner.named_parameters())
-        w = [p for n, p in named.items() if n.startswith("slow.")]
-        b = [p for n, p in named.items() if n.startswith("blocks.")]
+        w = [p for n, p in named.items() if n.startswith("top.slow.")]
+        b = [p for n, p in named.items() if n.startswith("top.blocks.")]
         assert w and b and len(w) + len(b) == len(named)
         return [{"params": w, "level": "w"}, {"params": b, "level": "wb"}]
     return [{"params": list(learner.parameters())}]

@@ -64,7 +64,7 @@ def test_equals_the_exact_rule_where_the_signal_is_exact(meta):
     # The teach signal is a constant of the teach pass: with meta-gradients on, the exact rule
     # also differentiates each update through dL/dy into what shapes it (here the aggregation
     # weights a_l, since dL/dy_l = a_l R); the teach rule does not. Every other gradient agrees.
-    shaping = {"slow.a0.value", "slow.a1.value"} if meta == "exact" else set()
+    shaping = {"top.slow.a0.value", "top.slow.a1.value"} if meta == "exact" else set()
     for n in ga.keys() - shaping:
         assert torch.allclose(ga[n], gb[n], atol=1e-10, rtol=1e-10), n
     for n in shaping:

@@ -83,8 +83,10 @@ BAD_INPUTS = {
     "empty-folder": (lambda d: _mkdir(d / "docs"), "holds no text files"),
     "binary": (lambda d: _file(d / "b.txt", b"abc\0def" * 50), "looks binary (NUL byte"),
     # a NUL far past the first 64 KiB: the whole file is checked
-    "binary-late": (lambda d: _file(d / "c.txt", b"text\n" * 40000 + b"\0 more text\n"),
-                    "NUL byte at offset 200000"),
+    "binary-late": (
+        lambda d: _file(d / "c.txt", b"text\n" * 40000 + b"\0 more text\n"),
+        "NUL byte at offset 200000",
+    ),
     "not-utf8": (lambda d: _file(d / "l.txt", b"caf\xe9 " * 50), "is not UTF-8 text"),
     "too-small": (lambda d: _file(d / "s.txt", b"tiny text\n" * 3), "fewer than one sequence"),
 }
@@ -189,12 +191,20 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize(
     "name, level, tensor",
     [
-        ("slow.block0__W_k.weight", "block0.W_k", "weight"),
-        ("clusters.0.members.block0__titans__M_k.initial.W1", "block0.titans.M_k", "W1"),
-        ("memories.block0__M.initial.W1", "block0.M", "W1"),
-        ("blocks.block1__cms__mlp0.net.0.weight", "block1.cms.mlp0", "0.weight"),
-        ("blocks.block1__cms__mlp0.scalars.lr", "block1.cms.mlp0", "lr"),
-        ("clusters.0.members.block0__titans__M_k.scalars.lr", "block0.titans.M_k", "lr"),
+        ("layers.block0.slow.block0__W_k.weight", "block0.W_k", "weight"),
+        (
+            "layers.block0.clusters.0.members.block0__titans__M_k.initial.W1",
+            "block0.titans.M_k",
+            "W1",
+        ),
+        ("layers.block0.memories.block0__M.initial.W1", "block0.M", "W1"),
+        ("layers.block1.blocks.block1__cms__mlp0.net.0.weight", "block1.cms.mlp0", "0.weight"),
+        ("layers.block1.blocks.block1__cms__mlp0.scalars.lr", "block1.cms.mlp0", "lr"),
+        (
+            "layers.block0.clusters.0.members.block0__titans__M_k.scalars.lr",
+            "block0.titans.M_k",
+            "lr",
+        ),
     ],
 )
 def test_parameter_names_map_to_levels(name, level, tensor):
@@ -202,8 +212,9 @@ def test_parameter_names_map_to_levels(name, level, tensor):
 
 
 def test_first_nonfinite_names_the_level():
-    named = [("slow.embed.weight", torch.ones(2)), ("slow.block0__W_o.weight", torch.ones(2)),
-             ("clusters.0.members.block0__titans__M_v.initial.W2",
+    named = [("top.slow.embed.weight", torch.ones(2)),
+             ("layers.block0.slow.block0__W_o.weight", torch.ones(2)),
+             ("layers.block0.clusters.0.members.block0__titans__M_v.initial.W2",
               torch.tensor([1.0, float("inf")]))]  # fmt: skip
     assert first_nonfinite(named) == ("block0.titans.M_v", "W2", "inf")
     assert first_nonfinite(named[:2]) is None

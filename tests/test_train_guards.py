@@ -106,15 +106,15 @@ def _set(key, value):
 
 
 def _reshape(p):
-    p["model"]["slow.lm_head.weight"] = torch.zeros(3, 5)
+    p["model"]["top.slow.lm_head.weight"] = torch.zeros(3, 5)
 
 
 def _nan_weights(p):
-    p["model"]["slow.lm_head.weight"][0, 0] = float("nan")
+    p["model"]["top.slow.lm_head.weight"][0, 0] = float("nan")
 
 
 def _drop_tensor(p):
-    p["model"].pop("slow.lm_head.weight")
+    p["model"].pop("top.slow.lm_head.weight")
 
 
 def _running(step):
@@ -131,8 +131,8 @@ CRAFTED = {
     "rng-not-a-dict": (_set("rng", 3), "for 'rng'"),
     "step-a-string": (_set("step", "4"), "for 'step'"),
     "bad-status": (_set("status", "weird"), "for 'status'"),
-    "wrong-shape": (_reshape, "'slow.lm_head.weight' with shape (3, 5)"),
-    "missing-tensor": (_drop_tensor, "has no tensor 'slow.lm_head.weight'"),
+    "wrong-shape": (_reshape, "'top.slow.lm_head.weight' with shape (3, 5)"),
+    "missing-tensor": (_drop_tensor, "has no tensor 'top.slow.lm_head.weight'"),
     "nan-weights": (_nan_weights, "nan in the parameters of level 'lm_head'"),
     "step-beyond-plan": (_running(10**9), "beyond the 4 steps this run plans"),
     "step-negative": (_running(-5), "at step -5, below 0"),
@@ -212,7 +212,7 @@ def test_a_resumed_checkpoint_with_nan_weights_is_refused(docs, tmp_path):
     t = make(tmp_path, docs, on_step=_stop_at(2))
     t.run()
     payload = ckpt.load(tmp_path / "checkpoint.pt")
-    payload["model"]["slow.lm_head.weight"][0, 0] = float("nan")
+    payload["model"]["top.slow.lm_head.weight"][0, 0] = float("nan")
     again = make(tmp_path, docs)
     with pytest.raises(CheckpointError, match="nan in the parameters"):
         again.resume(payload)

@@ -217,5 +217,5 @@ def test_two_processes_equal_one_with_the_same_global_batch(docs, tmp_path, mode
     # and it matters: rank 0's half of the batch alone ends elsewhere
     alone = make(config(**{**asdict(cfg), "batch": cfg.batch // 2}), docs, tmp_path / "half")
     alone.run()
-    head = "slow.lm_head.weight"
+    head = "top.slow.lm_head.weight"
     assert (alone.learner.state_dict()[head] - two[head]).abs().max() > 1e-3

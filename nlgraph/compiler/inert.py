@@ -27,32 +27,18 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from nlgraph._errors import CompileError
-from nlgraph.compiler.program import key
+from nlgraph.compiler.layers import level_of
 from nlgraph.compiler.verify import random_inputs
 
 __all__ = ["inert_parameters", "parameter_levels"]
 
 
 def parameter_levels(learner: Any) -> dict[str, str]:
-    """The level that owns each parameter, ``{parameter name: level name}`` (from the lowering
-    modules that hold them: ``slow``, ``memories``, ``clusters.<i>.members``, ``blocks``)."""
-    by_key = {key(n): n for n in learner.plan.levels}
-    owners: list[tuple[str, dict[str, nn.Module]]] = [
-        ("slow", dict(learner.slow.items())),
-        ("memories", dict(learner.memories.items())),
-        ("blocks", dict(learner.blocks.items())),
-    ]
-    for cid, cluster in learner.clusters.items():
-        owners.append((f"clusters.{cid}.members", dict(cluster.members.items())))
-    out: dict[str, str] = {}
-    for prefix, modules in owners:
-        for k, mod in modules.items():
-            for name, _ in mod.named_parameters():
-                out[f"{prefix}.{k}.{name}"] = by_key.get(k, k)
-    return out
+    """The level that owns each parameter, ``{parameter name: level name}``."""
+    levels = list(learner.plan.levels)
+    return {name: level_of(name, levels)[0] for name, _ in learner.named_parameters()}
 
 
 def inert_parameters(

@@ -10,6 +10,7 @@ no spec objects are touched while running, so ``torch.compile`` traces plain ten
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,9 @@ from nlgraph.level import Level
 from nlgraph.optimizers import Learned, Signal
 from nlgraph.topology import first_order_levels
 
-__all__ = ["Node", "ClusterCfg", "Program", "build_program", "key"]
+__all__ = [
+    "Node", "ClusterCfg", "Program", "Split", "build_program", "key", "layer_of", "partition",
+]  # fmt: skip
 
 
 def key(name: str) -> str:
@@ -80,6 +83,10 @@ class Program:
     clusters: tuple[ClusterCfg, ...]
     source: str
     block_rules: dict[str, tuple[ir.Rule, ...]]
+    # The layer (``""``: top level) whose module holds each level's parameters and lowering,
+    # and each layer's program (:func:`partition`).
+    owner: dict[str, str] = field(default_factory=dict)
+    layer_sources: dict[str, str] = field(default_factory=dict)
 
 
 def _scalar(lv: Level, name: str, value: Any, add_arg) -> ir.Scalar:
@@ -444,8 +451,10 @@ class _WindowBuilder(_Lowering):
 _BINOP = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}
 
 
-def node_expr(n: Node, var) -> str:
-    """One node as a Python expression over earlier nodes (``var(i)`` names node ``i``)."""
+def node_expr(n: Node, var, owner: str = "self") -> str:
+    """One node as a Python expression over earlier nodes (``var(i)`` names node ``i``);
+    ``owner`` is the expression of the :class:`~nlgraph.compiler.layers.Layer` holding the
+    node's modules."""
     a = [var(i) for i in n.args]
     op = n.op
     if op == "input":
@@ -455,13 +464,13 @@ def node_expr(n: Node, var) -> str:
     if op == "const":
         return repr(float(n.attrs[0]))
     if op == "slow":
-        return f"self.slow[{key(n.attrs[0])!r}]({a[0]})"
+        return f"{owner}.slow[{key(n.attrs[0])!r}]({a[0]})"
     if op == "conv":
-        return f"self._conv({n.attrs[0]!r}, {a[0]}, state, new_state)"
+        return f"{owner}._conv({n.attrs[0]!r}, {a[0]}, state, new_state)"
     if op == "block":
-        return f"self.blocks[{key(n.attrs[0])!r}]({a[0]}, state)"
+        return f"{owner}.blocks[{key(n.attrs[0])!r}]({a[0]}, state)"
     if op == "param":
-        return f"self.slow[{n.attrs[0]!r}].value"
+        return f"{owner}.slow[{n.attrs[0]!r}].value"
     if op == "normalize":
         return f"F.normalize({a[0]}, dim=-1)"
     if op == "detach":
@@ -472,18 +481,19 @@ def node_expr(n: Node, var) -> str:
         return f"({a[0]} {_BINOP[n.attrs[0]]} {a[1]})"
     if op == "memory":
         args = ", ".join(a)
-        return f"self.memories[{key(n.attrs[0])!r}](({args},), state, new_state, writes)"
+        return f"{owner}.memories[{key(n.attrs[0])!r}](({args},), state, new_state, writes)"
     if op == "memout":
         return f"{a[0]}[{n.attrs[0]}]"
     if op == "cluster":
         args = ", ".join(a)
-        return f"self.clusters['{n.attrs[0]}'](({args},), state, new_state, writes, self.slow)"
+        cid = n.attrs[0]
+        return f"{owner}.clusters['{cid}'](({args},), state, new_state, writes, {owner}.slow)"
     if op == "clusterout":
         return f"{a[0]}[{n.attrs[0]!r}][{n.attrs[1]}]"
     if op in ("visible", "running"):
         return f"{op}({n.attrs[0]!r}, {a[0]}, {n.attrs[1]})"
     if op == "blocksignals":
-        return f"self._block_signals({n.attrs[0]!r}, ({', '.join(a)},), new_state)"
+        return f"{owner}._block_signals({n.attrs[0]!r}, ({', '.join(a)},), state, new_state)"
     raise CompileError(f"no code for node op {op!r}")  # pragma: no cover
 
 
@@ -563,13 +573,195 @@ def build_program(plan: Plan, slow_kinds: dict[str, str]) -> Program:
     clusters = tuple(
         dataclasses.replace(b.clusters[i], grad_free=i in free) for i in sorted(b.clusters)
     )
-    lines = [
-        f"def forward_program(self, inputs, state, new_state, writes):  # graph {plan.spec.name!r}"
-    ]
-    for n in b.nodes:
-        lines.append(f"    n{n.id} = {node_expr(n, lambda i: f'n{i}')}")
-    out = ", ".join(f"{k!r}: n{v}" for k, v in outputs.items())
-    lines.append(f"    return {{{out}}}")
-    source = "\n".join(lines) + "\n"
+    names = {key(lv.name): lv.name for lv in plan.spec.levels}
+    split = partition(b.nodes, outputs, b.clusters, names)
+    owned = [*slow_kinds, *b.memories, *(n for c in clusters for n in c.names), *block_rules]
+    layer_names = {g for g in split.group.values() if g}
+    owner = {}
+    for n in owned:
+        g = split.owner.get(n, layer_of(n))
+        owner[n] = g if g in layer_names else ""
+    source, layer_sources = _codegen(plan.spec.name, b.nodes, outputs, split)
     return Program(tuple(b.nodes), outputs, b.memories, b.memory_args, clusters, source,
-                   block_rules)  # fmt: skip
+                   block_rules, owner, layer_sources)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- layers
+
+
+def layer_of(level: str) -> str:
+    """The layer a level belongs to: the first part of a dotted name (``"block0.attn.W_q"`` is
+    in layer ``"block0"``); ``""`` for a top-level name (no dot)."""
+    return level.split(".", 1)[0] if "." in level else ""
+
+
+@dataclass(frozen=True)
+class Split:
+    """The program cut into layers: each node's ``group`` (a layer, ``""`` for the top level,
+    absent for a constant computed wherever it is used), an ``order`` of the nodes in which
+    each layer's nodes are contiguous, and the group whose module holds each level used."""
+
+    group: dict[int, str]
+    order: list[int]
+    owner: dict[str, str]
+
+
+def _levels_used(n: Node, clusters: dict[int, ClusterCfg], names: dict[str, str]) -> list[str]:
+    """The levels whose modules node ``n`` calls."""
+    if n.op in ("slow", "conv", "block", "memory", "blocksignals"):
+        return [n.attrs[0]]
+    if n.op == "param":
+        return [names[n.attrs[0]]]
+    if n.op == "cluster":
+        c = clusters[n.attrs[0]]
+        return [*c.names, *(w.attrs[0] for w in c.nodes if w.op == "slow")]
+    return []
+
+
+def partition(
+    nodes: list[Node], outputs: dict[str, int], clusters: dict[int, ClusterCfg],
+    names: dict[str, str],
+) -> Split:  # fmt: skip
+    """Cut the program into layers (:func:`layer_of` of the levels each node calls).
+
+    A node that calls modules of two layers, or a module called from two layers, runs at the
+    top level; an operation without a module joins the group of its latest argument (the
+    residual add after a block belongs to the block); constants belong to no group. A layer
+    whose nodes cannot be made contiguous (its inputs need another layer's outputs in between)
+    joins the top level. Each layer then runs as one call of its module."""
+    demoted: set[str] = set()
+    while True:
+        split = _try_partition(nodes, outputs, clusters, names, demoted)
+        if isinstance(split, Split):
+            return split
+        demoted |= split
+
+
+def _try_partition(
+    nodes: list[Node], outputs: dict[str, int], clusters: dict[int, ClusterCfg],
+    names: dict[str, str], demoted: set[str],
+) -> Split | set[str]:  # fmt: skip
+    uses = {n.id: _levels_used(n, clusters, names) for n in nodes}
+
+    def home(level: str) -> str:
+        g = layer_of(level)
+        return "" if g in demoted else g
+
+    top: set[int] = {n.id for n in nodes if n.op == "input"}
+    while True:  # a module called from two groups pulls every node calling it to the top
+        users: dict[str, set[str]] = {}
+        for n in nodes:
+            if uses[n.id]:
+                gs = {home(lv) for lv in uses[n.id]}
+                g = "" if n.id in top or len(gs) > 1 else gs.pop()
+                for lv in uses[n.id]:
+                    users.setdefault(lv, set()).add(g)
+        shared = {lv for lv, gs in users.items() if len(gs) > 1}
+        pulled = {n.id for n in nodes if n.id not in top and set(uses[n.id]) & shared}
+        if not pulled:
+            break
+        top |= pulled
+    group: dict[int, str] = {}
+    for n in nodes:
+        if uses[n.id] or n.id in top:
+            gs = {home(lv) for lv in uses[n.id]}
+            group[n.id] = "" if n.id in top or len(gs) != 1 else gs.pop()
+        else:  # no module: with its latest argument that has a group; a constant has none
+            placed = [a for a in n.args if a in group]
+            if placed:
+                group[n.id] = group[max(placed)]
+    # An order that keeps each layer's ready nodes together (nodes are topologically sorted:
+    # arguments come first).
+    pending = {i: len({a for a in nodes[i].args if a in group}) for i in group}
+    users_of: dict[int, list[int]] = {}
+    for i in group:
+        for a in set(nodes[i].args):
+            if a in group:
+                users_of.setdefault(a, []).append(i)
+    ready: dict[str, list[int]] = {}
+    for i, k in pending.items():
+        if k == 0:
+            heapq.heappush(ready.setdefault(group[i], []), i)
+    order: list[int] = []
+    current = ""
+    while any(ready.values()):
+        if not ready.get(current):
+            current = min((h[0], g) for g, h in ready.items() if h)[1]
+        i = heapq.heappop(ready[current])
+        order.append(i)
+        for u in users_of.get(i, ()):
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready.setdefault(group[u], []), u)
+    runs = [g for j, g in enumerate(group[i] for i in order)
+            if j == 0 or g != group[order[j - 1]]]  # fmt: skip
+    split_layers = {g for g in runs if g and runs.count(g) > 1}
+    if split_layers:
+        return split_layers
+    owner = {lv: group[i] for i in group for lv in uses[i]}
+    return Split(group, order, owner)
+
+
+def _codegen(
+    name: str, nodes: list[Node], outputs: dict[str, int], split: Split
+) -> tuple[str, dict[str, str]]:
+    """The top-level program (``forward_program``, calling each layer's module) and each
+    layer's program (``layer_program``), as Python source."""
+    group, order = split.group, split.order
+    users: dict[int, set[str]] = {}
+    for i in order:
+        for a in nodes[i].args:
+            users.setdefault(a, set()).add(group[i])
+    for i in outputs.values():
+        users.setdefault(i, set()).add("")
+
+    def var(i: int) -> str:
+        return f"n{i}"
+
+    def emit(lines: list[str], i: int, owner: str, done: set[int]) -> None:
+        for a in nodes[i].args:  # constants: computed where they are used
+            if a not in group and a not in done:
+                emit(lines, a, owner, done)
+        lines.append(f"    n{i} = {node_expr(nodes[i], var, owner)}")
+        done.add(i)
+
+    top = [f"def forward_program(self, inputs, state, new_state, writes):  # graph {name!r}"]
+    top_done: set[int] = set()
+    layers: dict[str, str] = {}
+    j = 0
+    while j < len(order):
+        g = group[order[j]]
+        run = [order[j]]
+        while j + len(run) < len(order) and group[order[j + len(run)]] == g:
+            run.append(order[j + len(run)])
+        j += len(run)
+        if not g:
+            for i in run:
+                emit(top, i, "self.top", top_done)
+            continue
+        inside = set(run)
+        ins = sorted({a for i in run for a in nodes[i].args if a in group and a not in inside})
+        outs = [i for i in run if users.get(i, set()) - {g}]
+        lines = [f"def layer_program(self, args, state, writes):  # layer {g!r} of graph {name!r}"]
+        if ins:
+            lines.append(f"    {''.join(f'n{i}, ' for i in ins)}= args")
+        lines.append("    new_state = {}")
+        done: set[int] = set()
+        for i in run:
+            emit(lines, i, "self", done)
+        lines.append(f"    return ({''.join(f'n{i}, ' for i in outs)}), new_state")
+        layers[g] = "\n".join(lines) + "\n"
+        args = "".join(f"n{i}, " for i in ins)
+        top.append(f"    _layer = self.layers[{g!r}]")
+        top.append(
+            f"    ({''.join(f'n{i}, ' for i in outs)}), _new = "
+            f"_layer(({args}), _layer.own(state), writes)"
+        )
+        top.append("    new_state.update(_new)")
+        top_done.update(outs)
+    for i in outputs.values():
+        if i not in top_done and i not in group:
+            emit(top, i, "self.top", top_done)
+    out = ", ".join(f"{k!r}: n{v}" for k, v in outputs.items())
+    top.append(f"    return {{{out}}}")
+    return "\n".join(top) + "\n", layers

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from nlgraph._errors import CompileError
 from nlgraph.compiler import inert, streaming
 from nlgraph.compiler.build import build_levels
+from nlgraph.compiler.layers import Layer
 from nlgraph.compiler.lowerings import boundary, teach
 from nlgraph.compiler.lowerings._state import detach_state
 from nlgraph.compiler.lowerings.boundary import Block
@@ -33,7 +34,7 @@ from nlgraph.topology import first_order_levels
 
 __all__ = ["CompiledLearner", "STATE_VERSION"]
 
-STATE_VERSION = 2  # 2: parameters live in their lowerings' modules
+STATE_VERSION = 3  # 2: parameters live in their lowerings' modules; 3: in their layers
 _key = key
 
 
@@ -67,7 +68,6 @@ class CompiledLearner(nn.Module):
         self.plan = plan
         self.spec = plan.spec
         built = build_levels(plan)
-        self.slow = nn.ModuleDict({_key(n): m for n, m in built.slow.items()})
         kinds = {}
         for name, mod in built.slow.items():
             tensor = self.spec.level(name).state.kind == "tensor"
@@ -92,18 +92,33 @@ class CompiledLearner(nn.Module):
             return memory_module(cfg, built.initial.get(name, {}), name in built.meta,
                                  built.scalars[name], name in self._init_cut)  # fmt: skip
 
-        # One module per lowering, each owning its parameters and initial state.
-        self.memories = nn.ModuleDict(
-            {_key(n): memory(n, cfg) for n, cfg in self.program.memories.items()}
-        )
-        self.clusters = nn.ModuleDict({
-            str(c.id): Cluster(c, {n: memory(n, c.members[n]) for n in c.names})
-            for c in self.program.clusters
-        })  # fmt: skip
-        self.blocks = nn.ModuleDict({
-            _key(n): Block(n, net, self.program.block_rules[n], built.scalars[n],
-                           n in self._init_cut)  # fmt: skip
-            for n, net in built.blocks.items()
+        # One module per lowering, each owning its parameters and initial state, held by the
+        # layer its level belongs to (the top level for names without a layer).
+        owner = self.program.owner
+        parts: dict[str, dict[str, dict[str, nn.Module]]] = {
+            g: {"slow": {}, "memories": {}, "clusters": {}, "blocks": {}}
+            for g in ("", *self.program.layer_sources)
+        }
+        for n, mod in built.slow.items():
+            parts[owner[n]]["slow"][_key(n)] = mod
+        for n, cfg in self.program.memories.items():
+            parts[owner[n]]["memories"][_key(n)] = memory(n, cfg)
+        for c in self.program.clusters:
+            members = {n: memory(n, c.members[n]) for n in c.names}
+            parts[owner[c.names[0]]]["clusters"][str(c.id)] = Cluster(c, members)
+        for n, net in built.blocks.items():
+            parts[owner[n]]["blocks"][_key(n)] = Block(
+                n, net, self.program.block_rules[n], built.scalars[n], n in self._init_cut
+            )
+        levels: dict[str, list[str]] = {g: [] for g in parts}
+        for n, g in owner.items():
+            levels[g].append(n)
+        # each CMS block's module by level, for the runtime's loops
+        self._block_mods = {m.name: m for p in parts.values() for m in p["blocks"].values()}
+        self.top = Layer("", **parts[""], levels=levels[""])
+        self.layers = nn.ModuleDict({
+            g: Layer(g, **parts[g], levels=levels[g], source=src)
+            for g, src in self.program.layer_sources.items()
         })  # fmt: skip
         teach.check([self.spec.level(n) for n in self.blocks_in_order()], self.program.block_rules)
         self.backend = backend
@@ -130,8 +145,36 @@ class CompiledLearner(nn.Module):
 
     @property
     def code(self) -> str:
-        """The generated forward program, as Python source."""
-        return self.program.source
+        """The generated forward program, as Python source: the top level, then each layer's."""
+        return "\n".join([self.program.source, *self.program.layer_sources.values()])
+
+    def _parts(self, kind: str) -> nn.ModuleDict:
+        # a fresh container over the layers' modules (not registered: each module keeps its
+        # one place in the learner's tree)
+        out = nn.ModuleDict()
+        for layer in (self.top, *self.layers.values()):
+            out.update(getattr(layer, kind))
+        return out
+
+    @property
+    def slow(self) -> nn.ModuleDict:
+        """Every slow level's module, by level key (a view over the layers)."""
+        return self._parts("slow")
+
+    @property
+    def memories(self) -> nn.ModuleDict:
+        """Every stand-alone fast memory's lowering module, by level key."""
+        return self._parts("memories")
+
+    @property
+    def clusters(self) -> nn.ModuleDict:
+        """Every recurrent cluster's lowering module, by cluster id."""
+        return self._parts("clusters")
+
+    @property
+    def blocks(self) -> nn.ModuleDict:
+        """Every CMS block's lowering module, by level key."""
+        return self._parts("blocks")
 
     # ------------------------------------------------------------------------------ access
     @property
@@ -212,14 +255,14 @@ class CompiledLearner(nn.Module):
         blocks = [self.spec.level(n) for n in self.blocks_in_order()]
         for lv in blocks:
             if lv.name not in state:
-                state[lv.name] = self.blocks[_key(lv.name)].initial_state(B)
+                state[lv.name] = self._block_mods[lv.name].initial_state(B)
             else:  # a carried state may come detached (streaming): its parameters stay live
                 st = state[lv.name]
                 state[lv.name] = {**st, "theta": [boundary.live(t) for t in st["theta"]]}
         if not blocks or loss_fn is None or not writes:
             # No inner gradient is taken: a block still at its initial parameters may apply
             # them as one shared weight (Block.forward), not per sample.
-            with _setting([self.blocks[_key(lv.name)] for lv in blocks], shared=True):
+            with _setting([self._block_mods[lv.name] for lv in blocks], shared=True):
                 outputs, state = self._piece(inputs, state, writes)
             for lv in blocks:  # signals the program handed over for an update that is not run
                 state[lv.name] = {k: v for k, v in state[lv.name].items() if k != "signals"}
@@ -235,7 +278,7 @@ class CompiledLearner(nn.Module):
         every_token = any(
             boundary.token_weighted(self.program.block_rules[lv.name]) is not None for lv in blocks
         )
-        rates = {lv.name: self.blocks[_key(lv.name)].rates() for lv in blocks}  # every piece
+        rates = {lv.name: self._block_mods[lv.name].rates() for lv in blocks}  # every piece
         pieces, total, start = [], 0.0, 0
         differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
         # First-order blocks: every update is a constant increment on the parameters the call
@@ -283,7 +326,7 @@ class CompiledLearner(nn.Module):
                         # Re-initialised after ceil(C_parent / C) of its own updates (PAPER.md
                         # 5.2): its chunks start again with the parent's, so a last chunk cut
                         # short by the parent's boundary is dropped with the reset.
-                        state[lv.name] = self.blocks[_key(lv.name)].initial_state(B)
+                        state[lv.name] = self._block_mods[lv.name].initial_state(B)
                         if lv.name in origins:
                             origins[lv.name] = boundary.origin_of(state[lv.name]["theta"])
                 pieces.append(outs)
@@ -301,9 +344,12 @@ class CompiledLearner(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
         """A call of a learner whose CMS blocks take a teach signal (lowerings.teach): the
         teach pass with every block fixed, each block's schedule, the pass on the schedule."""
-        mods = {lv.name: self.blocks[_key(lv.name)] for lv in blocks}
+        mods = {lv.name: self._block_mods[lv.name] for lv in blocks}
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        replay = teach.Replay(captured)
+        # A checkpointed layer recomputes its calls in the backward; a replayed call would
+        # not save what the recompute saves: replay only without recompute.
+        recompute = any(layer.checkpoint for layer in self.layers.values())
+        replay = None if recompute else teach.Replay(captured)
         # the passes take no per-sample gradient of the blocks' parameters
         with _setting([*self.memories.values(), *self.clusters.values()], replay=replay), \
                 _setting(mods.values(), shared=True):  # fmt: skip
@@ -312,7 +358,7 @@ class CompiledLearner(nn.Module):
 
     def _teach_passes(
         self, inputs: dict[str, torch.Tensor], state: dict[str, Any], loss_fn: Any,
-        blocks: list, periods: dict[str, int], mods: dict[str, Block], replay: teach.Replay,
+        blocks: list, periods: dict[str, int], mods: dict[str, Block], replay: teach.Replay | None,
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
         T = next(iter(inputs.values())).shape[1]
@@ -320,7 +366,8 @@ class CompiledLearner(nn.Module):
         with torch.enable_grad():  # blocks learn at test time too
             with _setting(mods.values(), capture=captured):
                 outs, _ = self._piece(inputs, dict(state))
-            replay.recording = False
+            if replay is not None:
+                replay.recording = False
             ys = [captured[lv.name][1] for lv in blocks]
             deltas = torch.autograd.grad(loss_fn(outs, 0, T), ys, allow_unused=True)
             del outs
@@ -418,17 +465,6 @@ class CompiledLearner(nn.Module):
         """A fast state written by :meth:`save_state`, on this learner's device and dtype unless
         given; a state from another spec or other widths is refused (``CompileError``)."""
         return streaming.load_state(self, path, device, dtype)
-
-    # Called by the generated program ------------------------------------------------------
-    def _conv(self, level: str, x: torch.Tensor, state: dict, new_state: dict) -> torch.Tensor:
-        # a convolution's last inputs are fast state across segments
-        y, new_state[level] = self.slow[_key(level)](x, state.get(level))
-        return y
-
-    def _block_signals(self, level: str, values: tuple, new_state: dict) -> None:
-        # The per-token flows of a block's rules ([B, T, 1] each), for its update after the
-        # piece (boundary.accumulate_and_update consumes them).
-        new_state[level] = {**new_state[level], "signals": values}
 
     def get_extra_state(self) -> dict[str, Any]:
         from nlgraph.serialize import to_dict

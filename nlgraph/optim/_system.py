@@ -17,6 +17,7 @@ import torch
 
 from nlgraph._errors import CompileError
 from nlgraph.compiler import CompiledLearner, compile, split_system
+from nlgraph.compiler.layers import level_of
 from nlgraph.compiler.system import SystemSplit
 from nlgraph.graph import Graph
 from nlgraph.level import GraphSpec
@@ -27,8 +28,6 @@ from nlgraph.validation import validate
 __all__ = ["System", "StepOutput", "compile_system"]
 
 VERSION = 1  # of System.state_dict's layout
-_OWNERS = ("slow", "blocks", "memories")  # <owner>.<level key>.<tensor> in a CompiledLearner
-_WRAPPERS = ("net.", "initial.", "scalars.")  # inside a lowering module
 
 
 class StepOutput(NamedTuple):
@@ -44,21 +43,14 @@ def level_parameters(learner: CompiledLearner) -> list[tuple[str, str, torch.nn.
     """``(level, "<level>.<tensor>", parameter)`` for every trainable parameter of ``learner``
     (``"W_k.weight"``, ``"M.W1"`` for a meta-learned initial state, ``"M.lr"`` for a learned
     rate): the names a ``params(select=...)`` glob is matched against."""
-    by_key = {lv.name.replace(".", "__"): lv.name for lv in learner.spec.levels}
+    levels = [lv.name for lv in learner.spec.levels]
     out = []
     for name, p in learner.named_parameters():
         if not p.requires_grad:  # frozen levels: no optimizer moves them
             continue
-        parts = name.split(".")
-        if parts[0] in _OWNERS:
-            key, rest = parts[1], ".".join(parts[2:])
-        elif parts[0] == "clusters" and parts[2] == "members":
-            key, rest = parts[3], ".".join(parts[4:])
-        else:  # pragma: no cover - every parameter lives in a lowering module
+        level, rest = level_of(name, levels)
+        if not rest:  # pragma: no cover - every parameter lives in a lowering module
             raise CompileError(f"parameter {name!r} belongs to no level of the learner")
-        for wrapper in _WRAPPERS:
-            rest = rest.removeprefix(wrapper)
-        level = by_key.get(key, key.replace("__", "."))
         out.append((level, f"{level}.{rest}", p))
     return out
 

@@ -14,34 +14,9 @@ from typing import Any
 
 import torch
 
+from nlgraph.compiler.layers import level_of
+
 __all__ = ["level_of", "first_nonfinite", "nonfinite_in_state", "bad_state_levels", "describe"]
-
-_OWNERS = ("slow", "blocks", "memories")  # <owner>.<level key>.<tensor>
-_WRAPPERS = ("net.", "initial.", "scalars.")  # inside a lowering module
-
-
-def level_of(name: str, levels: Iterable[str] = ()) -> tuple[str, str]:
-    """``(level, tensor)`` for a parameter or buffer name of a compiled learner.
-
-    >>> level_of("slow.block0__W_k.weight")
-    ('block0.W_k', 'weight')
-    >>> level_of("clusters.0.members.block0__titans__M_k.initial.W1")
-    ('block0.titans.M_k', 'W1')
-    """
-    parts = name.split(".")
-    if parts[0] in _OWNERS and len(parts) > 1:
-        key, rest = parts[1], ".".join(parts[2:])
-    elif parts[0] == "clusters" and len(parts) > 3 and parts[2] == "members":
-        key, rest = parts[3], ".".join(parts[4:])
-    else:  # a buffer of the learner itself (its clock)
-        return name, ""
-    for wrapper in _WRAPPERS:
-        if rest.startswith(wrapper):
-            rest = rest[len(wrapper) :]
-            break
-    by_key = {n.replace(".", "__"): n for n in levels}
-    return by_key.get(key, key.replace("__", ".")), rest
-
 
 def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(obj, torch.Tensor):

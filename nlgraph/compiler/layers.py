@@ -1,0 +1,132 @@
+"""A compiled learner's layers: one ``nn.Module`` per layer of levels (``"block3.attn.W_q"`` is
+in layer ``"block3"``), holding the lowering modules of its levels and running its part of the
+generated program (:func:`nlgraph.compiler.program.partition`).
+
+Each layer is a plain module call on tensors, so the tools that work per block work here:
+``torch.distributed.fsdp.fully_shard`` per layer, activation checkpointing per layer
+(``layer.checkpoint = True``: the backward recomputes the layer from its inputs instead of
+keeping its intermediates), hooks, parameter groups by layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nlgraph.compiler.ops import UNARY
+from nlgraph.compiler.program import key
+
+__all__ = ["Layer", "level_of"]
+
+_OWNERS = ("slow", "blocks", "memories")  # <owner>.<level key>.<tensor> in a Layer
+_WRAPPERS = ("net.", "initial.", "scalars.")  # inside a lowering module
+# What the learner sets on lowering modules for the length of a call (runtime._setting).
+_MODES = ("shared", "capture", "replay")
+
+
+class Layer(nn.Module):
+    """The modules of one layer's levels, by kind: ``slow`` (modules read in parallel),
+    ``memories`` (stand-alone fast memories), ``clusters`` (recurrent clusters of memories,
+    by cluster id), ``blocks`` (CMS blocks), each keyed by level (dots as ``__``).
+
+    ``forward(args, state, writes) -> (outputs, new_state)``: the layer's program on the
+    values it reads from earlier layers (``args``), from the fast state of its own levels
+    (``state``); returns the values later layers read and its levels' new state. The top
+    level of a learner (levels without a layer) is a ``Layer`` without a program."""
+
+    def __init__(
+        self, name: str, slow: dict[str, nn.Module], memories: dict[str, nn.Module],
+        clusters: dict[str, nn.Module], blocks: dict[str, nn.Module], levels: list[str],
+        source: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.name = name
+        self.slow = nn.ModuleDict(slow)
+        self.memories = nn.ModuleDict(memories)
+        self.clusters = nn.ModuleDict(clusters)
+        self.blocks = nn.ModuleDict(blocks)
+        self.levels = tuple(levels)  # the levels whose state this layer reads and writes
+        self.source = source
+        self._program: Any = None
+        if source is not None:
+            namespace = {"F": F, "UNARY": UNARY, "torch": torch}
+            exec(compile(source, f"<nlgraph layer {name}>", "exec"), namespace)  # noqa: S102
+            self._program = namespace["layer_program"]
+        # Recompute the layer in the backward instead of keeping its intermediates.
+        self.checkpoint = False
+
+    def own(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The entries of ``state`` that belong to this layer's levels."""
+        return {n: state[n] for n in self.levels if n in state}
+
+    def forward(
+        self, args: tuple, state: dict[str, Any], writes: bool
+    ) -> tuple[tuple, dict[str, Any]]:
+        if self.checkpoint and torch.is_grad_enabled():
+            # The recompute runs in the backward, after the learner's call has reset the
+            # modes its lowerings ran in (a CMS block's shared weights, a teach pass's
+            # records): it runs in the modes of this call.
+            modes = [(m, k, getattr(m, k)) for m in self._modal() for k in _MODES if hasattr(m, k)]
+
+            def run(args: tuple, state: dict, writes: bool) -> tuple[tuple, dict[str, Any]]:
+                now = [(m, k, getattr(m, k)) for m, k, _ in modes]
+                for m, k, v in modes:
+                    setattr(m, k, v)
+                try:
+                    return self._program(self, args, state, writes)
+                finally:
+                    for m, k, v in now:
+                        setattr(m, k, v)
+
+            return checkpoint(run, args, state, writes, use_reentrant=False)
+        return self._program(self, args, state, writes)
+
+    def _modal(self) -> list[nn.Module]:
+        return [*self.blocks.values(), *self.memories.values(), *self.clusters.values()]
+
+    # Called by the generated program ------------------------------------------------------
+    def _conv(self, level: str, x: torch.Tensor, state: dict, new_state: dict) -> torch.Tensor:
+        # a convolution's last inputs are fast state across segments
+        y, new_state[level] = self.slow[key(level)](x, state.get(level))
+        return y
+
+    def _block_signals(self, level: str, values: tuple, state: dict, new_state: dict) -> None:
+        # The per-token flows of a block's rules ([B, T, 1] each), for its update after the
+        # piece (boundary.accumulate_and_update consumes them).
+        new_state[level] = {**new_state.get(level, state[level]), "signals": values}
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}" if self.name else "top level"
+
+
+def level_of(name: str, levels: Iterable[str] = ()) -> tuple[str, str]:
+    """``(level, tensor)`` for a parameter or buffer name of a compiled learner (``levels``:
+    the learner's level names, to undo the ``__`` of level keys exactly); a name outside every
+    lowering module (the learner's clock) is its own level with tensor ``""``.
+
+    >>> level_of("layers.block0.slow.block0__W_k.weight")
+    ('block0.W_k', 'weight')
+    >>> level_of("layers.block0.clusters.0.members.block0__titans__M_k.initial.W1")
+    ('block0.titans.M_k', 'W1')
+    >>> level_of("top.slow.embed.weight")
+    ('embed', 'weight')
+    """
+    parts = name.split(".")
+    inner = parts[1:] if parts[0] == "top" else parts[2:] if parts[0] == "layers" else []
+    if len(inner) > 1 and inner[0] in _OWNERS:
+        key_, rest = inner[1], ".".join(inner[2:])
+    elif len(inner) > 3 and inner[0] == "clusters" and inner[2] == "members":
+        key_, rest = inner[3], ".".join(inner[4:])
+    else:  # a buffer of the learner itself (its clock)
+        return name, ""
+    for wrapper in _WRAPPERS:
+        if rest.startswith(wrapper):
+            rest = rest[len(wrapper) :]
+            break
+    by_key = {key(n): n for n in levels}
+    return by_key.get(key_, key_.replace("__", ".")), rest
