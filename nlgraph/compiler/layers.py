@@ -10,7 +10,7 @@ keeping its intermediates), hooks, parameter groups by layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,15 +34,17 @@ class Layer(nn.Module):
     ``memories`` (stand-alone fast memories), ``clusters`` (recurrent clusters of memories,
     by cluster id), ``blocks`` (CMS blocks), each keyed by level (dots as ``__``).
 
-    ``forward(args, state, writes) -> (outputs, new_state)``: the layer's program on the
-    values it reads from earlier layers (``args``), from the fast state of its own levels
+    ``forward(args, state, writes, part=0) -> (outputs, new_state)``: the layer's program on
+    the values it reads from earlier layers (``args``), from the fast state of its own levels
     (``state``); returns the values later layers read and its levels' new state. The top
-    level of a learner (levels without a layer) is a ``Layer`` without a program."""
+    level of a learner (levels without a layer: an LM's embedding and head) is a ``Layer``
+    with one program per run of its levels (``part``), e.g. one before the layers and one
+    after."""
 
     def __init__(
         self, name: str, slow: dict[str, nn.Module], memories: dict[str, nn.Module],
         clusters: dict[str, nn.Module], blocks: dict[str, nn.Module], levels: list[str],
-        source: str | None = None,
+        sources: Sequence[str] = (),
     ) -> None:  # fmt: skip
         super().__init__()
         self.name = name
@@ -51,22 +53,39 @@ class Layer(nn.Module):
         self.clusters = nn.ModuleDict(clusters)
         self.blocks = nn.ModuleDict(blocks)
         self.levels = tuple(levels)  # the levels whose state this layer reads and writes
-        self.source = source
-        self._program: Any = None
-        if source is not None:
+        self.sources = list(sources)
+        self._programs: list[Any] = []
+        for src in self.sources:
             namespace = {"F": F, "UNARY": UNARY, "torch": torch}
-            exec(compile(source, f"<nlgraph layer {name}>", "exec"), namespace)  # noqa: S102
-            self._program = namespace["layer_program"]
+            exec(compile(src, f"<nlgraph layer {name}>", "exec"), namespace)  # noqa: S102
+            self._programs.append(namespace["layer_program"])
         # Recompute the layer in the backward instead of keeping its intermediates.
         self.checkpoint = False
+        # Hand the call's tensors to the module in a holder that module hooks do not look
+        # into (FSDP then reduces this layer's gradients once, after the whole backward):
+        # set by ``distributed.shard`` for learners that differentiate through their own
+        # forward (exact CMS rules), whose layers get gradient after their inputs have.
+        self.hide_inputs = False
 
     def own(self, state: dict[str, Any]) -> dict[str, Any]:
         """The entries of ``state`` that belong to this layer's levels."""
         return {n: state[n] for n in self.levels if n in state}
 
-    def forward(
-        self, args: tuple, state: dict[str, Any], writes: bool
+    def run(
+        self, args: tuple, state: dict[str, Any], writes: bool, part: int = 0
     ) -> tuple[tuple, dict[str, Any]]:
+        """Call the layer (with its module hooks) on ``args`` and the learner's ``state``, of
+        which it passes on its own levels' entries; what the generated program calls."""
+        if self.hide_inputs:
+            return self(_Hidden(args, self.own(state)), None, writes, part)
+        return self(args, self.own(state), writes, part)
+
+    def forward(
+        self, args: tuple, state: dict[str, Any], writes: bool, part: int = 0
+    ) -> tuple[tuple, dict[str, Any]]:
+        if isinstance(args, _Hidden):
+            args, state = args.args, args.state
+        program = self._programs[part]
         if self.checkpoint and torch.is_grad_enabled():
             # The recompute runs in the backward, after the learner's call has reset the
             # modes its lowerings ran in (a CMS block's shared weights, a teach pass's
@@ -78,13 +97,13 @@ class Layer(nn.Module):
                 for m, k, v in modes:
                     setattr(m, k, v)
                 try:
-                    return self._program(self, args, state, writes)
+                    return program(self, args, state, writes)
                 finally:
                     for m, k, v in now:
                         setattr(m, k, v)
 
             return checkpoint(run, args, state, writes, use_reentrant=False)
-        return self._program(self, args, state, writes)
+        return program(self, args, state, writes)
 
     def _modal(self) -> list[nn.Module]:
         return [*self.blocks.values(), *self.memories.values(), *self.clusters.values()]
@@ -102,6 +121,15 @@ class Layer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name!r}" if self.name else "top level"
+
+
+class _Hidden:
+    """A layer call's tensors, out of sight of module hooks (``Layer.hide_inputs``)."""
+
+    __slots__ = ("args", "state")
+
+    def __init__(self, args: tuple, state: dict[str, Any]) -> None:
+        self.args, self.state = args, state
 
 
 def level_of(name: str, levels: Iterable[str] = ()) -> tuple[str, str]:

@@ -86,7 +86,7 @@ class Program:
     # The layer (``""``: top level) whose module holds each level's parameters and lowering,
     # and each layer's program (:func:`partition`).
     owner: dict[str, str] = field(default_factory=dict)
-    layer_sources: dict[str, str] = field(default_factory=dict)
+    layer_sources: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _scalar(lv: Level, name: str, value: Any, add_arg) -> ir.Scalar:
@@ -576,7 +576,7 @@ def build_program(plan: Plan, slow_kinds: dict[str, str]) -> Program:
     names = {key(lv.name): lv.name for lv in plan.spec.levels}
     split = partition(b.nodes, outputs, b.clusters, names)
     owned = [*slow_kinds, *b.memories, *(n for c in clusters for n in c.names), *block_rules]
-    layer_names = {g for g in split.group.values() if g}
+    layer_names = {g for g in split.group.values() if g}  # "" (the top level) has no layer
     owner = {}
     for n in owned:
         g = split.owner.get(n, layer_of(n))
@@ -704,16 +704,17 @@ def _try_partition(
 
 def _codegen(
     name: str, nodes: list[Node], outputs: dict[str, int], split: Split
-) -> tuple[str, dict[str, str]]:
-    """The top-level program (``forward_program``, calling each layer's module) and each
-    layer's program (``layer_program``), as Python source."""
-    group, order = split.group, split.order
-    users: dict[int, set[str]] = {}
+) -> tuple[str, dict[str, list[str]]]:
+    """The program that calls the layers (``forward_program``) and the programs of the layers'
+    calls (``layer_program``, by layer; the top level has one per run of its nodes), as Python
+    source. Every module runs inside a call of its layer's module."""
+    group = split.group
+    order = [i for i in split.order if nodes[i].op != "input"]  # read by the caller
+    users: dict[int, set[int]] = {}
     for i in order:
         for a in nodes[i].args:
-            users.setdefault(a, set()).add(group[i])
-    for i in outputs.values():
-        users.setdefault(i, set()).add("")
+            users.setdefault(a, set()).add(i)
+    returned = set(outputs.values())
 
     def var(i: int) -> str:
         return f"n{i}"
@@ -725,9 +726,13 @@ def _codegen(
         lines.append(f"    n{i} = {node_expr(nodes[i], var, owner)}")
         done.add(i)
 
+    def names(ids: list[int]) -> str:
+        return "".join(f"n{i}, " for i in ids)
+
     top = [f"def forward_program(self, inputs, state, new_state, writes):  # graph {name!r}"]
-    top_done: set[int] = set()
-    layers: dict[str, str] = {}
+    top += [f"    n{n.id} = {node_expr(n, var)}" for n in nodes if n.op == "input"]
+    top_done = {n.id for n in nodes if n.op == "input"}
+    programs: dict[str, list[str]] = {}
     j = 0
     while j < len(order):
         g = group[order[j]]
@@ -735,33 +740,29 @@ def _codegen(
         while j + len(run) < len(order) and group[order[j + len(run)]] == g:
             run.append(order[j + len(run)])
         j += len(run)
-        if not g:
-            for i in run:
-                emit(top, i, "self.top", top_done)
-            continue
         inside = set(run)
         ins = sorted({a for i in run for a in nodes[i].args if a in group and a not in inside})
-        outs = [i for i in run if users.get(i, set()) - {g}]
-        lines = [f"def layer_program(self, args, state, writes):  # layer {g!r} of graph {name!r}"]
+        outs = [i for i in run if i in returned or users.get(i, set()) - inside]
+        part = len(programs.setdefault(g, []))
+        where = f"layer {g!r}" if g else f"top level, part {part}"
+        lines = [f"def layer_program(self, args, state, writes):  # {where} of graph {name!r}"]
         if ins:
-            lines.append(f"    {''.join(f'n{i}, ' for i in ins)}= args")
+            lines.append(f"    {names(ins)}= args")
         lines.append("    new_state = {}")
         done: set[int] = set()
         for i in run:
             emit(lines, i, "self", done)
-        lines.append(f"    return ({''.join(f'n{i}, ' for i in outs)}), new_state")
-        layers[g] = "\n".join(lines) + "\n"
-        args = "".join(f"n{i}, " for i in ins)
-        top.append(f"    _layer = self.layers[{g!r}]")
-        top.append(
-            f"    ({''.join(f'n{i}, ' for i in outs)}), _new = "
-            f"_layer(({args}), _layer.own(state), writes)"
-        )
+        lines.append(f"    return ({names(outs)}), new_state")
+        programs[g].append("\n".join(lines) + "\n")
+        call = f"self.layers[{g!r}]" if g else "self.top"
+        top.append(f"    _layer = {call}")
+        extra = f", {part}" if not g else ""
+        top.append(f"    ({names(outs)}), _new = _layer.run(({names(ins)}), state, writes{extra})")
         top.append("    new_state.update(_new)")
         top_done.update(outs)
     for i in outputs.values():
-        if i not in top_done and i not in group:
+        if i not in top_done:  # an output that is a constant
             emit(top, i, "self.top", top_done)
     out = ", ".join(f"{k!r}: n{v}" for k, v in outputs.items())
     top.append(f"    return {{{out}}}")
-    return "\n".join(top) + "\n", layers
+    return "\n".join(top) + "\n", programs

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from nlgraph._errors import CompileError
 from nlgraph.compiler import inert, streaming
 from nlgraph.compiler.build import build_levels
+from nlgraph.compiler.distributed import is_sharded
 from nlgraph.compiler.layers import Layer
 from nlgraph.compiler.lowerings import boundary, teach
 from nlgraph.compiler.lowerings._state import detach_state
@@ -97,7 +98,7 @@ class CompiledLearner(nn.Module):
         owner = self.program.owner
         parts: dict[str, dict[str, dict[str, nn.Module]]] = {
             g: {"slow": {}, "memories": {}, "clusters": {}, "blocks": {}}
-            for g in ("", *self.program.layer_sources)
+            for g in {"", *self.program.layer_sources}
         }
         for n, mod in built.slow.items():
             parts[owner[n]]["slow"][_key(n)] = mod
@@ -115,10 +116,12 @@ class CompiledLearner(nn.Module):
             levels[g].append(n)
         # each CMS block's module by level, for the runtime's loops
         self._block_mods = {m.name: m for p in parts.values() for m in p["blocks"].values()}
-        self.top = Layer("", **parts[""], levels=levels[""])
+        sources = self.program.layer_sources
+        self.top = Layer("", **parts[""], levels=levels[""], sources=sources.get("", []))
         self.layers = nn.ModuleDict({
-            g: Layer(g, **parts[g], levels=levels[g], source=src)
-            for g, src in self.program.layer_sources.items()
+            g: Layer(g, **parts[g], levels=levels[g], sources=src)
+            for g, src in sources.items()
+            if g
         })  # fmt: skip
         teach.check([self.spec.level(n) for n in self.blocks_in_order()], self.program.block_rules)
         self.backend = backend
@@ -146,7 +149,8 @@ class CompiledLearner(nn.Module):
     @property
     def code(self) -> str:
         """The generated forward program, as Python source: the top level, then each layer's."""
-        return "\n".join([self.program.source, *self.program.layer_sources.values()])
+        parts = [src for srcs in self.program.layer_sources.values() for src in srcs]
+        return "\n".join([self.program.source, *parts])
 
     def _parts(self, kind: str) -> nn.ModuleDict:
         # a fresh container over the layers' modules (not registered: each module keeps its
@@ -211,6 +215,21 @@ class CompiledLearner(nn.Module):
             for w, p in m.initial.items()
         }
 
+    def meta_blocks(self) -> list[str]:
+        """The CMS blocks whose inner gradient a call takes inside its forward and keeps the
+        graph of, for the outer gradient to differentiate through (exact rules; not the
+        first-order ones, nor a teach signal), in plan order."""
+        return [
+            n for n in self.blocks_in_order()
+            if n not in self._first_order and self.spec.level(n).objective.signal != "teach"
+        ]  # fmt: skip
+
+    def seed_parameters(self) -> list[nn.Parameter]:
+        """The parameters the learner reads outside its layers' calls: each CMS block's initial
+        parameters and learned rates, from which every call starts its per-sample fast
+        weights. Sharding keeps them whole on every rank (:func:`.distributed.shard`)."""
+        return [p for b in self._block_mods.values() for p in b.parameters()]
+
     @property
     def scalars(self) -> dict[str, nn.Parameter]:
         """Every learned scalar (raw, before its bound), ``{"<level key>__<field>": parameter}``
@@ -253,6 +272,13 @@ class CompiledLearner(nn.Module):
         x0 = next(iter(inputs.values()))
         B, T = x0.shape[0], x0.shape[1]
         blocks = [self.spec.level(n) for n in self.blocks_in_order()]
+        if blocks and any(is_sharded(p) for p in self.seed_parameters()):
+            raise CompileError(
+                f"the CMS blocks' parameters of {self.spec.name!r} are sharded: they seed the "
+                "per-sample fast weights outside the layers' calls and must stay whole on "
+                "every rank; shard with nlgraph.compiler.distributed.shard(learner) (or pass "
+                "ignored_params=set(learner.seed_parameters()) to each fully_shard)"
+            )
         for lv in blocks:
             if lv.name not in state:
                 state[lv.name] = self._block_mods[lv.name].initial_state(B)

@@ -18,6 +18,7 @@ from nlgraph.compiler.layers import level_of
 
 __all__ = ["level_of", "first_nonfinite", "nonfinite_in_state", "bad_state_levels", "describe"]
 
+
 def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(obj, torch.Tensor):
         yield path, obj

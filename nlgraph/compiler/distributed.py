@@ -1,0 +1,82 @@
+"""Sharding a compiled learner with FSDP2, one ``fully_shard`` per layer.
+
+Every layer (:mod:`.layers`) is a plain module call, so ``fully_shard(layer)`` works on it as on
+any transformer block, except for one kind of parameter: a CMS block's initial parameters and
+learned rates seed the per-sample fast weights the learner updates between its layers' calls
+(``CompiledLearner.seed_parameters``). They must stay whole on every rank; :func:`shard` keeps
+them replicated (``ignored_params``) and averages their gradients over the ranks after each
+backward, as data parallelism does.
+
+A learner with exact CMS rules differentiates through its own forward: each chunk's inner
+gradient is taken inside the call with its graph kept, so the outer backward reaches a layer's
+weights again after it has passed the layer's inputs (through the inner gradients of later
+chunks). FSDP's default schedule reduces and reshards a layer when the backward passes its
+inputs, which would lose those late gradients and free weights still to be read. For such a
+learner :func:`shard` keeps each layer's weights gathered from its first use in the forward to
+the end of the backward (``reshard_after_forward=False``) and has FSDP reduce each layer's
+gradients once, after the whole backward (``Layer.hide_inputs``): optimizer state and gradients
+at rest stay sharded, the weights during a step do not.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["shard"]
+
+
+def shard(learner: Any, mesh: Any = None, **options: Any) -> Any:
+    """Shard ``learner`` with FSDP2: ``fully_shard`` on each layer and on the top level
+    (``learner.top``: an LM's embedding and head), then on the learner (the root, which then
+    holds no parameters), with the seed parameters replicated. ``mesh`` and ``options``
+    (``reshard_after_forward``, ``mp_policy``, ...) go to every ``fully_shard`` call. Call it
+    once every rank has built the learner from the same seed; returns the learner."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise RuntimeError("shard: initialise the process group first (init_process_group)")
+    seeds = set(learner.seed_parameters())
+    # A layer's new fast state comes in views of the tensors its lowerings stack; nlgraph
+    # never writes a state in place, which is what FSDP's warning about views is about.
+    warnings.filterwarnings(
+        "ignore", r"FSDP2-wrapped module \(FSDP(Layer|CompiledLearner)\) returned a view"
+    )
+    late = bool(learner.meta_blocks())  # gradients that reach a layer after its inputs
+    if late:
+        if options.get("reshard_after_forward", False) is not False:
+            raise ValueError(
+                f"shard: {learner.spec.name!r} differentiates through its CMS blocks' updates "
+                "inside its forward and reads every layer's weights again in the backward; "
+                "leave reshard_after_forward unset (it is False for this learner)"
+            )
+        options["reshard_after_forward"] = False
+    for layer in (*learner.layers.values(), learner.top):
+        fully_shard(layer, mesh=mesh, ignored_params=seeds & set(layer.parameters()), **options)
+        layer.hide_inputs = late
+    fully_shard(learner, mesh=mesh, ignored_params=seeds, **options)
+    group = mesh.get_group() if mesh is not None else None
+    world = dist.get_world_size(group)
+    for p in seeds:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_averaged(group, world))
+    return learner
+
+
+def _averaged(group: Any, world: int) -> Any:
+    def hook(p: nn.Parameter) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(world)
+
+    return hook
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a sharded (DTensor) parameter."""
+    return type(p).__name__ == "DTensor"
