@@ -397,21 +397,21 @@ class CompiledLearner(nn.Module):
             ys = [captured[lv.name][1] for lv in blocks]
             deltas = torch.autograd.grad(loss_fn(outs, 0, T), ys, allow_unused=True)
             del outs
-            second, final = dict(state), {}
+            second, taught = dict(state), {}
             for lv, y, delta in zip(blocks, ys, deltas, strict=True):
                 x = captured[lv.name][0].detach()
                 delta = torch.zeros_like(y) if delta is None else delta.detach()
                 st = state[lv.name]
                 origin = boundary.origin_of(st["theta"]) if lv.name in self._first_order else None
-                segments, final[lv.name] = teach.schedule(
-                    mods[lv.name].net, lv, st, x, delta, periods[lv.name],
-                    mods[lv.name].rates(), differentiable, origin,
+                taught[lv.name] = teach.Taught(
+                    lv, x, delta, periods[lv.name], differentiable, origin,
                     self._block_truncate.get(lv.name),
                 )  # fmt: skip
-                second[lv.name] = {**st, "schedule": segments}
+                second[lv.name] = {**st, "taught": taught[lv.name]}
             del captured, ys, deltas
+            # each block runs its schedule where the pass reads it (teach.Taught)
             outputs, new = self._piece(inputs, second)
-            new.update(final)
+            new.update({name: t.final for name, t in taught.items()})
             outputs["loss"] = loss_fn(outputs, 0, T)
         if not differentiable:
             outputs, new = detach_state(outputs), detach_state(new)

@@ -302,11 +302,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         """The block on ``x: [B, T, D]`` with its per-sample parameters in ``state``, or, on a
-        teach signal's second pass, each token's chunk at its parameters (``"schedule"``:
-        ``(start, end, theta)`` per chunk)."""
+        teach signal's second pass (``"taught"``: a :class:`.teach.Taught`), each token's chunk
+        at its parameters in the block's schedule, run here."""
         st = state[self.name]
-        if "schedule" in st:
-            return torch.cat([self._forward_with(th, x[:, s:e]) for s, e, th in st["schedule"]], 1)
+        if "taught" in st:
+            rest = {k: v for k, v in st.items() if k != "taught"}
+            segments = st["taught"].run(self.net, rest, self.rates())
+            return torch.cat([self._forward_with(th, x[:, s:e]) for s, e, th in segments], 1)
         y = self._forward_with(st["theta"], x)
         if self.capture is not None:
             self.capture[self.name] = (x, y)

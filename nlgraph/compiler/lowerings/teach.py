@@ -17,6 +17,8 @@ its output, from one pass over the call. A learner whose blocks all take it runs
    (``create_graph``) when the outer gradient follows the updates;
 3. **the pass**: the program again, each token read by its block at the parameters of its
    chunk in the schedule; its outputs and loss are the call's, its backward the outer gradient.
+   Each block runs its schedule (step 2) when the pass reaches it (:class:`Taught`), inside its
+   layer's call: a layer recomputed in the backward recomputes its blocks' schedules too.
    A fast lowering that receives in it the very inputs and state it received in the teach pass
    (everything before the first block: a whole self-modifying Titans layer in Hope's first
    block) returns what it computed there (:class:`Replay`), graph included.
@@ -40,7 +42,7 @@ from nlgraph.compiler.lowerings.mlp import act_grad
 from nlgraph.compiler.modules import MLPBlock
 from nlgraph.level import Level
 
-__all__ = ["check", "schedule", "local_grads", "Replay"]
+__all__ = ["check", "schedule", "local_grads", "Replay", "Taught"]
 
 
 def check(levels: list[Level], rules: dict[str, tuple[ir.Rule, ...]]) -> None:
@@ -109,6 +111,34 @@ def schedule(
             st = boundary.truncate(st)
         start = end
     return segments, st
+
+
+class Taught:
+    """What a block needs on the second pass to run its schedule (:func:`schedule`) where it
+    is read: inside its layer's call, so that a layer recomputed in the backward
+    (``layer.checkpoint``) keeps none of its chunks' parameters, only this record's ``x`` and
+    ``delta`` (a token's worth each). The block leaves its state after the call in
+    ``final``."""
+
+    __slots__ = ("level", "x", "delta", "period", "differentiable", "origin", "truncate", "final")
+
+    def __init__(
+        self, level: Level, x: torch.Tensor, delta: torch.Tensor, period: int,
+        differentiable: bool, origin: list[torch.Tensor] | None, truncate: int | None,
+    ) -> None:  # fmt: skip
+        self.level, self.x, self.delta, self.period = level, x, delta, period
+        self.differentiable, self.origin, self.truncate = differentiable, origin, truncate
+        self.final: dict[str, Any] | None = None
+
+    def run(
+        self, net: torch.nn.Module, st: dict[str, Any], rates: tuple
+    ) -> list[tuple[int, int, list[torch.Tensor]]]:
+        """The schedule from the block's state ``st`` at the call's start; sets ``final``."""
+        segments, self.final = schedule(
+            net, self.level, st, self.x, self.delta, self.period, rates, self.differentiable,
+            self.origin, self.truncate,
+        )  # fmt: skip
+        return segments
 
 
 def local_grads(
