@@ -136,6 +136,12 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
         "the same row of the step before (detached between steps; saved in checkpoints)",
     )
     a(
+        "--recompute",
+        action="store_true",
+        help="recompute each layer in the backward instead of keeping its intermediates "
+        "(less memory, more time)",
+    )
+    a(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -167,7 +173,7 @@ def options_from_args(args: argparse.Namespace):
         seq=args.seq, optimizer=optimizer, lr=args.lr, device=args.device,
         seed=args.seed, eval_every=args.eval_every or 0,
         checkpoint_every=args.checkpoint_every or 0, on_nan=args.on_nan,
-        carry_state=args.carry_state,
+        carry_state=args.carry_state, recompute=args.recompute,
     )  # fmt: skip
     return RunOptions(
         config=cfg, data=args.data, out=args.out, baselines=args.baselines,

@@ -46,6 +46,26 @@ COMPARED = ("model", "preset", "sizes", "steps", "batch", "seq", "optimizer", "l
 COMPARED_LATER = {"carry_state": False}
 
 
+def recompute_layers(learner: torch.nn.Module) -> list[str]:
+    """Recompute each layer of ``learner`` in the backward (``--recompute``); returns the
+    warning lines: where there is nothing to recompute, or where it costs memory instead of
+    saving it."""
+    if not hasattr(learner, "meta_blocks") or not learner.layers:
+        return [f"warning: --recompute: {type(learner).__name__} has no layers to recompute"]
+    layers = learner.layers
+    for layer in layers.values():
+        layer.checkpoint = True
+    meta = learner.meta_blocks()
+    if not meta:
+        return []
+    return [
+        f"warning: --recompute: {learner.spec.name!r} differentiates through its CMS blocks' "
+        f"updates inside the forward ({len(meta)} blocks, exact rules): their inner gradients "
+        "keep every recomputed layer, so recomputing adds memory here; it saves memory with "
+        "meta='first_order', cms_signal='teach'"
+    ]
+
+
 @dataclass
 class TrainConfig:
     model: str = "hope"
@@ -68,6 +88,7 @@ class TrainConfig:
     budget_seconds: float | None = None
     deterministic: bool = True
     carry_state: bool = False  # rows continue their text and fast state across steps
+    recompute: bool = False  # each layer recomputed in the backward (layer.checkpoint)
 
     def eval_period(self) -> int:
         """Steps between validations (``eval_every``, else a tenth of the steps)."""
@@ -171,6 +192,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.learner, self.opt, self.corpus = config, learner, optimizer, corpus
         self.run_dir, self.label, self.log = Path(run_dir), label or config.model, log
+        self.recompute_warnings = recompute_layers(learner) if config.recompute else []
         self.world = world or D.World()
         # Parameters a step gives no gradient (probe: one sequence, forward and backward).
         # DDP must then not wait for their gradients; every rank decides alike.
@@ -398,7 +420,7 @@ class Trainer:
         every = cfg.eval_period()
         save_every = cfg.checkpoint_every or every
         bar = self._reporter()
-        for line in self.inert.lines(self.label, cfg.seq):
+        for line in [*self.recompute_warnings, *self.inert.lines(self.label, cfg.seq)]:
             self.log(line)
         vals = self.history["val"]
         bar.start(self.label, self.step, (vals[-1]["step"], vals[-1]["bpb"]) if vals else None)
