@@ -125,3 +125,19 @@ def test_a_module_read_from_two_layers_lives_at_the_top():
     x = torch.randn(1, 2, 4, dtype=DT)
     W, V = learner.slow["a__W"], learner.slow["b__V"]
     torch.testing.assert_close(learner(x)[0]["y"], W(V(W(x))), rtol=0, atol=0)
+
+
+def test_a_recomputed_layer_gives_freed_cpu_pages_back_before_it_runs(monkeypatch):
+    import nlgraph.compiler.layers as layers
+
+    calls = []
+    monkeypatch.setattr(layers, "_TRIM", lambda pad: calls.append(pad))
+    learner = compile(get("titans_lm"))
+    tokens = torch.randint(0, 256, (1, 8))
+    learner(tokens)[0]["logits"].sum().backward()
+    assert calls == []  # nothing recomputed: nothing to give back
+    for layer in learner.layers.values():
+        layer.checkpoint = True
+    learner(tokens)[0]["logits"].sum().backward()
+    # each layer once in the forward and once more where the backward recomputes it
+    assert calls == [0] * (2 * len(learner.layers))
