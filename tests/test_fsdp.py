@@ -5,7 +5,9 @@ gradient (gathered from the shards) as one process on the whole batch.
 Covered: every library LM, Hope in each meta mode (exact CMS rules differentiate through the
 forward and need the schedule ``shard`` picks for them), recompute per layer under sharding,
 and the refusals: sharding without a process group, resharding an exact learner's weights
-after the forward, a CMS block's seed parameters sharded by a plain ``fully_shard``."""
+after the forward, a learner with CMS blocks and a compiled program (its pieces' inner gradient
+is taken inside one compiled function, out of FSDP's sight), a CMS block's seed parameters
+sharded by a plain ``fully_shard``."""
 
 from __future__ import annotations
 
@@ -77,6 +79,18 @@ def refusals() -> list[str]:
     except ValueError as e:
         seen.append(str(e))
     learner = compile(get("hope"), dtype=DT)
+    learner.compile_program()  # CMS pieces as one compiled function: out of FSDP's sight
+    try:
+        shard(learner)
+    except CompileError as e:
+        seen.append(str(e))
+    learner = compile(get("hope"), dtype=DT)
+    shard(learner)
+    try:
+        learner.compile_program()
+    except CompileError as e:
+        seen.append(str(e))
+    learner = compile(get("hope"), dtype=DT)
     for layer in learner.layers.values():
         fully_shard(layer)  # the CMS blocks' seed parameters sharded with the rest
     try:
@@ -121,9 +135,11 @@ def check(cases: list, tmp_path: Path) -> list[str]:
 
 def test_fsdp_per_layer_equals_one_process_for_every_lm_and_mode(tmp_path):
     seen = check(CASES, tmp_path)
-    assert len(seen) == 2, seen
-    assert "reshard_after_forward" in seen[0] and "\n" not in seen[0]
-    assert "seed_parameters" in seen[1] and "shard(learner)" in seen[1]
+    assert len(seen) == 4, seen
+    assert all("\n" not in line for line in seen)
+    assert "reshard_after_forward" in seen[0]
+    assert "compile_program" in seen[1] and seen[1] == seen[2]  # either order
+    assert "seed_parameters" in seen[3] and "shard(learner)" in seen[3]
 
 
 def test_shard_needs_a_process_group():

@@ -26,7 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from nlgraph._errors import CompileError
+
 __all__ = ["shard"]
+
+# A compiled piece step takes its inner gradient with torch.func, out of sight of FSDP's hooks
+# (measured: the backward reads a freed unsharded weight).
+SHARDED_PIECES = (
+    "{name!r} has CMS blocks and a compiled program (compile_program): its pieces take their "
+    "inner gradient inside one compiled function, which FSDP's per-layer hooks do not see; "
+    "shard the eager learner (or compile a learner without CMS blocks)"
+)
 
 
 def shard(learner: Any, mesh: Any = None, **options: Any) -> Any:
@@ -40,6 +50,8 @@ def shard(learner: Any, mesh: Any = None, **options: Any) -> Any:
 
     if not dist.is_initialized():
         raise RuntimeError("shard: initialise the process group first (init_process_group)")
+    if learner.functional_pieces and learner.blocks_in_order():
+        raise CompileError(SHARDED_PIECES.format(name=learner.spec.name))
     seeds = set(learner.seed_parameters())
     # A layer's new fast state comes in views of the tensors its lowerings stack; nlgraph
     # never writes a state in place, which is what FSDP's warning about views is about.

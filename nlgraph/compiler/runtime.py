@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from nlgraph._errors import CompileError
 from nlgraph.compiler import inert, streaming
 from nlgraph.compiler.build import build_levels
-from nlgraph.compiler.distributed import is_sharded
+from nlgraph.compiler.distributed import SHARDED_PIECES, is_sharded
 from nlgraph.compiler.layers import Layer
 from nlgraph.compiler.lowerings import boundary, teach
 from nlgraph.compiler.lowerings._state import detach_state
@@ -142,6 +142,8 @@ class CompiledLearner(nn.Module):
         With CMS blocks learning in the sequence, each piece runs as :meth:`_piece_step` (the
         program, the piece's loss and its gradient with respect to the blocks' parameters in one
         compiled function), so meta-gradients need only a first-order backward of it."""
+        if self.blocks_in_order() and any(is_sharded(p) for p in self.parameters()):
+            raise CompileError(SHARDED_PIECES.format(name=self.spec.name))
         self._compiled = torch.compile(self._program, **options)
         self._compiled_step = torch.compile(self._piece_step, **options)
         self.functional_pieces = True
