@@ -52,8 +52,7 @@ def recompute_layers(learner: torch.nn.Module) -> list[str]:
     saving it."""
     if not hasattr(learner, "meta_blocks") or not learner.layers:
         return [f"warning: --recompute: {type(learner).__name__} has no layers to recompute"]
-    layers = learner.layers
-    for layer in layers.values():
+    for layer in learner.layers.values():
         layer.checkpoint = True
     meta = learner.meta_blocks()
     if not meta:
