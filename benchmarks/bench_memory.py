@@ -57,12 +57,13 @@ def one(model: str, options: dict, recompute: bool, T: int, preset: str) -> dict
 
     from nlgraph.compiler import compile
     from nlgraph.library import get
+    from nlgraph.train.trainer import recompute_layers
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.manual_seed(0)
     learner = compile(get(model, preset=preset, **options))
-    for layer in learner.layers.values():
-        layer.checkpoint = recompute
+    if recompute:  # what `nlgraph train --recompute` does: layers, and exact CMS pieces
+        recompute_layers(learner)
     vocab = learner.top.slow["embed"].weight.shape[0]
     x = torch.randint(0, vocab, (1, T + 1))
     inputs, targets = x[:, :-1], x[:, 1:]

@@ -31,6 +31,7 @@ from nlgraph.compiler.modules import CausalConv
 from nlgraph.compiler.ops import UNARY
 from nlgraph.compiler.plan import Plan
 from nlgraph.compiler.program import build_program, key
+from nlgraph.compiler.sweep import sweep
 from nlgraph.topology import first_order_levels
 
 __all__ = ["CompiledLearner", "STATE_VERSION"]
@@ -133,6 +134,9 @@ class CompiledLearner(nn.Module):
         # Run pieces of sequences with CMS blocks as one function (program, loss, inner gradient
         # by torch.func); on whenever the program is compiled.
         self.functional_pieces = False
+        # Exact CMS learners: recompute each piece in the backward instead of keeping its
+        # inner gradient's graph (:mod:`.sweep`; ``nlgraph train --recompute``).
+        self.recompute_pieces = False
         # The outer clock: outer steps taken so far (saved with the state_dict).
         self.register_buffer("clock", torch.zeros((), dtype=torch.long))
 
@@ -306,57 +310,47 @@ class CompiledLearner(nn.Module):
         every_token = any(
             boundary.token_weighted(self.program.block_rules[lv.name]) is not None for lv in blocks
         )
-        rates = {lv.name: self._block_mods[lv.name].rates() for lv in blocks}  # every piece
-        pieces, total, start = [], 0.0, 0
         differentiable = torch.is_grad_enabled()  # meta-gradients through the updates
         # First-order blocks: every update is a constant increment on the parameters the call
         # starts from (or restarts from, after a nested reset).
         origins = {lv.name: boundary.origin_of(state[lv.name]["theta"]) for lv in blocks
                    if lv.name in self._first_order}  # fmt: skip
+
+        def cut(state: dict[str, Any], start: int) -> int:
+            # The next tick from the blocks' phases now: a nested block that restarted with
+            # its parent counts its chunks from that restart.
+            phases = {lv.name: state[lv.name]["phase"] for lv in blocks}
+            return start + boundary.cut_points(T - start, periods, phases, every_token)[0]
+
+        if differentiable and self.recompute_pieces:
+            self._check_sweep(origins)
+
+            def step(state: dict, start: int, end: int, graph: bool) -> tuple:
+                with _setting(self.layers.values(), checkpoint=False):
+                    return self._cms_piece(inputs, state, start, end, loss_fn, blocks, periods,
+                                           None, graph, {})  # fmt: skip
+
+            params = [p for p in self.parameters() if p.requires_grad]
+            outputs, total, state = sweep(step, cut, state, T, params)
+            outputs["loss"] = total
+            return outputs, state
+        rates = {lv.name: self._block_mods[lv.name].rates() for lv in blocks}  # every piece
+        pieces, total, start = [], 0.0, 0
         with torch.enable_grad():  # blocks learn at test time too
             while start < T:
-                # The next tick from the blocks' phases now: a nested block that restarted with
-                # its parent counts its chunks from that restart.
-                phases = {lv.name: state[lv.name]["phase"] for lv in blocks}
-                end = start + boundary.cut_points(T - start, periods, phases, every_token)[0]
-                piece = {k: v[:, start:end] for k, v in inputs.items()}
-                grads = None
-                if self.functional_pieces:
-                    step = self._compiled_step or self._piece_step
-                    with torch.set_grad_enabled(differentiable):
-                        outs, state, loss, grads = step(piece, state, start, end, loss_fn)
-                else:
-                    # The inner gradient is the partial derivative at the piece's parameters
-                    # (Eq. 71): fresh aliases keep autograd.grad from also following the paths
-                    # through earlier updates of other blocks, which depend on these parameters.
-                    for lv in blocks:
-                        theta = [t.view_as(t) for t in state[lv.name]["theta"]]
-                        state[lv.name] = {**state[lv.name], "theta": theta}
-                    outs, state = self._piece(piece, state)
-                    loss = loss_fn(outs, start, end)
-                updated = boundary.accumulate_and_update(
-                    loss,
-                    blocks,
+                end = cut(state, start)
+                outs, loss, state = self._cms_piece(
+                    inputs,
                     state,
+                    start,
+                    end,
+                    loss_fn,
+                    blocks,
                     periods,
                     rates,
-                    end - start,
                     differentiable,
-                    grads,
                     origins,
                 )
-                for name, k in self._block_truncate.items():
-                    if name in updated and state[name]["updates"] % k == 0:
-                        state[name] = boundary.truncate(state[name])
-                for lv in blocks:  # nested CMS: a block restarts when its parent's chunk ends
-                    rs = lv.effective_reset()
-                    if rs.kind == "with" and rs.level in updated:
-                        # Re-initialised after ceil(C_parent / C) of its own updates (PAPER.md
-                        # 5.2): its chunks start again with the parent's, so a last chunk cut
-                        # short by the parent's boundary is dropped with the reset.
-                        state[lv.name] = self._block_mods[lv.name].initial_state(B)
-                        if lv.name in origins:
-                            origins[lv.name] = boundary.origin_of(state[lv.name]["theta"])
                 pieces.append(outs)
                 total = total + loss
                 start = end
@@ -365,6 +359,72 @@ class CompiledLearner(nn.Module):
         if not differentiable:  # under torch.no_grad(): nothing returned carries a graph
             outputs, state = detach_state(outputs), detach_state(state)
         return outputs, state
+
+    def _cms_piece(
+        self, inputs: dict[str, torch.Tensor], state: dict[str, Any], start: int, end: int,
+        loss_fn: Any, blocks: list, periods: dict[str, int], rates: dict[str, Any] | None,
+        differentiable: bool, origins: dict[str, list[torch.Tensor]],
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:  # fmt: skip
+        """Tokens ``start..end-1`` of a call with CMS blocks on exact rules: the program on the
+        piece, its loss, its inner gradient and the updates of the blocks whose chunk ends
+        here; ``(outputs, loss, new state)``. ``rates``: each block's rule chain and learned
+        scalars (None: read them here); ``differentiable``: the inner gradients with a graph
+        (meta-gradients through the updates)."""
+        if rates is None:
+            rates = {lv.name: self._block_mods[lv.name].rates() for lv in blocks}
+        piece = {k: v[:, start:end] for k, v in inputs.items()}
+        grads = None
+        if self.functional_pieces:
+            step = self._compiled_step or self._piece_step
+            with torch.set_grad_enabled(differentiable):
+                outs, state, loss, grads = step(piece, state, start, end, loss_fn)
+        else:
+            # The inner gradient is the partial derivative at the piece's parameters (Eq. 71):
+            # fresh aliases keep autograd.grad from also following the paths through earlier
+            # updates of other blocks, which depend on these parameters. (A state the sweep
+            # recomputes from arrives detached: its parameters are made live here.)
+            state = dict(state)
+            for lv in blocks:
+                theta = [boundary.live(t).view_as(t) for t in state[lv.name]["theta"]]
+                state[lv.name] = {**state[lv.name], "theta": theta}
+            outs, state = self._piece(piece, state)
+            loss = loss_fn(outs, start, end)
+        updated = boundary.accumulate_and_update(
+            loss, blocks, state, periods, rates, end - start, differentiable, grads, origins
+        )
+        for name, k in self._block_truncate.items():
+            if name in updated and state[name]["updates"] % k == 0:
+                state[name] = boundary.truncate(state[name])
+        B = next(iter(inputs.values())).shape[0]
+        for lv in blocks:  # nested CMS: a block restarts when its parent's chunk ends
+            rs = lv.effective_reset()
+            if rs.kind == "with" and rs.level in updated:
+                # Re-initialised after ceil(C_parent / C) of its own updates (PAPER.md 5.2): its
+                # chunks start again with the parent's, so a last chunk cut short by the
+                # parent's boundary is dropped with the reset.
+                state[lv.name] = self._block_mods[lv.name].initial_state(B)
+                if lv.name in origins:
+                    origins[lv.name] = boundary.origin_of(state[lv.name]["theta"])
+        return outs, loss, state
+
+    def _check_sweep(self, origins: dict[str, Any]) -> None:
+        """Refuse ``recompute_pieces`` where the sweep does not run."""
+        if origins:
+            raise CompileError(
+                f"recompute_pieces: {self.spec.name!r} has first-order CMS blocks "
+                f"{sorted(origins)} beside exact ones; recompute its layers instead "
+                "(layer.checkpoint) or declare every block exact"
+            )
+        if self.functional_pieces:
+            raise CompileError(
+                f"recompute_pieces: the program of {self.spec.name!r} is compiled "
+                "(compile_program); the sweep runs the plain program: use one or the other"
+            )
+        if any(is_sharded(p) for p in self.parameters()):
+            raise CompileError(
+                f"recompute_pieces: {self.spec.name!r} is sharded; the sweep recomputes pieces "
+                "in its own backward, outside the shards' hooks: recompute its layers instead"
+            )
 
     def _teach_forward(
         self, inputs: dict[str, torch.Tensor], state: dict[str, Any], loss_fn: Any,

@@ -138,8 +138,8 @@ def add_train_parser(sub: Any, make_verb: Callable[[str, str], argparse.Argument
     a(
         "--recompute",
         action="store_true",
-        help="recompute each layer in the backward instead of keeping its intermediates "
-        "(less memory, more time)",
+        help="recompute each layer in the backward instead of keeping its intermediates, and "
+        "with exact CMS rules each piece between two CMS ticks (less memory, more time)",
     )
     a(
         "--no-progress",

@@ -47,9 +47,11 @@ COMPARED_LATER = {"carry_state": False}
 
 
 def recompute_layers(learner: torch.nn.Module) -> list[str]:
-    """Recompute each layer of ``learner`` in the backward (``--recompute``); returns the
-    warning lines: where there is nothing to recompute, or where it costs memory instead of
-    saving it."""
+    """Recompute ``learner`` in the backward (``--recompute``): each layer from its inputs
+    (``layer.checkpoint``) and, for a learner that differentiates through its CMS blocks'
+    updates (exact rules), each piece between two CMS ticks (``learner.recompute_pieces``,
+    :mod:`nlgraph.compiler.sweep`). Returns the warning lines: where there is nothing to
+    recompute, or where the pieces cannot be."""
     if not hasattr(learner, "meta_blocks") or not learner.layers:
         return [f"warning: --recompute: {type(learner).__name__} has no layers to recompute"]
     for layer in learner.layers.values():
@@ -57,12 +59,15 @@ def recompute_layers(learner: torch.nn.Module) -> list[str]:
     meta = learner.meta_blocks()
     if not meta:
         return []
-    return [
-        f"warning: --recompute: {learner.spec.name!r} differentiates through its CMS blocks' "
-        f"updates inside the forward ({len(meta)} blocks, exact rules): their inner gradients "
-        "keep every recomputed layer, so recomputing adds memory here; it saves memory with "
-        "meta='first_order', cms_signal='teach'"
-    ]
+    first_order = [n for n in learner.blocks_in_order() if n in learner._first_order]
+    if first_order:
+        return [
+            f"warning: --recompute: {learner.spec.name!r} mixes first-order CMS blocks "
+            f"({len(first_order)}) with exact ones ({len(meta)}): its pieces are not "
+            "recomputed, and the exact blocks' inner gradients keep every recomputed layer"
+        ]
+    learner.recompute_pieces = True
+    return []
 
 
 @dataclass

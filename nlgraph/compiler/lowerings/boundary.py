@@ -51,7 +51,7 @@ from nlgraph.level import Level
 
 __all__ = [
     "Block", "initial", "truncate", "apply", "cut_points", "accumulate_and_update",
-    "buffer_keys", "token_weighted", "live",
+    "buffer_keys", "token_weighted", "live", "empty_acc",
 ]  # fmt: skip
 
 
@@ -67,10 +67,18 @@ def initial(
     with torch.enable_grad():
         theta = [p.detach() if detach else p for p in module.parameters()]
         theta = [live(t.unsqueeze(0).expand(batch, *t.shape)) for t in theta]
-    state = {"theta": theta, "acc": [torch.zeros_like(t) for t in theta], "phase": 0, "updates": 0}
+    state = {"theta": theta, "acc": empty_acc(theta), "phase": 0, "updates": 0}
     for k in buffers:
         state[k] = [torch.zeros_like(t) for t in theta]
     return state
+
+
+def empty_acc(like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An accumulator with nothing in it (phase 0): zeros of each shape as one broadcast
+    element, not a dense tensor per parameter (it is never read at phase 0, and a state kept
+    for a recompute (:mod:`nlgraph.compiler.sweep`) would otherwise hold a copy of every
+    block's parameters in zeros)."""
+    return [t.new_zeros(()).expand(t.shape) for t in like]
 
 
 def buffer_keys(rules: tuple[ir.Rule, ...]) -> dict[str, str]:
@@ -225,7 +233,7 @@ def accumulate_and_update(
             scalars = [_rule_scalars(lv, r, signals, learned) for r in rules]
             theta, bufs = apply_rules(rules, st["theta"], acc, bufs, scalars, lead=1,
                                       unit_lr=weighted)  # fmt: skip
-            new = {"acc": [torch.zeros_like(a) for a in acc], "phase": 0,
+            new = {"acc": empty_acc(acc), "phase": 0,
                    "updates": st["updates"] + 1}  # fmt: skip
             new.update({k: bufs[r] for r, k in keys.items()})
             # Without meta-gradients the new parameters start a fresh graph: a long stream run
