@@ -50,7 +50,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one(model: str, options: dict, recompute: bool, T: int, preset: str) -> dict:
+def one(
+    model: str, options: dict, recompute: bool, T: int, preset: str, sweep_states: int | None
+) -> dict:
     """One forward and backward at batch 1 in this process: peak RSS before and after."""
     import torch
     from torch.nn import functional as F
@@ -64,6 +66,7 @@ def one(model: str, options: dict, recompute: bool, T: int, preset: str) -> dict
     learner = compile(get(model, preset=preset, **options))
     if recompute:  # what `nlgraph train --recompute` does: layers, and exact CMS pieces
         recompute_layers(learner)
+        learner.sweep_states = sweep_states
     vocab = learner.top.slow["embed"].weight.shape[0]
     x = torch.randint(0, vocab, (1, T + 1))
     inputs, targets = x[:, :-1], x[:, 1:]
@@ -78,7 +81,8 @@ def one(model: str, options: dict, recompute: bool, T: int, preset: str) -> dict
         p.grad = torch.zeros_like(p)
     before = _rss_mb()
     t0 = time.perf_counter()
-    out, _ = learner(inputs, loss_fn=loss_fn)
+    out, state = learner(inputs, loss_fn=loss_fn)
+    del state  # a training step that does not carry its fast state on
     (out["loss"] / T).backward()
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in learner.parameters())
@@ -117,25 +121,28 @@ def main() -> None:
     ap.add_argument("--seq", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--cap-gb", type=float, default=20.0, help="address-space cap per run")
     ap.add_argument("--only", nargs="*", default=None, help="labels of RUNS to run")
+    ap.add_argument("--sweep-states", type=int, default=None,
+                    help="most piece states an exact learner's recompute keeps")  # fmt: skip
     ap.add_argument("--mmap-threshold", type=int, default=None, help="MALLOC_MMAP_THRESHOLD_")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's run
     args = ap.parse_args()
     if args.one:
         model, options, recompute, T = json.loads(args.one)
-        print(json.dumps(one(model, options, recompute, T, args.preset)))
+        print(json.dumps(one(model, options, recompute, T, args.preset, args.sweep_states)))
         return
     import torch
 
     seqs = sorted(args.seq)
     runs = [r for r in RUNS if args.only is None or r[0] in args.only]
     table: dict[str, dict] = {}
+    sweep = ["--sweep-states", str(args.sweep_states)] if args.sweep_states else []
     for label, model, options, recompute in runs:
         table[label] = {}
         for T in seqs:
             spec = json.dumps([model, options, recompute, T])
             table[label][T] = r = _sub(
-                ["--one", spec, "--preset", args.preset], args.cap_gb, args.mmap_threshold
+                ["--one", spec, "--preset", args.preset, *sweep], args.cap_gb, args.mmap_threshold
             )
             print(label, T, r, file=sys.stderr, flush=True)
             if "error" in r:  # a longer one would not fit either
@@ -158,6 +165,12 @@ def main() -> None:
             "default settings"
             if args.mmap_threshold is None
             else f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
+        ),
+        "- exact CMS learners recompute their pieces (`recompute_pieces`) keeping "
+        + (
+            "log2(pieces) + 1 states at most (bisection)"
+            if args.sweep_states is None
+            else f"at most {args.sweep_states} piece states (`sweep_states`)"
         ),
         "",
         "| run | params | model MB | " + " | ".join(f"T={T}" for T in seqs) + " | MB/token |",

@@ -192,3 +192,37 @@ def test_train_recompute_sweeps_exact_learners_only():
     teach = compile(get("hope", **TINY, meta="first_order", cms_signal="teach"))
     assert recompute_layers(teach) == [] and not teach.recompute_pieces
     assert all(layer.checkpoint for layer in teach.layers.values())
+
+
+@pytest.mark.parametrize("k,extra", [(1, 28), (2, 14), (3, 12), (4, 12)])
+def test_fewer_kept_states_rerun_more_pieces(monkeypatch, k, extra):
+    """``sweep_states = k``: at most k states kept in the backward. 8 pieces: one state re-runs
+    0 + 1 + ... + 7 = 28 pieces; two, 4 to the middle, 6 in the right half (one state to
+    spare: each piece from the middle) and 4 in the left; from three on, bisection's 12 (a
+    range of two pieces re-runs one either way). The gradients stay the same."""
+    torch.manual_seed(3)
+    learner = compile(get("hope", **TINY, cms_chunks=(4, 8)), dtype=DT)
+    tokens = torch.randint(0, 256, (1, 32))
+    kept = step(learner, tokens, False)
+    learner.sweep_states = k
+    real = sweep._Run._advance
+    count = [0]
+
+    def advance(self, *a):
+        count[0] += 1
+        return real(self, *a)
+
+    monkeypatch.setattr(sweep._Run, "_advance", advance)
+    swept = step(learner, tokens, True)
+    assert count[0] == 8 + extra
+    for n in kept[3]:
+        close(swept[3][n], kept[3][n])
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
+def test_a_bad_number_of_kept_states_is_refused(k):
+    learner = compile(get("hope", **TINY, cms_chunks=(4, 8)), dtype=DT)
+    learner.recompute_pieces, learner.sweep_states = True, k
+    tokens = torch.randint(0, 256, (1, 8))
+    with pytest.raises(nl.CompileError, match="sweep_states=.*positive int"):
+        learner(tokens, loss_fn=lm_loss(tokens))

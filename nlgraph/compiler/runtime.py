@@ -137,6 +137,9 @@ class CompiledLearner(nn.Module):
         # Exact CMS learners: recompute each piece in the backward instead of keeping its
         # inner gradient's graph (:mod:`.sweep`; ``nlgraph train --recompute``).
         self.recompute_pieces = False
+        # ... keeping at most this many piece states at once in the backward (None: by bisection,
+        # log2(pieces) + 1; fewer re-run more pieces)
+        self.sweep_states: int | None = None
         # The outer clock: outer steps taken so far (saved with the state_dict).
         self.register_buffer("clock", torch.zeros((), dtype=torch.long))
 
@@ -331,7 +334,7 @@ class CompiledLearner(nn.Module):
                                            None, graph, {})  # fmt: skip
 
             params = [p for p in self.parameters() if p.requires_grad]
-            outputs, total, state = sweep(step, cut, state, T, params)
+            outputs, total, state = sweep(step, cut, state, T, params, self.sweep_states)
             outputs["loss"] = total
             return outputs, state
         rates = {lv.name: self._block_mods[lv.name].rates() for lv in blocks}  # every piece
@@ -409,6 +412,12 @@ class CompiledLearner(nn.Module):
 
     def _check_sweep(self, origins: dict[str, Any]) -> None:
         """Refuse ``recompute_pieces`` where the sweep does not run."""
+        k = self.sweep_states
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise CompileError(
+                f"sweep_states={k!r}: expected a positive int (the most piece states the "
+                "backward keeps) or None (bisection)"
+            )
         if origins:
             raise CompileError(
                 f"recompute_pieces: {self.spec.name!r} has first-order CMS blocks "

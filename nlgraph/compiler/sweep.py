@@ -29,6 +29,7 @@ cross-entropy on the outputs, close over none).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,14 +49,20 @@ Cut = Callable[[dict, int], int]
 
 
 def sweep(
-    step: Step, cut: Cut, state: dict[str, Any], T: int, params: list[torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
+    step: Step, cut: Cut, state: dict[str, Any], T: int, params: list[torch.Tensor],
+    max_states: int | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:  # fmt: skip
     """Run the pieces of a ``T``-token call from ``state``: ``(outputs, loss, new state)``,
     differentiable with respect to ``params`` and the tensors of ``state`` that require grad,
     recomputed in the backward (see the module's docstring). ``outputs``: each output of the
-    pieces concatenated along dim 1; ``loss``: the pieces' losses summed."""
+    pieces concatenated along dim 1; ``loss``: the pieces' losses summed. ``max_states``: the
+    most piece states the backward keeps at once, besides the one it advances (None:
+    ``log2(n) + 1`` for ``n`` pieces, by bisection); with none to spare, a range of ``m``
+    pieces re-runs from its first state for each piece (``m (m - 1) / 2`` pieces)."""
+    if max_states is not None and (isinstance(max_states, bool) or max_states < 1):
+        raise ValueError(f"sweep: max_states={max_states!r}; expected a positive int or None")
     leaves, spec = tree_flatten(state)
-    run = _Run(step, cut, T, leaves, spec, list(params))
+    run = _Run(step, cut, T, leaves, spec, list(params), max_states)
     grad_in = [x for x in leaves if _float(x) and x.requires_grad]
     flat = _Sweep.apply(run, *run.params, *grad_in)
     it = iter(flat)
@@ -78,9 +85,11 @@ class _Run:
     """One call's sweep: what its forward kept and what its backward needs."""
 
     def __init__(
-        self, step: Step, cut: Cut, T: int, leaves: list, spec: Any, params: list[torch.Tensor]
+        self, step: Step, cut: Cut, T: int, leaves: list, spec: Any, params: list[torch.Tensor],
+        max_states: int | None,
     ) -> None:  # fmt: skip
         self.step, self.cut, self.T, self.spec, self.params = step, cut, T, spec, params
+        self.max_states = max_states
         self.start_leaves = _detached(leaves)
         self.grad_pos = [i for i, x in enumerate(leaves) if _float(x) and x.requires_grad]
         self.bounds: list[tuple[int, int]] = []
@@ -127,25 +136,36 @@ class _Run:
         g_next = [next(g_final) if out else None for out in self.final_is_out]
         self.param_grads = [None] * len(self.params)
         state = tree_unflatten(self.start_leaves, self.spec)
-        g_start = self._back(0, len(self.bounds), state, g_next, g_outs, g_loss)
+        spare = math.inf if self.max_states is None else self.max_states - 1
+        g_start = self._back(0, len(self.bounds), state, g_next, g_outs, g_loss, spare)
         out = [*self.param_grads, *[g_start[i] for i in self.grad_pos]]
         self.param_grads = []
         return out
 
     def _back(
-        self, lo: int, hi: int, state: dict, g_hi: list, g_outs: dict, g_loss: Any
+        self, lo: int, hi: int, state: dict, g_hi: list, g_outs: dict, g_loss: Any, spare: float
     ) -> list:  # fmt: skip
         """The gradient of the state at piece ``lo`` (flattened) from that of the state at
-        piece ``hi`` (``g_hi``), sweeping pieces ``hi - 1`` down to ``lo``."""
+        piece ``hi`` (``g_hi``), sweeping pieces ``hi - 1`` down to ``lo``; ``spare``: how many
+        more states it may keep besides ``state``."""
         if hi - lo == 1:
             return self._piece_back(lo, state, g_hi, g_outs, g_loss)
+        if spare < 1:  # no state to spare: each piece's from ``state``, re-running those before
+            g = g_hi
+            for j in reversed(range(lo, hi)):
+                s = state
+                for i in range(lo, j):
+                    s = self._advance(s, *self.bounds[i])[2]
+                g = self._piece_back(j, s, g, g_outs, g_loss)
+                del s
+            return g
         mid = (lo + hi + 1) // 2
         s = state
         for j in range(lo, mid):
             s = self._advance(s, *self.bounds[j])[2]
-        g_mid = self._back(mid, hi, s, g_hi, g_outs, g_loss)
+        g_mid = self._back(mid, hi, s, g_hi, g_outs, g_loss, spare - 1)
         del s
-        return self._back(lo, mid, state, g_mid, g_outs, g_loss)
+        return self._back(lo, mid, state, g_mid, g_outs, g_loss, spare)
 
     def _piece_back(
         self, j: int, state: dict, g_next: list, g_outs: dict, g_loss: Any
