@@ -12,6 +12,9 @@ Titans chunks 8 / 64, CMS periods 8 / 32 / 128 / 512, hidden 4d, memory width d)
   (``hope(cms_signal="teach")``: one first pass with the blocks fixed instead of one pass per
   CMS tick; an approximation, docs/compiler.md);
 - ``first_order_teach``: both (the two-pass step of community implementations);
+- ``full_recompute``: the full step as ``nlgraph train --recompute`` runs it: each layer and
+  each piece between two CMS ticks recomputed in the backward (``compiler.sweep``), the same
+  gradients in less memory;
   a kind whose options the library lacks is reported as unavailable;
 - ``read_only``: ``writes=False`` (every memory read at its initial state, nothing updates) —
   the same network as a fixed model, the baseline of the write cost.
@@ -20,7 +23,8 @@ For each: seconds per step (median and range of the repeats, the kinds interleav
 FLOPs per step (``torch.utils.flop_counter``, forward and backward, inner gradients included),
 achieved FLOP/s, and the peak resident memory after the kind's warm-up (each shape runs in its
 own process, read-only first, so each kind's high-water mark includes only what ran before it).
-Then the peak memory of the full and the first-order teach steps at T = 512, 1024 and 2048
+Then the peak memory of the full (kept and recomputed) and the first-order teach steps at
+T = 512, 1024 and 2048
 (d256, one process each, capped at ``--mem-cap`` GB of address space; a run that exceeds it is
 reported as such).
 
@@ -67,13 +71,16 @@ SHAPES = {
     "tiny": dict(B=8, T=512, build={}),
 }  # fmt: skip
 # In this order: each kind's peak includes the ones before (lightest first).
-KINDS = ("read_only", "first_order_teach", "teach", "first_order", "full")
+KINDS = ("read_only", "full_recompute", "first_order_teach", "teach", "first_order", "full")
 OPTIONS = {  # hope's options per kind
-    "read_only": {}, "full": {},
+    "read_only": {}, "full": {}, "full_recompute": {},
     "first_order": {"meta": "first_order"},
     "teach": {"cms_signal": "teach"},
     "first_order_teach": {"meta": "first_order", "cms_signal": "teach"},
 }  # fmt: skip
+# Kinds run as `nlgraph train --recompute` runs them: each layer, and the exact rules' pieces,
+# recomputed in the backward (recompute_layers).
+RECOMPUTE = {"full_recompute"}
 TOLERANCE = 1e-10
 
 
@@ -99,10 +106,13 @@ def _check_kind(shape: str, kind: str) -> float:
 
     from nlgraph.compiler import compile
     from nlgraph.compiler.verify import compare, random_inputs
+    from nlgraph.train.trainer import recompute_layers
 
     graph = _graph(shape, kind)
     torch.manual_seed(0)
     chosen = compile(graph, backend="chunk", dtype=torch.float64)
+    if kind in RECOMPUTE:
+        recompute_layers(chosen)
     reference = compile(graph, backend="reference", dtype=torch.float64)
     reference.load_state_dict(chosen.state_dict())
     inputs = random_inputs(chosen, (2, 17), {}, torch.float64, seed=0)
@@ -123,10 +133,12 @@ def _stepper(shape: str, kind: str, T: int):
     import torch
 
     from nlgraph.compiler import compile
-    from nlgraph.train.trainer import next_token_loss
+    from nlgraph.train.trainer import next_token_loss, recompute_layers
 
     torch.manual_seed(0)
     learner = compile(_graph(shape, kind))
+    if kind in RECOMPUTE:
+        recompute_layers(learner)
     B = SHAPES[shape]["B"]
     vocab = learner.slow["embed"].num_embeddings
     tokens = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1))
@@ -188,7 +200,7 @@ def run_shape(shape: str, reps: int, T: int | None) -> dict:
     return out
 
 
-MEMORY_KINDS = ("full", "first_order_teach")
+MEMORY_KINDS = ("full", "full_recompute", "first_order_teach")
 
 
 def run_memory(T: int, kind: str) -> dict:

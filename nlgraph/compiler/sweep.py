@@ -9,14 +9,18 @@ layer). The sweep keeps none of them:
 
 - **forward**: the pieces run one after another without an outer graph: each piece's inner
   gradient is taken first order (the update's value is the same), its outputs and new state are
-  detached. Kept: the state the call starts from, the pieces' bounds and the outputs.
+  detached. Kept: the state the call starts from, the pieces' bounds, the outputs, and the states
+  where the backward's first descent splits (see below).
 - **backward**, in reverse piece order: piece ``j``'s incoming state is recomputed from the
-  nearest kept state by re-running the pieces before it (first order, bisection: a state is kept
-  at the middle of each range still to be swept, so ``log2(n) + 1`` states are alive at most and
-  ``n log2(n) / 2`` pieces are re-run); piece ``j`` is run again from that state with its inner
-  gradient's graph (``create_graph``), and one backward of its outputs, its loss and its new
-  state, with the gradients the outer loss and piece ``j + 1`` gave them, yields the
-  parameters' gradients and the gradient of piece ``j``'s incoming state.
+  nearest kept state by re-running the pieces before it, by aligned bisection (a range
+  ``[lo, hi)`` splits at ``lo + 2**k``, the largest such point below ``hi``; the state there is
+  kept while the right part is swept). The splits of the first descent (the last piece start
+  divisible by each power of two) are the states the forward kept, so at most ``log2(n) + 1``
+  states are alive and ``n log2(n) / 2 - (n - 1)`` pieces are re-run for ``n`` pieces a power
+  of two. Piece ``j`` is then run again from its state with its inner gradient's graph
+  (``create_graph``), and one backward of its outputs, its loss and its new state, with the
+  gradients the outer loss and piece ``j + 1`` gave them, yields the parameters' gradients and
+  the gradient of piece ``j``'s incoming state.
 
 Only one piece's second-order graph exists at a time, so memory grows with the kept states (a
 few per call) instead of with every piece's graph. The gradients are those of the kept-graph
@@ -99,12 +103,16 @@ class _Run:
         self.final_spec: Any = None
         self.final_is_out: list[bool] = []
         self.param_grads: list[torch.Tensor | None] = []
+        self.spine: dict[int, dict] = {}  # states the forward kept for the backward, by piece
 
     # ---------------------------------------------------------------------------- forward
     def forward(self) -> list[torch.Tensor]:
         state = tree_unflatten(self.start_leaves, self.spec)
         pieces, total, start = [], None, 0
+        levels: dict[int, int] = {}  # spine level -> the last piece start divisible by 2**level
         while start < self.T:
+            if self.bounds:
+                self._keep(len(self.bounds), state, levels)
             end = self.cut(state, start)
             outs, loss, state = self._advance(state, start, end)
             self.bounds.append((start, end))
@@ -117,6 +125,23 @@ class _Run:
         self.final_leaves, self.final_spec = tree_flatten(state)
         self.final_is_out = [_float(x) for x in self.final_leaves]  # the outputs among them
         return [*outputs, total, *[x for x in self.final_leaves if _float(x)]]
+
+    def _keep(self, j: int, state: dict, levels: dict[int, int]) -> None:
+        """Keep the state at piece ``j`` where the backward's first descent will split: for
+        each level ``k``, the last piece start divisible by ``2**k`` (the right spine of the
+        aligned bisection, whatever the number of pieces turns out to be), the top levels
+        only when the states are bounded."""
+        k = 0
+        while j % (1 << k) == 0:
+            levels[k] = j
+            k += 1
+        if self.max_states is not None:
+            while len(set(levels.values())) > self.max_states - 1:
+                del levels[min(levels)]
+        self.spine[j] = state
+        wanted = set(levels.values())
+        for p in [p for p in self.spine if p not in wanted]:
+            del self.spine[p]
 
     def _advance(self, state: dict, start: int, end: int) -> tuple[dict, torch.Tensor, dict]:
         """One piece, first order, everything it returns detached."""
@@ -159,10 +184,12 @@ class _Run:
                 g = self._piece_back(j, s, g, g_outs, g_loss)
                 del s
             return g
-        mid = (lo + hi + 1) // 2
-        s = state
-        for j in range(lo, mid):
-            s = self._advance(s, *self.bounds[j])[2]
+        mid = lo + (1 << ((hi - lo - 1).bit_length() - 1))  # aligned: lo + 2**k < hi
+        s = self.spine.pop(mid, None)
+        if s is None:
+            s = state
+            for j in range(lo, mid):
+                s = self._advance(s, *self.bounds[j])[2]
         g_mid = self._back(mid, hi, s, g_hi, g_outs, g_loss, spare - 1)
         del s
         return self._back(lo, mid, state, g_mid, g_outs, g_loss, spare)
@@ -172,9 +199,11 @@ class _Run:
     ) -> list:  # fmt: skip
         start, end = self.bounds[j]
         leaves, spec = tree_flatten(state)
-        inp = [x.detach().requires_grad_() if _float(x) else x for x in leaves]
         release_freed_memory()
         with torch.enable_grad():
+            # Views of fresh leaves: the step's modules receive no leaf (backward hooks on
+            # module inputs, as torch.utils.flop_counter's, refuse a leaf under autograd.grad).
+            inp = [x.detach().requires_grad_().view_as(x) if _float(x) else x for x in leaves]
             outs, loss, new = self.step(tree_unflatten(inp, spec), start, end, True)
         new_leaves = tree_flatten(new)[0]
         if len(new_leaves) != len(g_next):  # pragma: no cover - the step is deterministic
