@@ -24,7 +24,8 @@ layer). The sweep keeps none of them:
 
 Only one piece's second-order graph exists at a time, so memory grows with the kept states (a
 few per call) instead of with every piece's graph. The gradients are those of the kept-graph
-path (the same operations on the same values); ``tests/test_sweep.py`` checks them against it.
+path (the same operations, on values equal up to rounding: the forward's inner gradients are
+first order); ``tests/test_sweep.py`` checks them against it.
 
 The gradients go to the learner's parameters (and to tensors of the incoming state that require
 grad): a tensor that only ``loss_fn`` closes over gets none here (the learner's loss functions,
