@@ -408,22 +408,38 @@ def test_a_signal_wider_than_one_value_per_token_is_refused():
         learner(x, None, loss_fn=mse(target))
 
 
+def _agrees_with_the_plain_run(name, seed, **setting):
+    """The learner with ``setting`` gives the plain run's outputs, parameters and
+    meta-gradients (to rounding)."""
+    learner = learner_for(name)
+    x, target = data(seed=seed)
+    plain = run(learner, x, target)
+    for k, v in setting.items():
+        setattr(learner, k, v)
+    other = run(learner, x, target)
+    close(other[0]["y"], plain[0]["y"])
+    for a, b in zip(other[1]["B"]["theta"], plain[1]["B"]["theta"], strict=True):
+        close(a, b)
+    assert other[2].keys() == plain[2].keys()
+    for n in plain[2]:
+        close(other[2][n], plain[2][n])
+
+
 @pytest.mark.parametrize("name", ["per_token_lr", "per_token_retain_momentum"])
 def test_functional_piece_step_agrees(name):
     """The functional piece step (program, loss and inner gradient as one torch.func function,
     as under compile_program) hands the signals over the same way: same outputs, parameters
     and meta-gradients."""
-    learner = learner_for(name)
-    x, target = data(seed=6)
-    plain = run(learner, x, target)
-    learner.functional_pieces = True
-    functional = run(learner, x, target)
-    close(functional[0]["y"], plain[0]["y"])
-    for a, b in zip(functional[1]["B"]["theta"], plain[1]["B"]["theta"], strict=True):
-        close(a, b)
-    assert functional[2].keys() == plain[2].keys()
-    for n in plain[2]:
-        close(functional[2][n], plain[2][n])
+    _agrees_with_the_plain_run(name, 6, functional_pieces=True)
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_recomputed_pieces_agree(name):
+    """Pieces recomputed in the backward (``recompute_pieces``, compiler.sweep) give the same
+    outputs, state and meta-gradients for every rule chain: momentum buffers, Newton-Schulz,
+    learned and per-token scalars (one-token pieces) included (to rounding: the sweep's
+    forward takes each inner gradient first order)."""
+    _agrees_with_the_plain_run(name, 7, recompute_pieces=True)
 
 
 def test_stop_grad_into_a_block_detaches_its_per_token_scalars():
@@ -473,22 +489,3 @@ def test_causality(name):
             y1 = learner(x2, None, loss_fn=mse(t2))[0]["y"]
             assert torch.equal(y1[:, : t + 1], y0[:, : t + 1]), (backend, t)
             assert not torch.equal(y1[:, t + 1 :], y0[:, t + 1 :])
-
-
-@pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_recomputed_pieces_agree(name):
-    """Pieces recomputed in the backward (``recompute_pieces``, compiler.sweep) give the same
-    outputs, state and meta-gradients for every rule chain: momentum buffers, Newton-Schulz,
-    learned and per-token scalars (one-token pieces) included."""
-    learner = learner_for(name)
-    x, target = data(seed=7)
-    plain = run(learner, x, target)
-    learner.recompute_pieces = True
-    swept = run(learner, x, target)
-    # (the same up to rounding: the sweep's forward takes each inner gradient first order)
-    close(swept[0]["y"], plain[0]["y"])
-    for a, b in zip(swept[1]["B"]["theta"], plain[1]["B"]["theta"], strict=True):
-        close(a, b)
-    assert swept[2].keys() == plain[2].keys()
-    for n in plain[2]:
-        close(swept[2][n], plain[2][n])

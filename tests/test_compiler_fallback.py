@@ -460,6 +460,18 @@ def test_truncated_into_a_block_cuts_the_meta_gradient_after_k_updates():
         assert rel(a, b) <= 1e-10
 
 
+def test_truncated_into_a_block_with_recomputed_pieces():
+    """Pieces recomputed in the backward (recompute_pieces) cut the meta-gradient at the same
+    updates: the same gradients as the kept graphs."""
+    trunc = block_learner(nl.truncated(2))
+    x, tgt = torch.randn(2, 11, 4, dtype=DT), torch.randn(2, 11, 4, dtype=DT)
+    kept = _block_grads(trunc, x, tgt)
+    assert any(g.abs().sum() > 0 for g in kept)
+    trunc.recompute_pieces = True
+    for a, b in zip(_block_grads(trunc, x, tgt), kept, strict=True):
+        assert rel(a, b) <= 1e-10
+
+
 def test_truncated_into_a_block_with_k_beyond_the_sequence_is_unrolled():
     plain, trunc = block_learner(), block_learner(nl.truncated(4))
     trunc.load_state_dict(weights(plain), strict=False)

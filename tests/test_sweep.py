@@ -1,8 +1,9 @@
 """Exact CMS learners with their pieces recomputed in the backward (``recompute_pieces``,
 ``compiler.sweep``): the same outputs, new state and gradients as the step that keeps every
 piece's second-order graph, for the library's exact-rule LMs and CMS variants, through a carried
-state (two calls, one backward), with truncation; the backward re-runs the pieces by bisection;
-what the sweep does not run is refused naming the fix. (The rule chains: test_cms_rules.py.)"""
+state (two calls, one backward); the backward re-runs the pieces by bisection; what the sweep
+does not run is refused naming the fix. (The rule chains: test_cms_rules.py; truncation:
+test_compiler_fallback.py.)"""
 
 from __future__ import annotations
 
@@ -102,32 +103,6 @@ def test_a_carried_state_is_differentiated_through_both_calls():
     learner = compile(get("hope", **TINY, cms_chunks=(4, 8)), dtype=DT)
     tokens = torch.randint(0, 256, (2, 24))
     agree(learner, tokens, calls=2)
-
-
-def test_truncated_updates_stop_the_gradient_the_same_way():
-    torch.manual_seed(2)
-    g = nl.Graph("truncated")
-    x = g.input("x", dim=4)
-    W = g.level("W", state=nl.linear(4, 4), frequency=nl.per_step(), objective=nl.outer())
-    blk = g.level("B", state=nl.mlp(4, 4, width=5), frequency=nl.every(2, "token"),
-                  objective=nl.outer(), optimizer=nl.gd(lr=0.5), chunk=2, context=W(x),
-                  init=nl.meta())  # fmt: skip
-    g.output("y", blk(W(x)))
-    g.differentiate("W", "B", nl.truncated(2))  # B's parameters detached every 2 updates
-    learner = compile(g, dtype=DT)
-    x, target = torch.randn(2, 11, 4, dtype=DT), torch.randn(2, 11, 4, dtype=DT)
-
-    def grads(recompute):
-        learner.recompute_pieces = recompute
-        learner.zero_grad(set_to_none=True)
-        out, _ = learner(x, loss_fn=lambda o, s, e: ((o["y"] - target[:, s:e]) ** 2).sum())
-        out["loss"].backward()
-        return {n: p.grad for n, p in learner.named_parameters() if p.grad is not None}
-
-    kept, swept = grads(False), grads(True)
-    assert kept.keys() == swept.keys() and kept
-    for n in kept:
-        close(swept[n], kept[n])
 
 
 def test_the_backward_reruns_pieces_by_bisection(monkeypatch):
