@@ -64,8 +64,6 @@ def sweep(
     most piece states the backward keeps at once, besides the one it advances (None:
     ``log2(n) + 1`` for ``n`` pieces, by bisection); with none to spare, a range of ``m``
     pieces re-runs from its first state for each piece (``m (m - 1) / 2`` pieces)."""
-    if max_states is not None and (isinstance(max_states, bool) or max_states < 1):
-        raise ValueError(f"sweep: max_states={max_states!r}; expected a positive int or None")
     leaves, spec = tree_flatten(state)
     run = _Run(step, cut, T, leaves, spec, list(params), max_states)
     grad_in = [x for x in leaves if _float(x) and x.requires_grad]
@@ -98,7 +96,7 @@ class _Run:
         self.start_leaves = _detached(leaves)
         self.grad_pos = [i for i, x in enumerate(leaves) if _float(x) and x.requires_grad]
         self.bounds: list[tuple[int, int]] = []
-        self.widths: list[dict[str, int]] = []  # each piece's outputs' lengths along dim 1
+        self.spans: list[dict[str, slice]] = []  # each piece's outputs, along dim 1 of the call's
         self.out_keys: list[str] = []
         self.final_leaves: list[Any] = []
         self.final_spec: Any = None
@@ -117,7 +115,8 @@ class _Run:
             end = self.cut(state, start)
             outs, loss, state = self._advance(state, start, end)
             self.bounds.append((start, end))
-            self.widths.append({k: v.shape[1] for k, v in outs.items()})
+            ends = {k: self.spans[-1][k].stop if self.spans else 0 for k in outs}
+            self.spans.append({k: slice(ends[k], ends[k] + v.shape[1]) for k, v in outs.items()})
             pieces.append(outs)
             total = loss if total is None else total + loss
             start = end
@@ -213,9 +212,8 @@ class _Run:
         for k, o in outs.items():
             g = g_outs.get(k)
             if g is not None and o.requires_grad:
-                a = sum(w[k] for w in self.widths[:j])
                 roots.append(o)
-                cots.append(g[:, a : a + self.widths[j][k]])
+                cots.append(g[:, self.spans[j][k]])
         if g_loss is not None and loss.requires_grad:
             roots.append(loss)
             cots.append(g_loss)

@@ -59,7 +59,8 @@ def recompute_layers(learner: torch.nn.Module) -> list[str]:
     meta = learner.meta_blocks()
     if not meta:
         return []
-    first_order = [n for n in learner.blocks_in_order() if n in learner._first_order]
+    # blocks beside exact ones are first-order (a teach signal takes every block: teach.check)
+    first_order = [n for n in learner.blocks_in_order() if n not in meta]
     if first_order:
         return [
             f"warning: --recompute: {learner.spec.name!r} mixes first-order CMS blocks "
