@@ -24,6 +24,32 @@ def _segments(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return segprod(F.pad(g.permute(0, 2, 1), (1, 0), value=1.0))
 
 
+def _state_update(
+    u: torch.Tensor, gu: torch.Tensor, v: torch.Tensor | None, gv: torch.Tensor | None,
+    coef: torch.Tensor, xh: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``gu * u (+ gv * v) + coef^T xh`` per (batch, head): states ``[B, H, O, I]``, gates
+    ``[B, H]``, ``coef: [B, H, C, O]``, ``xh: [B, H, C, I]``.
+
+    The state-sized terms dominate a window (its token work is C x C): one fresh tensor,
+    then the rest accumulated into it in place (``addcmul_``, ``baddbmm_``), so each state is
+    read once and the result written once per term, with no temporary of the state's size.
+    None of the in-place ops overwrites a tensor autograd saved: each saves only its other
+    operands."""
+    C, O, I = coef.shape[-2], coef.shape[-1], xh.shape[-1]
+    shape = torch.broadcast_shapes(u.shape, coef.shape[:-2] + (O, I), xh.shape[:-2] + (O, I),
+                                   *([] if v is None else [v.shape]))  # fmt: skip
+    B, H = shape[0], shape[1]
+    # a fresh, contiguous tensor of the full shape (a state may be a broadcast zero), viewable flat
+    out = torch.mul(u, gu[..., None, None]).expand(shape).contiguous()
+    if v is not None:
+        out.addcmul_(gv[..., None, None], v)
+    flat = out.view(B * H, O, I)
+    flat.baddbmm_(coef.transpose(-1, -2).expand(B, H, O, C).reshape(B * H, O, C),
+                  xh.expand(B, H, C, I).reshape(B * H, C, I))  # fmt: skip
+    return out
+
+
 def momentum_memory_chunk(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -61,9 +87,7 @@ def momentum_memory_chunk(
     q = fa @ fm - fa
     xh, dh = x.transpose(1, 2), delta.transpose(1, 2)  # [B, H, C, I], [B, H, C, O]
     # matrix products throughout (no einsum): this runs once per window and layer
-    # addcmul: the state-sized terms in as few passes over [B, H, O, I] as autograd allows
-    s_new = torch.addcmul((fm[..., -1, 1:, None] * dh).transpose(-1, -2) @ xh,
-                          fm[..., -1, 0, None, None], s0)  # fmt: skip
+    s_new = _state_update(s0, fm[..., -1, 0], None, None, fm[..., -1, 1:, None] * dh, xh)
     if b is None:
         coef = (fa[..., -1, 1:] + q[..., -1, 1:]).unsqueeze(-1) * dh
     else:
@@ -89,8 +113,5 @@ def momentum_memory_chunk(
             unitriangular=True,
         ).to(rhs.dtype)  # fmt: skip
         coef = fa[..., -1, 1:, None] * wt + q[..., -1, 1:, None] * dh
-    w_new = torch.addcmul(
-        torch.addcmul(coef.transpose(-1, -2) @ xh, fa[..., -1, 0, None, None], w0),
-        q[..., -1, 0, None, None], s0,
-    )  # fmt: skip
+    w_new = _state_update(w0, fa[..., -1, 0], s0, q[..., -1, 0], coef, xh)
     return w_new, s_new
