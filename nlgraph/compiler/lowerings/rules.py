@@ -9,6 +9,8 @@ M <- M (a I - lr' x x^T) - lr' d per layer with that layer's input x.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from nlgraph.compiler import ir
@@ -45,7 +47,7 @@ def apply_rules(rules, weights, d, bufs, scalars, inputs=None, lead=2, unit_lr=N
             mu = None if ema else sc["momentum"]
             a = 1.0 if ema or sc["retain"] is None else sc["retain"]
             if mu is None:
-                s = [shaped(a, w) * w - shaped(lr, g) * g for w, g in zip(s, d, strict=True)]
+                s = [_step(w, a, g, lr) for w, g in zip(s, d, strict=True)]
             else:
                 old = bufs.get(str(i)) or [torch.zeros_like(g) for g in d]
                 buf = [shaped(mu, b) * b - shaped(lr, g) * g for b, g in zip(old, d, strict=True)]
@@ -76,6 +78,15 @@ def apply_rules(rules, weights, d, bufs, scalars, inputs=None, lead=2, unit_lr=N
             if sc["momentum"] is not None:
                 bufs[str(i)] = buf
     return s, bufs
+
+
+def _step(w: torch.Tensor, a: Any, g: torch.Tensor, lr: Any) -> torch.Tensor:
+    """``a * w - lr * g``: one pass over the state where ``a`` is 1 and ``lr`` a number (the
+    common case; the state is the big operand, so each skipped pass counts)."""
+    scaled = w if isinstance(a, float | int) and a == 1 else shaped(a, w) * w
+    if isinstance(lr, float | int):
+        return torch.add(scaled, g, alpha=-lr)
+    return scaled - shaped(lr, g) * g
 
 
 def orthogonalize(g: torch.Tensor, steps: int, variant: str, lead: int) -> torch.Tensor:
