@@ -50,8 +50,8 @@ from nlgraph.compiler.modules import MLPBlock
 from nlgraph.level import Level
 
 __all__ = [
-    "Block", "initial", "truncate", "apply", "cut_points", "accumulate_and_update",
-    "buffer_keys", "token_weighted", "live", "empty_acc",
+    "Block", "initial", "truncate", "apply", "apply_segments", "cut_points",
+    "accumulate_and_update", "buffer_keys", "token_weighted", "live", "empty_acc",
 ]  # fmt: skip
 
 
@@ -119,31 +119,94 @@ def live(t: torch.Tensor) -> torch.Tensor:
     return t if t.requires_grad else t.detach().clone().requires_grad_()
 
 
+def _layers(module: nn.Module, theta: list[torch.Tensor]) -> list[tuple]:
+    """A block's parameters as ``(weight, bias or None)`` per layer, in order."""
+    if isinstance(module, MLPBlock):
+        return [(theta[2 * i], theta[2 * i + 1]) for i in range(len(module.layers))]
+    if isinstance(module, nn.Linear):
+        return [(theta[0], theta[1] if module.bias is not None else None)]
+    raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, shared: bool):
+    if shared:
+        return F.linear(h, w, b)
+    if b is None:
+        return torch.bmm(h, w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+
+
+def _finish(module: nn.Module, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return x + h if isinstance(module, MLPBlock) and module.residual else h
+
+
+def _act(module: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
+    """The activation after layer ``i`` (none after an MLP's last layer or a linear block)."""
+    if isinstance(module, MLPBlock) and i < len(module.layers) - 1:
+        return module.act(h)
+    return h
+
+
 def apply(
     module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor, shared: bool = False
 ) -> torch.Tensor:
     """The block's forward with per-sample parameters ``theta`` (``[B, ...]``) on
     ``x: [B, T, D]``; ``shared``: one set of parameters for the whole batch (unbatched
     ``theta``, plain GEMMs)."""
+    h = x
+    for i, (w, b) in enumerate(_layers(module, theta)):
+        h = _act(module, i, _linear(h, w, b, shared))
+    return _finish(module, x, h)
 
-    def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if shared:
-            return F.linear(h, w, b)
-        if b is None:
-            return torch.bmm(h, w.transpose(1, 2))
-        return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
 
-    if isinstance(module, MLPBlock):
-        h = x
-        n = len(module.layers)
-        for i in range(n):
-            h = linear(h, theta[2 * i], theta[2 * i + 1])
-            if i < n - 1:
-                h = module.act(h)
-        return x + h if module.residual else h
-    if isinstance(module, nn.Linear):
-        return linear(x, theta[0], theta[1] if module.bias is not None else None)
-    raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
+def apply_segments(
+    module: nn.Module, segments: list[tuple[int, int, list[torch.Tensor]]], x: torch.Tensor,
+    shared: bool, first_order: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The block on ``x: [B, T, D]`` with tokens ``start..end-1`` of each segment
+    ``(start, end, theta)`` at that segment's per-sample parameters, layer by layer (one
+    concatenation per layer). ``shared``: a segment whose parameters are still a broadcast over
+    the batch runs as plain GEMMs (only where no per-sample gradient is asked for).
+
+    ``first_order``: every segment's parameters are the first segment's ``o`` plus a constant
+    (:func:`origin_of`): each layer reads them detached and adds ``h (o - sg(o))^T``, zero in
+    value, over the whole call. The gradient of ``o`` is then one product over the call instead
+    of one parameter-sized gradient per segment summed, and no segment's parameters carry a
+    graph."""
+    per_segment = [_layers(module, th) for _, _, th in segments]
+    origin = per_segment[0] if first_order else None
+    sizes = [e - s for s, e, _ in segments]
+    h = x
+    for i in range(len(per_segment[0])):
+        parts = []
+        # split, not a slice per segment: the backward of each slice would be a zero-filled
+        # tensor of the whole call
+        for h_seg, layers in zip(h.split(sizes, 1), per_segment, strict=True):
+            w, b = layers[i]
+            if first_order:
+                w, b = w.detach(), None if b is None else b.detach()
+            parts.append(_shared_or_not(h_seg, w, b, shared))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if origin is not None:
+            w, b = origin[i]
+            w1, b1 = _broadcast_row(w, b, shared)
+            zw, zb = w1 - w1.detach(), None if b1 is None else b1 - b1.detach()
+            y = y + _linear(h, zw, zb, w1 is not w)
+        h = _act(module, i, y)
+    return _finish(module, x, h)
+
+
+def _broadcast_row(w: torch.Tensor, b: torch.Tensor | None, shared: bool) -> tuple:
+    """``(w, b)``, or their first sample where they are a broadcast over the batch and
+    ``shared`` allows one set for all."""
+    if shared and w.stride(0) == 0 and (b is None or b.stride(0) == 0):
+        return w[0], None if b is None else b[0]
+    return w, b
+
+
+def _shared_or_not(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, shared: bool):
+    w1, b1 = _broadcast_row(w, b, shared)
+    return _linear(h, w1, b1, w1 is not w)
 
 
 def origin_of(theta: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -315,8 +378,10 @@ class Block(nn.Module):
         st = state[self.name]
         if "taught" in st:
             rest = {k: v for k, v in st.items() if k != "taught"}
-            segments = st["taught"].run(self.net, rest, self.rates())
-            return torch.cat([self._forward_with(th, x[:, s:e]) for s, e, th in segments], 1)
+            taught = st["taught"]
+            segments = taught.run(self.net, rest, self.rates())
+            first_order = taught.origin is not None and torch.is_grad_enabled()
+            return apply_segments(self.net, segments, x, self.shared, first_order)
         y = self._forward_with(st["theta"], x)
         if self.capture is not None:
             self.capture[self.name] = (x, y)

@@ -42,7 +42,7 @@ from nlgraph.compiler.lowerings.mlp import act_grad
 from nlgraph.compiler.modules import MLPBlock
 from nlgraph.level import Level
 
-__all__ = ["check", "schedule", "local_grads", "Replay", "Taught"]
+__all__ = ["check", "schedule", "local_grads", "local_step", "plain_gd", "Replay", "Taught"]
 
 
 def check(levels: list[Level], rules: dict[str, tuple[ir.Rule, ...]]) -> None:
@@ -92,24 +92,38 @@ def schedule(
     constant increment on them), else None."""
     T = x.shape[1]
     segments, start = [], 0
-    origins = {} if origin is None else {lv.name: origin}
+    first_order, carries_origin = origin is not None, False
+    # A first-order block's updates run without a graph; its state after the call is
+    # o + sg(theta - o) (o: the call-start parameters), added once at the end, and its segments
+    # are read detached (boundary.apply_segments), so no update needs the origin term.
+    fused = plain_gd(rates[0]) if first_order else None
     while start < T:
         end = start + boundary.cut_points(T - start, {"b": period}, {"b": st["phase"]}, False)[0]
         theta = [t.view_as(t) for t in st["theta"]]  # fresh aliases: the partial derivative
-        st = {**st, "theta": theta}
+        st, before = {**st, "theta": theta}, st["updates"]
         segments.append((start, end, theta))
-        graph = differentiable and origin is None
-        with torch.enable_grad() if graph else torch.no_grad():
-            grads = local_grads(net, theta, x[:, start:end], delta[:, start:end])
-        states = {lv.name: st}
-        updated = boundary.accumulate_and_update(
-            None, [lv], states, {lv.name: period}, {lv.name: rates}, end - start,
-            differentiable, grads, origins,
-        )  # fmt: skip
-        st = states[lv.name]
-        if truncate is not None and updated and st["updates"] % truncate == 0:
-            st = boundary.truncate(st)
+        if fused is not None and st["phase"] == 0 and end - start == period:
+            with torch.no_grad():  # nothing pending, a whole chunk: the fused step
+                new = local_step(net, theta, x[:, start:end], delta[:, start:end], fused)
+            st = {**st, "theta": new, "updates": st["updates"] + 1}
+        else:
+            graph = differentiable and not first_order
+            with torch.enable_grad() if graph else torch.no_grad():
+                grads = local_grads(net, theta, x[:, start:end], delta[:, start:end])
+                states = {lv.name: st}
+                boundary.accumulate_and_update(
+                    None, [lv], states, {lv.name: period}, {lv.name: rates}, end - start, graph,
+                    grads,
+                )  # fmt: skip
+            st = states[lv.name]
+        # o's term rides on the last update's parameters, unless a truncation cut them after it
+        carries_origin = carries_origin if st["updates"] == before else True
+        if truncate is not None and st["updates"] != before and st["updates"] % truncate == 0:
+            st, carries_origin = boundary.truncate(st), False
         start = end
+    if first_order and differentiable and carries_origin:
+        st = {**st, "theta": [boundary.live(t.detach() + z) for t, z in
+                              zip(st["theta"], origin, strict=True)]}  # fmt: skip
     return segments, st
 
 
@@ -147,6 +161,31 @@ def local_grads(
     """``grad_theta sum_t <delta_t, f(theta; x_t)>`` for a block's per-sample parameters
     (``[B, ...]``), by hand (each layer's error times its input; differentiable where grad mode
     is on) for the two block modules :func:`.boundary.apply` runs."""
+    return _local(net, theta, x, delta, None)
+
+
+def local_step(
+    net: torch.nn.Module, theta: list[torch.Tensor], x: torch.Tensor, delta: torch.Tensor,
+    lr: float,
+) -> list[torch.Tensor]:  # fmt: skip
+    """``theta - lr * local_grads(net, theta, x, delta)`` with each weight's gradient summed
+    straight into the new weight (``baddbmm``): one pass over each parameter instead of a
+    gradient, a scaled copy and a difference."""
+    return _local(net, theta, x, delta, lr)
+
+
+def _local(
+    net: torch.nn.Module, theta: list[torch.Tensor], x: torch.Tensor, delta: torch.Tensor,
+    lr: float | None,
+) -> list[torch.Tensor]:  # fmt: skip
+    def weight(w: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if lr is None:
+            return torch.bmm(d.transpose(1, 2), h)
+        return torch.baddbmm(w, d.transpose(1, 2), h, alpha=-lr)
+
+    def bias(b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return d.sum(1) if lr is None else torch.add(b, d.sum(1), alpha=-lr)
+
     if isinstance(net, MLPBlock):
         n = len(net.layers)
         hs, pres, h = [x], [], x
@@ -156,17 +195,27 @@ def local_grads(
             pres.append(z)
             h = net.act(z) if i < n - 1 else z
             hs.append(h)
-        grads: list[torch.Tensor] = []
+        out: list[torch.Tensor] = []
         d = delta
         for i in reversed(range(n)):
-            grads = [torch.bmm(d.transpose(1, 2), hs[i]), d.sum(1), *grads]
+            out = [weight(theta[2 * i], d, hs[i]), bias(theta[2 * i + 1], d), *out]
             if i:
                 d = torch.bmm(d, theta[2 * i]) * act_grad(net.act_name, pres[i - 1])
-        return grads
+        return out
     if isinstance(net, torch.nn.Linear):
-        gw = torch.bmm(delta.transpose(1, 2), x)
-        return [gw, delta.sum(1)] if net.bias is not None else [gw]
+        gw = weight(theta[0], delta, x)
+        return [gw, bias(theta[1], delta)] if net.bias is not None else [gw]
     raise TypeError(f"no chunk gradient for {type(net).__name__}")  # pragma: no cover
+
+
+def plain_gd(rules: tuple[ir.Rule, ...]) -> float | None:
+    """The rate of a rule chain that is one plain gd step with a constant rate (no momentum,
+    no retention: Eq. 71 as printed), else None."""
+    if len(rules) != 1 or not isinstance(rules[0], ir.GDStep):
+        return None
+    r = rules[0]
+    plain = isinstance(r.momentum, ir.NoScalar) and isinstance(r.retain, ir.NoScalar)
+    return r.lr.value if plain and isinstance(r.lr, ir.Const) else None
 
 
 class Replay:
