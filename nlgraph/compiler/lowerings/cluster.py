@@ -93,6 +93,21 @@ class _Member:
         self.origin = None
         if cfg.first_order and torch.is_grad_enabled():  # o - sg(o): zero, the gradient of o
             self.origin = [o - o.detach() for o in prev["visible"]]
+        # The visible weights are the running ones without the origin term (first-order, after
+        # the member's first chunk end in the call): it is added where they are read, once per
+        # group of reads, and to the state the call leaves (finish).
+        self.raw = False
+        self.group_zeros: dict[tuple, list[torch.Tensor]] = {}  # origins of this member's group
+
+    def visible(self) -> list[torch.Tensor]:
+        """The visible weights as the outer gradient sees them."""
+        return self.seen(self.state["visible"]) if self.raw else self.state["visible"]
+
+    def finish(self) -> dict:
+        """The member's state after the call."""
+        if self.raw:
+            self.state, self.raw = {**self.state, "visible": self.visible()}, False
+        return self.state
 
     def seen(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         """``weights`` as the outer gradient sees them: as they are, or, for a first-order
@@ -125,7 +140,7 @@ def run_cluster(
     groups = _read_groups(c, members)
     if not writes:  # read-only: every read at the state it starts from, one window
         vals = [_LATER] * len(c.nodes)
-        _window(slow, c, members, groups, window_inputs, 0, T, vals, {}, set(c.names))
+        _window(slow, c, members, groups, window_inputs, vals, {}, set(c.names))
         for n, mem in members.items():
             new_state[n] = mem.state
         return {n: tuple(vals[node] for node in c.reads[n]) for n in c.names}
@@ -136,25 +151,51 @@ def run_cluster(
         backend == "reference" or bool(c.read_new),
     )
     pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in c.reads[n]] for n in c.names}
-    for s, e in zip([0, *cuts[:-1]], cuts, strict=True):
+    # split once, not a slice per window: the backward of each slice would be a zero-filled
+    # tensor of the whole sequence
+    bounds = list(zip([0, *cuts[:-1]], cuts, strict=True))
+    splits = [a.split([e - s for s, e in bounds], 1) for a in window_inputs]
+    for w, (s, e) in enumerate(bounds):
+        window = tuple(parts[w] for parts in splits)
         # Stage by stage (Def. 2): the window program's nodes that are ready, then the updates
         # of the stage's members; the reads at="new" last, on the running states.
         vals, done, ready = [_LATER] * len(c.nodes), {}, set()
         for stage in c.stages or [c.names]:
-            _window(slow, c, members, groups, window_inputs, s, e, vals, done, ready)
+            _window(slow, c, members, groups, window, vals, done, ready)
             _update_all({n: members[n] for n in stage}, c, vals, backend, e - s)
             ready.update(stage)
         if c.read_new:  # the reads at="new", now that every member has updated
-            _window(slow, c, members, groups, window_inputs, s, e, vals, done, ready)
+            _window(slow, c, members, groups, window, vals, done, ready)
         for n in c.names:
             for slot, node in enumerate(c.reads[n]):
                 pieces[n][slot].append(vals[node])
         for mem in members.values():
             if mem.state["phase"] % mem.chunk == 0:
-                mem.state["visible"] = mem.seen(mem.state["running"])
+                mem.state["visible"], mem.raw = mem.state["running"], mem.origin is not None
     for n, mem in members.items():
-        new_state[n] = mem.state
+        new_state[n] = mem.finish()
     return {n: tuple(torch.cat(p, dim=1) for p in pieces[n]) for n in c.names}
+
+
+def _joined(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(ts, dim)``, or, where ``ts`` are the consecutive parts of one tensor along
+    ``dim`` (a group's weights split per member after its update), that tensor: no copy of the
+    state each window. Views of a parameter (a call's initial weights) are copied as before:
+    a sharded learner frees its parameters' storage between the forward and the backward."""
+    base = ts[0]._base
+    if base is None or (base.is_leaf and base.requires_grad):
+        return ts[0] if len(ts) == 1 and base is None else torch.cat(ts, dim)
+    if any(t._base is not base or t.stride() != base.stride() for t in ts):
+        return torch.cat(ts, dim)
+    rest = base.shape[:dim] + base.shape[dim + 1 :]
+    offset = base.storage_offset()
+    for t in ts:
+        if t.storage_offset() != offset or t.shape[:dim] + t.shape[dim + 1 :] != rest:
+            return torch.cat(ts, dim)
+        offset += t.shape[dim] * t.stride(dim)
+    if offset - base.storage_offset() != base.shape[dim] * base.stride(dim):
+        return torch.cat(ts, dim)
+    return base
 
 
 def _read_groups(c: Any, members: dict) -> dict[int, list[int]]:
@@ -177,14 +218,15 @@ _LATER = object()  # a window node not evaluated yet
 
 
 def _window(
-    slow: Any, c: Any, members: dict, groups: dict, window_inputs: tuple, s: int, e: int,
-    vals: list, done: dict, ready: set,
+    slow: Any, c: Any, members: dict, groups: dict, window: tuple, vals: list, done: dict,
+    ready: set,
 ) -> None:  # fmt: skip
-    """The window program on tokens ``s..e-1``, into ``vals`` (``_LATER`` where not evaluated
-    yet): a read at="prev" at the member's visible state, a read at="new" (``running``) at its
-    running state once its update of this window has run (``ready``); a node that needs a
-    member not ready stays ``_LATER`` for the next call. ``groups``: :func:`_read_groups`, the
-    same for every window of a call; ``done``: the group reads computed ahead."""
+    """The window program on one window's inputs ``window``, into ``vals`` (``_LATER`` where
+    not evaluated yet): a read at="prev" at the member's visible state, a read at="new"
+    (``running``) at its running state once its update of this window has run (``ready``); a
+    node that needs a member not ready stays ``_LATER`` for the next call. ``groups``:
+    :func:`_read_groups`, the same for every window of a call; ``done``: the group reads
+    computed ahead."""
     for i, n in enumerate(c.nodes):
         if vals[i] is not _LATER:
             continue
@@ -193,7 +235,7 @@ def _window(
             continue
         op = n.op
         if op == "window_input":
-            v = window_inputs[n.attrs[0]][:, s:e]
+            v = window[n.attrs[0]]
         elif op == "const":
             v = n.attrs[0]
         elif op == "visible" and i in done:
@@ -203,8 +245,7 @@ def _window(
             group = [members[c.nodes[j].attrs[0]] for j in groups[i]]
             cfg = group[0].cfg
             x = heads(a[0], cfg.heads, n.attrs[1])
-            layers = zip(*(m.state["visible"] for m in group), strict=True)
-            ws = [torch.cat(layer, dim=1) for layer in layers]
+            ws = _group_weights(group)
             xs = x if len(group) == 1 else torch.cat([x] * len(group), dim=2)
             y, _, _ = mlp_forward(ws, xs, cfg.activation, cfg.residual)
             for j, yj in zip(groups[i], y.split(cfg.heads, dim=2), strict=True):
@@ -229,6 +270,26 @@ def _window(
         else:  # pragma: no cover - the window builder emits only the ops above
             raise CompileError(f"window op {op!r}")
         vals[i] = v
+
+
+def _group_weights(group: list[_Member]) -> list[torch.Tensor]:
+    """The visible weights of a group of members, per layer, their heads stacked: one tensor
+    per layer, with the members' origin terms added once (first-order members)."""
+
+    def stacked(per_member: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        return [_joined(list(layer), 1) for layer in zip(*per_member, strict=True)]
+
+    if not any(m.raw for m in group):
+        return stacked([m.state["visible"] for m in group])
+    if not all(m.raw for m in group):
+        return stacked([m.visible() for m in group])
+    key = tuple(id(m) for m in group)
+    zeros = group[0].group_zeros.get(key)
+    if zeros is None:  # the same for every window of the call
+        zeros = stacked([m.origin for m in group])
+        group[0].group_zeros[key] = zeros
+    ws = stacked([m.state["visible"] for m in group])
+    return [w + z for w, z in zip(ws, zeros, strict=True)]
 
 
 def output_error(cfg: Any, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -321,7 +382,8 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
             return torch.cat([j[name] for j in group], dim=dim)
 
         sizes = [j["x"].shape[2] for j in group]
-        x, d, step, w = cat("x", 2), cat("d", 2), cat("step", 2), cat("w", 1)
+        x, d, step = cat("x", 2), cat("d", 2), cat("step", 2)
+        w = _joined([j["w"] for j in group], 1)
         decay = None if group[0]["decay"] is None else cat("decay", 2)
         retain = None if group[0]["retain"] is None else cat("retain", 2)
         if group[0]["mu"] is None:
@@ -333,7 +395,8 @@ def _run_jobs(jobs: list[dict], backend: str) -> None:
         else:
             w, s_buf = momentum_memory(
                 x, -cat("grad_step", 2)[..., None] * d, decay, retain, cat("mu", 2), w,
-                cat("s", 1), backend=_dispatch.for_op("momentum_memory", backend),
+                _joined([j["s"] for j in group], 1),
+                backend=_dispatch.for_op("momentum_memory", backend),
             )  # fmt: skip
         for j, w_j, s_j in zip(group, w.split(sizes, dim=1),
                                [None] * len(group) if s_buf is None else s_buf.split(sizes, dim=1),
