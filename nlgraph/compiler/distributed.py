@@ -10,12 +10,14 @@ backward, as data parallelism does.
 A learner with exact CMS rules differentiates through its own forward: each chunk's inner
 gradient is taken inside the call with its graph kept, so the outer backward reaches a layer's
 weights again after it has passed the layer's inputs (through the inner gradients of later
-chunks). FSDP's default schedule reduces and reshards a layer when the backward passes its
-inputs, which would lose those late gradients and free weights still to be read. For such a
-learner :func:`shard` keeps each layer's weights gathered from its first use in the forward to
-the end of the backward (``reshard_after_forward=False``) and has FSDP reduce each layer's
-gradients once, after the whole backward (``Layer.hide_inputs``): optimizer state and gradients
-at rest stay sharded, the weights during a step do not.
+chunks; on a teach signal, through the first pass's calls that the second pass reuses,
+:class:`.lowerings.teach.Replay`). FSDP's default schedule reduces and reshards a layer when
+the backward passes its inputs, which would lose those late gradients and free weights still to
+be read (measured: a teach-signal Hope's backward read a freed weight). For such a learner
+:func:`shard` keeps each layer's weights gathered from its first use in the forward to the end
+of the backward (``reshard_after_forward=False``) and has FSDP reduce each layer's gradients
+once, after the whole backward (``Layer.hide_inputs``): optimizer state and gradients at rest
+stay sharded, the weights during a step do not.
 """
 
 from __future__ import annotations
@@ -58,13 +60,20 @@ def shard(learner: Any, mesh: Any = None, **options: Any) -> Any:
     warnings.filterwarnings(
         "ignore", r"FSDP2-wrapped module \(FSDP(Layer|CompiledLearner)\) returned a view"
     )
-    late = bool(learner.meta_blocks())  # gradients that reach a layer after its inputs
+    # Gradients that reach a layer after its inputs: through the exact rules' inner gradients,
+    # or, on a teach signal, through the teach pass's calls the second pass replays (one
+    # layer's graph from the first pass inside its second call).
+    teach = any(learner.spec.level(n).objective.signal == "teach"
+                for n in learner.blocks_in_order())  # fmt: skip
+    late = bool(learner.meta_blocks()) or teach
     if late:
         if options.get("reshard_after_forward", False) is not False:
+            why = ("takes its CMS blocks' teach signal from a first pass whose calls the second "
+                   "pass reuses" if teach else
+                   "differentiates through its CMS blocks' updates inside its forward")  # fmt: skip
             raise ValueError(
-                f"shard: {learner.spec.name!r} differentiates through its CMS blocks' updates "
-                "inside its forward and reads every layer's weights again in the backward; "
-                "leave reshard_after_forward unset (it is False for this learner)"
+                f"shard: {learner.spec.name!r} {why} and reads every layer's weights again in "
+                "the backward; leave reshard_after_forward unset (it is False for this learner)"
             )
         options["reshard_after_forward"] = False
     for layer in (*learner.layers.values(), learner.top):
