@@ -343,22 +343,16 @@ class CompiledLearner(nn.Module):
             while start < T:
                 end = cut(state, start)
                 outs, loss, state = self._cms_piece(
-                    inputs,
-                    state,
-                    start,
-                    end,
-                    loss_fn,
-                    blocks,
-                    periods,
-                    rates,
-                    differentiable,
-                    origins,
-                )
+                    inputs, state, start, end, loss_fn, blocks, periods, rates, differentiable,
+                    origins, factored=True,
+                )  # fmt: skip
                 pieces.append(outs)
                 total = total + loss
                 start = end
         outputs = {k: torch.cat([p[k] for p in pieces], dim=1) for k in pieces[0]}
         outputs["loss"] = total
+        for lv in blocks:  # a chunk the call ends inside leaves its sum dense
+            state[lv.name] = boundary.dense_acc(state[lv.name])
         if not differentiable:  # under torch.no_grad(): nothing returned carries a graph
             outputs, state = detach_state(outputs), detach_state(state)
         return outputs, state
@@ -366,13 +360,16 @@ class CompiledLearner(nn.Module):
     def _cms_piece(
         self, inputs: dict[str, torch.Tensor], state: dict[str, Any], start: int, end: int,
         loss_fn: Any, blocks: list, periods: dict[str, int], rates: dict[str, Any] | None,
-        differentiable: bool, origins: dict[str, list[torch.Tensor]],
+        differentiable: bool, origins: dict[str, list[torch.Tensor]], factored: bool = False,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:  # fmt: skip
         """Tokens ``start..end-1`` of a call with CMS blocks on exact rules: the program on the
         piece, its loss, its inner gradient and the updates of the blocks whose chunk ends
         here; ``(outputs, loss, new state)``. ``rates``: each block's rule chain and learned
         scalars (None: read them here); ``differentiable``: the inner gradients with a graph
-        (meta-gradients through the updates)."""
+        (meta-gradients through the updates); ``factored``: each weight's gradient kept as
+        its factors until the block's update (:class:`.lowerings.boundary.Outer`; the state
+        then carries them between pieces, and the caller makes them dense at the call's
+        end)."""
         if rates is None:
             rates = {lv.name: self._block_mods[lv.name].rates() for lv in blocks}
         piece = {k: v[:, start:end] for k, v in inputs.items()}
@@ -390,8 +387,18 @@ class CompiledLearner(nn.Module):
             for lv in blocks:
                 theta = [boundary.live(t).view_as(t) for t in state[lv.name]["theta"]]
                 state[lv.name] = {**state[lv.name], "theta": theta}
-            outs, state = self._piece(piece, state)
+            mods = [self._block_mods[lv.name] for lv in blocks] if factored else []
+            for m in mods:
+                m.record = []
+            try:
+                outs, state = self._piece(piece, state)
+            finally:
+                reads = {m.name: m.record for m in mods}
+                for m in mods:
+                    m.record = None
             loss = loss_fn(outs, start, end)
+            if factored:
+                grads = self._factored_grads(loss, blocks, state, reads, differentiable, origins)
         updated = boundary.accumulate_and_update(
             loss, blocks, state, periods, rates, end - start, differentiable, grads, origins
         )
@@ -409,6 +416,40 @@ class CompiledLearner(nn.Module):
                 if lv.name in origins:
                     origins[lv.name] = boundary.origin_of(state[lv.name]["theta"])
         return outs, loss, state
+
+    def _factored_grads(
+        self, loss: torch.Tensor, blocks: list, state: dict[str, Any], reads: dict[str, list],
+        differentiable: bool, origins: dict[str, Any],
+    ) -> list[Any]:  # fmt: skip
+        """The piece's gradient of ``loss`` w.r.t. every block's parameters (level order), each
+        weight's as its factors (:class:`.lowerings.boundary.Outer`: the layer's output errors
+        and inputs over the block's reads in the piece), each bias's dense. The errors are one
+        ``autograd.grad`` w.r.t. the layers' outputs, with a graph for exact blocks when
+        ``differentiable`` (first-order blocks in a call of their own, without one): the
+        partial derivative w.r.t. the parameters in force, as the fresh aliases give it."""
+        taken: dict[int, torch.Tensor | None] = {}
+        for first_order in (False, True):
+            zs = [z for lv in blocks if (lv.name in origins) == first_order
+                  for read in reads[lv.name] for _, z in read]  # fmt: skip
+            if zs:
+                ds = torch.autograd.grad(loss, zs, create_graph=differentiable and not first_order,
+                                         retain_graph=True, allow_unused=True)  # fmt: skip
+                taken.update({id(z): d for z, d in zip(zs, ds, strict=True)})
+        grads: list[Any] = []
+        for lv in blocks:
+            mod = self._block_mods[lv.name]
+            per_layer = boundary.layer_slots(mod.net, len(state[lv.name]["theta"]))
+            out: list[Any] = [None] * len(state[lv.name]["theta"])
+            for i, (wi, bi) in enumerate(per_layer):
+                pairs = [(taken[id(read[i][1])], read[i][0]) for read in reads[lv.name]]
+                pairs = [(d, h) for d, h in pairs if d is not None]
+                if not pairs:
+                    continue
+                out[wi] = boundary.Outer(None, [d for d, _ in pairs], [h for _, h in pairs])
+                if bi is not None:
+                    out[bi] = sum(d.sum(1) for d, _ in pairs)
+            grads.extend(out)
+        return grads
 
     def _check_sweep(self, origins: dict[str, Any]) -> None:
         """Refuse ``recompute_pieces`` where the sweep does not run."""

@@ -51,7 +51,8 @@ from nlgraph.level import Level
 
 __all__ = [
     "Block", "initial", "truncate", "apply", "apply_segments", "cut_points",
-    "accumulate_and_update", "buffer_keys", "token_weighted", "live", "empty_acc",
+    "accumulate_and_update", "buffer_keys", "token_weighted", "live", "empty_acc", "Outer",
+    "dense_acc", "layer_slots",
 ]  # fmt: skip
 
 
@@ -128,6 +129,15 @@ def _layers(module: nn.Module, theta: list[torch.Tensor]) -> list[tuple]:
     raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
 
 
+def layer_slots(module: nn.Module, n: int) -> list[tuple[int, int | None]]:
+    """Each layer's ``(weight index, bias index or None)`` in a block's ``n`` parameters."""
+    if isinstance(module, MLPBlock):
+        return [(2 * i, 2 * i + 1) for i in range(len(module.layers))]
+    if isinstance(module, nn.Linear):
+        return [(0, 1 if n > 1 else None)]
+    raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
+
+
 def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, shared: bool):
     if shared:
         return F.linear(h, w, b)
@@ -148,14 +158,18 @@ def _act(module: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
 
 
 def apply(
-    module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor, shared: bool = False
-) -> torch.Tensor:
+    module: nn.Module, theta: list[torch.Tensor], x: torch.Tensor, shared: bool = False,
+    record: list | None = None,
+) -> torch.Tensor:  # fmt: skip
     """The block's forward with per-sample parameters ``theta`` (``[B, ...]``) on
     ``x: [B, T, D]``; ``shared``: one set of parameters for the whole batch (unbatched
-    ``theta``, plain GEMMs)."""
+    ``theta``, plain GEMMs); ``record``: a list that gets each layer's ``(input, output)``."""
     h = x
     for i, (w, b) in enumerate(_layers(module, theta)):
-        h = _act(module, i, _linear(h, w, b, shared))
+        z = _linear(h, w, b, shared)
+        if record is not None:
+            record.append((h, z))
+        h = _act(module, i, z)
     return _finish(module, x, h)
 
 
@@ -228,6 +242,59 @@ def cut_points(
     return sorted(c for c in cuts if c >= 1)
 
 
+class Outer:
+    """A weight's chunk gradient kept as its factors: ``base + sum_i d_i^T h_i`` per sample
+    (``d_i: [B, n_i, out]`` the layer's output errors, ``h_i: [B, n_i, in]`` its inputs;
+    ``base``: a dense sum carried in, or None). Materialised once, at the block's update
+    (:meth:`dense`), as one product over the chunk's tokens instead of one parameter-sized
+    gradient per piece and an addition per piece."""
+
+    __slots__ = ("base", "ds", "hs")
+
+    def __init__(self, base: torch.Tensor | None, ds: list, hs: list) -> None:
+        self.base, self.ds, self.hs = base, ds, hs
+
+    def plus(self, other: Any) -> Outer:
+        if isinstance(other, Outer):
+            base = (other.base if self.base is None else self.base if other.base is None
+                    else self.base + other.base)  # fmt: skip
+            return Outer(base, self.ds + other.ds, self.hs + other.hs)
+        return Outer(other if self.base is None else self.base + other, self.ds, self.hs)
+
+    def scaled(self, eta: Any) -> Outer:
+        """Every term times ``eta`` (a number, or ``[B]``)."""
+        ds = [shaped(eta, d) * d for d in self.ds]
+        return Outer(None if self.base is None else shaped(eta, self.base) * self.base, ds,
+                     self.hs)  # fmt: skip
+
+    def detach(self) -> Outer:
+        return Outer(None if self.base is None else self.base.detach(),
+                     [d.detach() for d in self.ds], [h.detach() for h in self.hs])  # fmt: skip
+
+    def dense(self) -> torch.Tensor:
+        d = self.ds[0] if len(self.ds) == 1 else torch.cat(self.ds, 1)
+        h = self.hs[0] if len(self.hs) == 1 else torch.cat(self.hs, 1)
+        if self.base is None:
+            return torch.bmm(d.transpose(1, 2), h)
+        return torch.baddbmm(self.base.expand(d.shape[0], -1, -1), d.transpose(1, 2), h)
+
+
+def _plus(a: Any, b: Any) -> Any:
+    if isinstance(a, Outer):
+        return a.plus(b)
+    if isinstance(b, Outer):
+        return b.plus(a)
+    return a + b
+
+
+def dense_acc(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its accumulator materialised (factors summed to a dense tensor): the
+    form a state leaves a call in."""
+    if not any(isinstance(a, Outer) for a in state["acc"]):
+        return state
+    return {**state, "acc": [a.dense() if isinstance(a, Outer) else a for a in state["acc"]]}
+
+
 def accumulate_and_update(
     loss: torch.Tensor | None,
     levels: list[Level],
@@ -286,11 +353,12 @@ def accumulate_and_update(
             ema = isinstance(rule, ir.EMAStep)
             eta = _value(lv, rule.beta if ema else rule.lr, signals, learned)
             eta = 1 - eta if ema else eta
-            g = [shaped(eta, x) * x for x in g]
+            g = [x.scaled(eta) if isinstance(x, Outer) else shaped(eta, x) * x for x in g]
         # phase 0: nothing accumulated since the last update (the sum is zero)
-        acc = g if st["phase"] == 0 else [a + b for a, b in zip(st["acc"], g, strict=True)]
+        acc = g if st["phase"] == 0 else [_plus(a, b) for a, b in zip(st["acc"], g, strict=True)]
         phase = st["phase"] + n_tokens
         if phase % periods[lv.name] == 0:
+            acc = [a.dense() if isinstance(a, Outer) else a for a in acc]
             keys = buffer_keys(rules)
             bufs = {r: st[k] for r, k in keys.items()}
             scalars = [_rule_scalars(lv, r, signals, learned) for r in rules]
@@ -365,6 +433,9 @@ class Block(nn.Module):
         # Set by the learner while no per-sample gradient of the parameters is taken (the
         # read-only pass, no loss_fn, both passes of a teach signal).
         self.shared = False
+        # Set by an exact piece (runtime): each layer's input and output of every read, for
+        # the chunk gradient in factors (Outer).
+        self.record: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def initial_state(self, batch: int) -> dict[str, Any]:
         """Fresh per-sample state (:func:`initial`) with a buffer per momentum rule."""
@@ -392,6 +463,10 @@ class Block(nn.Module):
             # Every sample still holds the initial parameters (a broadcast view) and no
             # per-sample gradient is asked for: one shared weight, plain GEMMs.
             return apply(self.net, [t[0] for t in theta], x, shared=True)
+        if self.record is not None:
+            layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self.record.append(layers)
+            return apply(self.net, theta, x, record=layers)
         return apply(self.net, theta, x)
 
     def rates(self) -> tuple[tuple[ir.Rule, ...], dict[str, torch.Tensor]]:
