@@ -93,10 +93,10 @@ PATTERNS = {
 TOKEN_LOOP = {"per_token_lr", "per_token_ema"}
 
 
-def block_graph(rules, chunk=C, cut=None):
-    """x -> W (projection, trained by the outer optimizer) -> B (MLP block updated every
-    ``chunk`` tokens with the rule chain ``rules``) -> y; G (a projection to one value per
-    token) feeds the rules' per-token scalars."""
+def block_graph(rules, chunk=C, cut=None, state=None):
+    """x -> W (projection, trained by the outer optimizer) -> B (MLP block, or ``state``,
+    updated every ``chunk`` tokens with the rule chain ``rules``) -> y; G (a projection to one
+    value per token) feeds the rules' per-token scalars."""
     g = nl.Graph("cms_rules")
     x = g.input("x", dim=D)
     W = g.level("W", state=nl.linear(D, D), frequency=nl.per_step(), objective=nl.outer())
@@ -109,7 +109,7 @@ def block_graph(rules, chunk=C, cut=None):
         return made["G"](x)
 
     optimizer = rules(G)
-    blk = g.level("B", state=nl.mlp(D, D, width=5), frequency=nl.every(chunk, "token"),
+    blk = g.level("B", state=state or nl.mlp(D, D, width=5), frequency=nl.every(chunk, "token"),
                   objective=nl.outer(), optimizer=optimizer, init=nl.meta())  # fmt: skip
     g.output("y", blk(W(x)))
     if cut is not None:
@@ -440,6 +440,28 @@ def test_recomputed_pieces_agree(name):
     learned and per-token scalars (one-token pieces) included (to rounding: the sweep's
     forward takes each inner gradient first order)."""
     _agrees_with_the_plain_run(name, 7, recompute_pieces=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("setting", ["recompute_pieces", "functional_pieces"])
+def test_a_linear_block_sums_its_chunk_gradient_as_the_dense_steps_do(bias, setting):
+    """A block whose state is one linear map: the plain run keeps each chunk's gradient as its
+    factors (boundary.Outer), the sweep and the functional step take it dense per piece; the
+    outputs, state and meta-gradients agree (to rounding)."""
+    torch.manual_seed(0)
+    rules = PATTERNS["weight_decay+gd"][0]
+    learner = compile(block_graph(rules, state=nl.linear(D, D, bias=bias)), dtype=DT)
+    x, target = data(seed=8)
+    plain = run(learner, x, target)
+    setattr(learner, setting, True)
+    other = run(learner, x, target)
+    close(other[0]["y"], plain[0]["y"])
+    for a, b in zip(other[1]["B"]["theta"], plain[1]["B"]["theta"], strict=True):
+        close(a, b)
+    assert len(plain[1]["B"]["theta"]) == (2 if bias else 1)
+    assert other[2].keys() == plain[2].keys()
+    for n in plain[2]:
+        close(other[2][n], plain[2][n])
 
 
 def test_stop_grad_into_a_block_detaches_its_per_token_scalars():
