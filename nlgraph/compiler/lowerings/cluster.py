@@ -42,6 +42,7 @@ another at="new" updates after it within the token (``ClusterCfg.stages``, Def. 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -178,24 +179,26 @@ def run_cluster(
 
 
 def _joined(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """``torch.cat(ts, dim)``, or, where ``ts`` are the consecutive parts of one tensor along
-    ``dim`` (a group's weights split per member after its update), that tensor: no copy of the
-    state each window. Views of a parameter (a call's initial weights) are copied as before:
-    a sharded learner frees its parameters' storage between the forward and the backward."""
+    """``torch.cat(ts, dim)``, or, where ``ts`` are the consecutive parts along ``dim`` of one
+    tensor's view (a group's weights split per member after its update), that view: no copy
+    of the state each window. Views of a parameter (a call's initial weights) are copied as
+    before: a sharded learner frees its parameters' storage between the forward and the
+    backward."""
     base = ts[0]._base
     if base is None or (base.is_leaf and base.requires_grad):
         return ts[0] if len(ts) == 1 and base is None else torch.cat(ts, dim)
-    if any(t._base is not base or t.stride() != base.stride() for t in ts):
+    shape = list(ts[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in ts)
+    if not base.is_contiguous() or base.numel() != math.prod(shape):
         return torch.cat(ts, dim)
-    rest = base.shape[:dim] + base.shape[dim + 1 :]
-    offset = base.storage_offset()
+    whole, offset = base.view(shape), base.storage_offset()
     for t in ts:
-        if t.storage_offset() != offset or t.shape[:dim] + t.shape[dim + 1 :] != rest:
+        part = whole.narrow(dim, 0, t.shape[dim])  # the shape and strides t must have
+        same = t._base is base and t.shape == part.shape and t.stride() == part.stride()
+        if not same or t.storage_offset() != offset:
             return torch.cat(ts, dim)
-        offset += t.shape[dim] * t.stride(dim)
-    if offset - base.storage_offset() != base.shape[dim] * base.stride(dim):
-        return torch.cat(ts, dim)
-    return base
+        offset += t.shape[dim] * whole.stride(dim)
+    return whole
 
 
 def _read_groups(c: Any, members: dict) -> dict[int, list[int]]:

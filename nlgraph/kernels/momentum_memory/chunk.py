@@ -32,22 +32,26 @@ def _state_update(
     ``[B, H]``, ``coef: [B, H, C, O]``, ``xh: [B, H, C, I]``.
 
     The state-sized terms dominate a window (its token work is C x C): one fresh tensor,
-    then the rest accumulated into it in place (``addcmul_``, ``baddbmm_``), so each state is
-    read once and the result written once per term, with no temporary of the state's size.
-    None of the in-place ops overwrites a tensor autograd saved: each saves only its other
-    operands."""
+    flat (``[B * H, O, I]``), then the rest accumulated into it in place (``addcmul_``,
+    ``baddbmm_``), so each state is read once and the result written once per term, with no
+    temporary of the state's size. The fresh tensor is the base, not a view: autograd would
+    record an in-place product on a view as a copy of the slices, whose backward clones the
+    state-sized gradient (measured at ``[2, 16, 256, 64]``: forward and backward 7.6 ms on a
+    view, 2.5 ms on the base). None of the in-place ops overwrites a tensor autograd saved.
+    Returns the ``[B, H, O, I]`` view of it."""
     C, O, I = coef.shape[-2], coef.shape[-1], xh.shape[-1]
     shape = torch.broadcast_shapes(u.shape, coef.shape[:-2] + (O, I), xh.shape[:-2] + (O, I),
                                    *([] if v is None else [v.shape]))  # fmt: skip
     B, H = shape[0], shape[1]
-    # a fresh, contiguous tensor of the full shape (a state may be a broadcast zero), viewable flat
-    out = torch.mul(u, gu[..., None, None]).expand(shape).contiguous()
+
+    def flat(t: torch.Tensor, *tail: int) -> torch.Tensor:
+        return t.expand(*shape[:2], *tail).reshape(B * H, *tail)
+
+    out = torch.mul(flat(u, O, I), flat(gu[..., None, None], 1, 1))
     if v is not None:
-        out.addcmul_(gv[..., None, None], v)
-    flat = out.view(B * H, O, I)
-    flat.baddbmm_(coef.transpose(-1, -2).expand(B, H, O, C).reshape(B * H, O, C),
-                  xh.expand(B, H, C, I).reshape(B * H, C, I))  # fmt: skip
-    return out
+        out.addcmul_(flat(gv[..., None, None], 1, 1), flat(v, O, I))
+    out.baddbmm_(flat(coef.transpose(-1, -2), O, C), flat(xh, C, I))
+    return out.view(shape)
 
 
 def momentum_memory_chunk(
