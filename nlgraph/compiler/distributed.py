@@ -63,8 +63,7 @@ def shard(learner: Any, mesh: Any = None, **options: Any) -> Any:
     # Gradients that reach a layer after its inputs: through the exact rules' inner gradients,
     # or, on a teach signal, through the teach pass's calls the second pass replays (one
     # layer's graph from the first pass inside its second call).
-    teach = any(learner.spec.level(n).objective.signal == "teach"
-                for n in learner.blocks_in_order())  # fmt: skip
+    teach = learner.teaches()
     late = bool(learner.meta_blocks()) or teach
     if late:
         if options.get("reshard_after_forward", False) is not False:

@@ -224,14 +224,18 @@ class CompiledLearner(nn.Module):
             for w, p in m.initial.items()
         }
 
+    def teaches(self) -> bool:
+        """Whether the CMS blocks take a teach signal (all of them or none: ``teach.check``)."""
+        blocks = self.blocks_in_order()
+        return bool(blocks) and self.spec.level(blocks[0]).objective.signal == "teach"
+
     def meta_blocks(self) -> list[str]:
         """The CMS blocks whose inner gradient a call takes inside its forward and keeps the
         graph of, for the outer gradient to differentiate through (exact rules; not the
         first-order ones, nor a teach signal), in plan order."""
-        return [
-            n for n in self.blocks_in_order()
-            if n not in self._first_order and self.spec.level(n).objective.signal != "teach"
-        ]  # fmt: skip
+        if self.teaches():
+            return []
+        return [n for n in self.blocks_in_order() if n not in self._first_order]
 
     def seed_parameters(self) -> list[nn.Parameter]:
         """The parameters the learner reads outside its layers' calls: each CMS block's initial
@@ -305,7 +309,7 @@ class CompiledLearner(nn.Module):
                 outputs["loss"] = loss_fn(outputs, 0, T)
             return outputs, state
         periods = {lv.name: self.plan.levels[lv.name].chunk for lv in blocks}
-        if blocks[0].objective.signal == "teach":  # every block does (teach.check)
+        if self.teaches():
             return self._teach_forward(inputs, state, loss_fn, blocks, periods)
         # Pieces end at the ticks of the CMS clock, on every backend (the cuts are part of what
         # a block's signal means); a block whose rate is per token makes every token a tick:
@@ -388,17 +392,11 @@ class CompiledLearner(nn.Module):
                 theta = [boundary.live(t).view_as(t) for t in state[lv.name]["theta"]]
                 state[lv.name] = {**state[lv.name], "theta": theta}
             mods = [self._block_mods[lv.name] for lv in blocks] if factored else []
-            for m in mods:
-                m.record = []
-            try:
+            with boundary.recording(mods) as reads:
                 outs, state = self._piece(piece, state)
-            finally:
-                reads = {m.name: m.record for m in mods}
-                for m in mods:
-                    m.record = None
             loss = loss_fn(outs, start, end)
             if factored:
-                grads = self._factored_grads(loss, blocks, state, reads, differentiable, origins)
+                grads = boundary.factored_grads(loss, mods, reads, origins, differentiable)
         updated = boundary.accumulate_and_update(
             loss, blocks, state, periods, rates, end - start, differentiable, grads, origins
         )
@@ -416,40 +414,6 @@ class CompiledLearner(nn.Module):
                 if lv.name in origins:
                     origins[lv.name] = boundary.origin_of(state[lv.name]["theta"])
         return outs, loss, state
-
-    def _factored_grads(
-        self, loss: torch.Tensor, blocks: list, state: dict[str, Any], reads: dict[str, list],
-        differentiable: bool, origins: dict[str, Any],
-    ) -> list[Any]:  # fmt: skip
-        """The piece's gradient of ``loss`` w.r.t. every block's parameters (level order), each
-        weight's as its factors (:class:`.lowerings.boundary.Outer`: the layer's output errors
-        and inputs over the block's reads in the piece), each bias's dense. The errors are one
-        ``autograd.grad`` w.r.t. the layers' outputs, with a graph for exact blocks when
-        ``differentiable`` (first-order blocks in a call of their own, without one): the
-        partial derivative w.r.t. the parameters in force, as the fresh aliases give it."""
-        taken: dict[int, torch.Tensor | None] = {}
-        for first_order in (False, True):
-            zs = [z for lv in blocks if (lv.name in origins) == first_order
-                  for read in reads[lv.name] for _, z in read]  # fmt: skip
-            if zs:
-                ds = torch.autograd.grad(loss, zs, create_graph=differentiable and not first_order,
-                                         retain_graph=True, allow_unused=True)  # fmt: skip
-                taken.update({id(z): d for z, d in zip(zs, ds, strict=True)})
-        grads: list[Any] = []
-        for lv in blocks:
-            mod = self._block_mods[lv.name]
-            per_layer = boundary.layer_slots(mod.net, len(state[lv.name]["theta"]))
-            out: list[Any] = [None] * len(state[lv.name]["theta"])
-            for i, (wi, bi) in enumerate(per_layer):
-                pairs = [(taken[id(read[i][1])], read[i][0]) for read in reads[lv.name]]
-                pairs = [(d, h) for d, h in pairs if d is not None]
-                if not pairs:
-                    continue
-                out[wi] = boundary.Outer(None, [d for d, _ in pairs], [h for _, h in pairs])
-                if bi is not None:
-                    out[bi] = sum(d.sum(1) for d, _ in pairs)
-            grads.extend(out)
-        return grads
 
     def _check_sweep(self, origins: dict[str, Any]) -> None:
         """Refuse ``recompute_pieces`` where the sweep does not run."""

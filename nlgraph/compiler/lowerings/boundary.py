@@ -36,6 +36,8 @@ backend therefore cuts at the same ticks and runs its token loops inside each pi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,7 +54,7 @@ from nlgraph.level import Level
 __all__ = [
     "Block", "initial", "truncate", "apply", "apply_segments", "cut_points",
     "accumulate_and_update", "buffer_keys", "token_weighted", "live", "empty_acc", "Outer",
-    "dense_acc", "layer_slots",
+    "dense_acc", "layer_slots", "recording", "factored_grads",
 ]  # fmt: skip
 
 
@@ -120,22 +122,18 @@ def live(t: torch.Tensor) -> torch.Tensor:
     return t if t.requires_grad else t.detach().clone().requires_grad_()
 
 
-def _layers(module: nn.Module, theta: list[torch.Tensor]) -> list[tuple]:
-    """A block's parameters as ``(weight, bias or None)`` per layer, in order."""
-    if isinstance(module, MLPBlock):
-        return [(theta[2 * i], theta[2 * i + 1]) for i in range(len(module.layers))]
-    if isinstance(module, nn.Linear):
-        return [(theta[0], theta[1] if module.bias is not None else None)]
-    raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
-
-
-def layer_slots(module: nn.Module, n: int) -> list[tuple[int, int | None]]:
-    """Each layer's ``(weight index, bias index or None)`` in a block's ``n`` parameters."""
+def layer_slots(module: nn.Module) -> list[tuple[int, int | None]]:
+    """Each layer's ``(weight index, bias index or None)`` in a block's parameters, in order."""
     if isinstance(module, MLPBlock):
         return [(2 * i, 2 * i + 1) for i in range(len(module.layers))]
     if isinstance(module, nn.Linear):
-        return [(0, 1 if n > 1 else None)]
+        return [(0, 1 if module.bias is not None else None)]
     raise TypeError(f"no per-sample forward for {type(module).__name__}")  # pragma: no cover
+
+
+def _layers(module: nn.Module, theta: list[torch.Tensor]) -> list[tuple]:
+    """A block's parameters as ``(weight, bias or None)`` per layer, in order."""
+    return [(theta[w], None if b is None else theta[b]) for w, b in layer_slots(module)]
 
 
 def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, shared: bool):
@@ -255,11 +253,10 @@ class Outer:
         self.base, self.ds, self.hs = base, ds, hs
 
     def plus(self, other: Any) -> Outer:
+        """The sum with ``other``: more factors, or a dense term added to the base."""
         if isinstance(other, Outer):
-            base = (other.base if self.base is None else self.base if other.base is None
-                    else self.base + other.base)  # fmt: skip
-            return Outer(base, self.ds + other.ds, self.hs + other.hs)
-        return Outer(other if self.base is None else self.base + other, self.ds, self.hs)
+            return Outer(_add(self.base, other.base), self.ds + other.ds, self.hs + other.hs)
+        return Outer(_add(self.base, other), self.ds, self.hs)
 
     def scaled(self, eta: Any) -> Outer:
         """Every term times ``eta`` (a number, or ``[B]``)."""
@@ -279,6 +276,10 @@ class Outer:
         return torch.baddbmm(self.base.expand(d.shape[0], -1, -1), d.transpose(1, 2), h)
 
 
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
 def _plus(a: Any, b: Any) -> Any:
     if isinstance(a, Outer):
         return a.plus(b)
@@ -293,6 +294,67 @@ def dense_acc(state: dict[str, Any]) -> dict[str, Any]:
     if not any(isinstance(a, Outer) for a in state["acc"]):
         return state
     return {**state, "acc": [a.dense() if isinstance(a, Outer) else a for a in state["acc"]]}
+
+
+def _grads(
+    loss: torch.Tensor, targets: dict[str, list[torch.Tensor]], first_order: Any,
+    create_graph: bool,
+) -> dict[str, list[torch.Tensor | None]]:  # fmt: skip
+    """The gradients of ``loss`` w.r.t. each block's ``targets``: one ``autograd.grad`` for the
+    exact blocks (with a graph when ``create_graph``) and one, without, for the blocks named in
+    ``first_order``."""
+    out: dict[str, list[torch.Tensor | None]] = {n: [] for n in targets}
+    for fo in (False, True):
+        names = [n for n in targets if (n in first_order) == fo]
+        flat = [t for n in names for t in targets[n]]
+        if not flat:
+            continue
+        taken = iter(torch.autograd.grad(loss, flat, create_graph=create_graph and not fo,
+                                         retain_graph=True, allow_unused=True))  # fmt: skip
+        out.update({n: [next(taken) for _ in targets[n]] for n in names})
+    return out
+
+
+@contextlib.contextmanager
+def recording(blocks: list[Block]) -> Iterator[dict[str, list]]:
+    """Each block's reads while the context is open, by name: per read, each layer's
+    ``(input, output)`` (:class:`Block`'s ``record``), for :func:`factored_grads`."""
+    reads: dict[str, list] = {b.name: [] for b in blocks}
+    for b in blocks:
+        b.record = reads[b.name]
+    try:
+        yield reads
+    finally:
+        for b in blocks:
+            b.record = None
+
+
+def factored_grads(
+    loss: torch.Tensor, blocks: list[Block], reads: dict[str, list], first_order: Any,
+    create_graph: bool,
+) -> list[Any]:  # fmt: skip
+    """The gradient of ``loss`` w.r.t. every block's parameters (block order), each weight's
+    as its factors (:class:`Outer`: its layer's output errors and inputs over the block's
+    ``reads``, :func:`recording`), each bias's dense. The errors are the gradients w.r.t. the
+    layers' outputs (:func:`_grads`): the partial derivative w.r.t. the parameters in force, as
+    fresh aliases of them would give it, since a block's parameters enter only its layers."""
+    outputs = {b.name: [z for read in reads[b.name] for _, z in read] for b in blocks}
+    errors = _grads(loss, outputs, first_order, create_graph)
+    grads: list[Any] = []
+    for b in blocks:
+        slots = layer_slots(b.net)
+        per_read = iter(errors[b.name])
+        ds = [[next(per_read) for _ in read] for read in reads[b.name]]  # [read][layer]
+        out: list[Any] = [None] * sum(1 + (bi is not None) for _, bi in slots)
+        for layer, (wi, bi) in enumerate(slots):
+            pairs = [(d[layer], read[layer][0]) for d, read in zip(ds, reads[b.name], strict=True)
+                     if d[layer] is not None]  # fmt: skip
+            if pairs:
+                out[wi] = Outer(None, [d for d, _ in pairs], [h for _, h in pairs])
+                if bi is not None:
+                    out[bi] = sum(d.sum(1) for d, _ in pairs)
+        grads.extend(out)
+    return grads
 
 
 def accumulate_and_update(
@@ -321,17 +383,10 @@ def accumulate_and_update(
     ``new + o - sg(o)``, i.e. ``o + sg(new - o)``: the outer gradient takes every update as a
     constant."""
     origins = origins or {}
-    if grads is None:  # first-order blocks' gradients without a graph, in a call of their own
-        taken = {}
-        for first_order in (False, True):
-            flat = [t for lv in levels if (lv.name in origins) == first_order
-                    for t in states[lv.name]["theta"]]  # fmt: skip
-            if flat:
-                taken[first_order] = iter(torch.autograd.grad(
-                    loss, flat, create_graph=create_graph and not first_order,
-                    retain_graph=True, allow_unused=True,
-                ))  # fmt: skip
-        grads = [next(taken[lv.name in origins]) for lv in levels for _ in states[lv.name]["theta"]]
+    if grads is None:
+        per_level = {lv.name: states[lv.name]["theta"] for lv in levels}
+        taken = _grads(loss, per_level, origins, create_graph)
+        grads = [g for lv in levels for g in taken[lv.name]]
     updated, i = [], 0
     for lv in levels:
         st = dict(states[lv.name])

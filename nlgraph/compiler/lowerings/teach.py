@@ -39,7 +39,6 @@ from nlgraph._errors import CompileError
 from nlgraph.compiler import ir
 from nlgraph.compiler.lowerings import boundary
 from nlgraph.compiler.lowerings.mlp import act_grad
-from nlgraph.compiler.modules import MLPBlock
 from nlgraph.level import Level
 
 __all__ = ["check", "schedule", "local_grads", "local_step", "plain_gd", "Replay", "Taught"]
@@ -116,10 +115,11 @@ def schedule(
                     grads,
                 )  # fmt: skip
             st = states[lv.name]
-        # o's term rides on the last update's parameters, unless a truncation cut them after it
-        carries_origin = carries_origin if st["updates"] == before else True
-        if truncate is not None and st["updates"] != before and st["updates"] % truncate == 0:
-            st, carries_origin = boundary.truncate(st), False
+        if st["updates"] != before:
+            # o's term rides on the last update's parameters, unless a truncation cuts them
+            carries_origin = True
+            if truncate is not None and st["updates"] % truncate == 0:
+                st, carries_origin = boundary.truncate(st), False
         start = end
     if first_order and differentiable and carries_origin:
         st = {**st, "theta": [boundary.live(t.detach() + z) for t, z in
@@ -186,26 +186,19 @@ def _local(
     def bias(b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return d.sum(1) if lr is None else torch.add(b, d.sum(1), alpha=-lr)
 
-    if isinstance(net, MLPBlock):
-        n = len(net.layers)
-        hs, pres, h = [x], [], x
-        for i in range(n):
-            w, b = theta[2 * i], theta[2 * i + 1]
-            z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-            pres.append(z)
-            h = net.act(z) if i < n - 1 else z
-            hs.append(h)
-        out: list[torch.Tensor] = []
-        d = delta
-        for i in reversed(range(n)):
-            out = [weight(theta[2 * i], d, hs[i]), bias(theta[2 * i + 1], d), *out]
-            if i:
-                d = torch.bmm(d, theta[2 * i]) * act_grad(net.act_name, pres[i - 1])
-        return out
-    if isinstance(net, torch.nn.Linear):
-        gw = weight(theta[0], delta, x)
-        return [gw, bias(theta[1], delta)] if net.bias is not None else [gw]
-    raise TypeError(f"no chunk gradient for {type(net).__name__}")  # pragma: no cover
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # each layer's input and output
+    boundary.apply(net, theta, x, record=layers)
+    slots = boundary.layer_slots(net)
+    out: list[Any] = [None] * len(theta)
+    d = delta
+    for i in reversed(range(len(slots))):
+        wi, bi = slots[i]
+        out[wi] = weight(theta[wi], d, layers[i][0])
+        if bi is not None:
+            out[bi] = bias(theta[bi], d)
+        if i:  # back through layer i to the previous layer's output (an MLP's activation)
+            d = torch.bmm(d, theta[wi]) * act_grad(net.act_name, layers[i - 1][1])
+    return out
 
 
 def plain_gd(rules: tuple[ir.Rule, ...]) -> float | None:
